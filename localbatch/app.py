@@ -1,0 +1,212 @@
+"""HTTP routes of the local server: parse OpenAI-shaped requests, render OpenAI-shaped answers.
+
+The state lives in `Store` and moves in `Lifecycle`; this module only translates, checks
+the bearer token, stamps `x-request-id` and injects the configured HTTP faults.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from localbatch.engines import CHAT_URL, EMBEDDINGS_URL
+from localbatch.errors import APIError, not_found
+from localbatch.lifecycle import Lifecycle
+from localbatch.simulation import Dice
+from localbatch.store import new_id
+
+UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data"})
+
+
+class CreateBatch(BaseModel):
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None = None
+    output_expires_after: dict[str, Any] | None = None
+
+
+def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
+    store, sim = lifecycle.store, lifecycle.sim
+    fault_dice = Dice(None if sim.seed is None else sim.seed + 1)
+    fault_counts = [0] * len(sim.http_faults)
+    app = FastAPI(title="localbatch", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def envelope(request: Request, call_next):
+        request_id = new_id("req_", 16)
+        response = _auth_failure(request, api_key) or _injected_fault(request)
+        if response is None:
+            response = await call_next(request)
+        response.headers["x-request-id"] = request_id
+        return response
+
+    def _injected_fault(request: Request) -> JSONResponse | None:
+        for i, fault in enumerate(sim.http_faults):
+            if not fault.matches(request.method, request.url.path):
+                continue
+            if fault.times is not None and fault_counts[i] >= fault.times:
+                continue
+            if fault_dice.roll(fault.rate):
+                fault_counts[i] += 1
+                error = APIError(fault.status, f"Injected fault: HTTP {fault.status}.",
+                                 type_="rate_limit_error" if fault.status == 429
+                                 else "server_error")
+                headers = {} if fault.retry_after is None else {
+                    "retry-after": f"{fault.retry_after:g}"}
+                return JSONResponse(error.body(), status_code=fault.status, headers=headers)
+        return None
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        error = APIError(400, f"Invalid request: {first.get('msg', 'bad input')}"
+                         f"{f' ({param})' if param else ''}.", param=param)
+        return JSONResponse(error.body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        error = APIError(exc.status_code, str(exc.detail))
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+    # files ----------------------------------------------------------------------------
+
+    @app.post("/v1/files")
+    async def upload_file(request: Request):
+        form = await request.form(max_files=1)
+        upload, purpose = form.get("file"), form.get("purpose")
+        if upload is None or isinstance(upload, str):
+            raise APIError(400, "Missing required parameter: 'file'.", param="file")
+        if purpose not in UPLOAD_PURPOSES:
+            raise APIError(400, f"Invalid purpose '{purpose}'. Allowed: "
+                           f"{', '.join(sorted(UPLOAD_PURPOSES))}.", param="purpose")
+        filename = upload.filename or "upload"
+        if purpose == "batch" and not filename.endswith(".jsonl"):
+            raise APIError(400, f"Invalid file format for Batch API: '{filename}'. The file "
+                           "must be a .jsonl file.", param="file")
+        ttl = _expires_after(form.get("expires_after[anchor]"),
+                             form.get("expires_after[seconds]"))
+        size = upload.size if upload.size is not None else 0
+        if purpose == "batch" and size > sim.max_file_bytes:
+            raise APIError(413, f"File is {size:,} bytes; a batch input may be at most "
+                           f"{sim.max_file_bytes:,} bytes.", param="file")
+        return await run_in_threadpool(_save_upload, upload.file, filename, purpose, ttl)
+
+    def _save_upload(source, filename: str, purpose: str, ttl: int | None) -> dict:
+        with tempfile.NamedTemporaryFile(dir=store.work_dir, delete=True) as temp:
+            source.seek(0)
+            shutil.copyfileobj(source, temp)
+            temp.flush()
+            return store.add_file(temp.name, filename, purpose, ttl)
+
+    @app.get("/v1/files")
+    def list_files(purpose: str | None = None, after: str | None = None,
+                   limit: int = Query(10_000, ge=1, le=10_000),
+                   order: str = Query("desc", pattern="^(asc|desc)$")):
+        items, has_more = store.list_files(purpose, after, limit, order)
+        return _page(items, has_more)
+
+    @app.get("/v1/files/{file_id}")
+    def get_file(file_id: str):
+        return store.get_file(file_id) or _raise(not_found("file", file_id))
+
+    @app.get("/v1/files/{file_id}/content")
+    def file_content(file_id: str):
+        if store.get_file(file_id) is None:
+            raise not_found("file", file_id)
+        return FileResponse(store.file_path(file_id), media_type="application/octet-stream")
+
+    @app.delete("/v1/files/{file_id}")
+    def delete_file(file_id: str):
+        if not store.delete_file(file_id):
+            raise not_found("file", file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # batches --------------------------------------------------------------------------
+
+    @app.post("/v1/batches")
+    def create_batch(params: CreateBatch):
+        return lifecycle.create(params.input_file_id, params.endpoint, params.completion_window,
+                                params.metadata, params.output_expires_after)
+
+    @app.get("/v1/batches")
+    def list_batches(after: str | None = None, limit: int = Query(20, ge=1, le=100)):
+        items, has_more = store.list_batches(after, limit)
+        return _page(items, has_more)
+
+    @app.get("/v1/batches/{batch_id}")
+    def get_batch(batch_id: str):
+        return store.get_batch(batch_id) or _raise(not_found("batch", batch_id))
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    def cancel_batch(batch_id: str):
+        return lifecycle.cancel(batch_id)
+
+    # synchronous requests, answered by the same engine --------------------------------
+
+    @app.post(CHAT_URL)
+    async def chat(request: Request):
+        return await _answer(CHAT_URL, request)
+
+    @app.post(EMBEDDINGS_URL)
+    async def embeddings(request: Request):
+        return await _answer(EMBEDDINGS_URL, request)
+
+    async def _answer(url: str, request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            raise APIError(400, "The body is not valid JSON.") from exc
+        if isinstance(body, dict) and body.get("stream"):
+            raise APIError(400, "localbatch does not stream; send stream=false.",
+                           param="stream")
+        status, answer = (await run_in_threadpool(lifecycle.engine.run, [(url, body)]))[0]
+        return JSONResponse(answer, status_code=status)
+
+    return app
+
+
+def _auth_failure(request: Request, api_key: str | None) -> JSONResponse | None:
+    if api_key is None or request.headers.get("authorization") == f"Bearer {api_key}":
+        return None
+    error = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return JSONResponse(error.body(), status_code=401)
+
+
+def _expires_after(anchor: Any, seconds: Any) -> int | None:
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise APIError(400, "expires_after[anchor] must be 'created_at'.",
+                       param="expires_after.anchor")
+    try:
+        value = int(seconds)
+    except (TypeError, ValueError):
+        value = -1
+    if not 3600 <= value <= 2_592_000:
+        raise APIError(400, "expires_after[seconds] must be between 3600 and 2592000.",
+                       param="expires_after.seconds")
+    return value
+
+
+def _page(items: list[dict], has_more: bool) -> dict:
+    return {"object": "list", "data": items,
+            "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": has_more}
+
+
+def _raise(error: APIError):
+    raise error

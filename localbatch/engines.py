@@ -1,0 +1,297 @@
+"""Engines answer single API requests; the batch lifecycle and the sync routes both use them.
+
+`MockEngine` answers from the request's own text, deterministically and offline.
+`ForwardEngine` sends requests to any OpenAI-compatible upstream server.
+Both return `(status_code, body)` pairs; an error body uses OpenAI's envelope.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import random
+import re
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import httpx
+
+from localbatch.tokens import image_parts, message_text, prompt_tokens, text_tokens
+
+MOCK_FINGERPRINT = "fp_localbatch_mock"
+CHAT_URL = "/v1/chat/completions"
+EMBEDDINGS_URL = "/v1/embeddings"
+DEFAULT_EMBEDDING_DIMENSIONS = {"text-embedding-3-large": 3072}
+
+Result = tuple[int, dict[str, Any]]
+_WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class Engine(Protocol):
+    name: str
+
+    def run(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Result]:
+        """Answer each `(url, body)` in order."""
+        ...
+
+
+class MockEngine:
+    """Deterministic answers derived from the request, marked as mock in `system_fingerprint`.
+
+    The rules, so that a test can predict an answer: the *words* are the runs of letters
+    and digits in the user messages' text. A JSON-schema answer fills every property:
+    strings with the first 12 words, arrays of strings with distinct lower-cased words of
+    four letters or more (three items unless the schema bounds say otherwise), enums with
+    the option picked by a hash of the text, numbers with the word count, booleans with
+    whether that count is even. A text answer is `Mock answer: ` and the first 30 words.
+    """
+
+    name = "mock"
+
+    def run(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Result]:
+        return [self.answer(url, body) for url, body in requests]
+
+    def answer(self, url: str, body: dict[str, Any]) -> Result:
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return 400, error_body("you must provide a model parameter", param="model")
+        if url == CHAT_URL:
+            return self._chat(body)
+        if url == EMBEDDINGS_URL:
+            return self._embeddings(body)
+        return 400, error_body(f"the mock engine does not serve {url}", param="url",
+                               code="unsupported_endpoint")
+
+    def _chat(self, body: dict[str, Any]) -> Result:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return 400, error_body("'messages' must be a non-empty array", param="messages")
+        user_text = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message:
+                return 400, error_body(f"messages[{i}] needs a role", param=f"messages[{i}]")
+            for part in image_parts(message.get("content")):
+                problem = _check_image(part)
+                if problem:
+                    return 400, error_body(problem, param=f"messages[{i}].content",
+                                           code="invalid_image")
+            if message["role"] == "user":
+                user_text.append(message_text(message.get("content")))
+        text = " ".join(user_text)
+        words = _WORD.findall(text)
+        finish_reason = "stop"
+        response_format = body.get("response_format") or {"type": "text"}
+        kind = response_format.get("type")
+        if kind == "json_schema":
+            schema = (response_format.get("json_schema") or {}).get("schema") or {}
+            content = json.dumps(_fill(schema, schema, text, words), ensure_ascii=False)
+        elif kind == "json_object":
+            content = json.dumps({"answer": " ".join(words[:12])}, ensure_ascii=False)
+        else:
+            answer_words = ["Mock", "answer:", *words[:30]]
+            limit = body.get("max_completion_tokens") or body.get("max_tokens")
+            if limit and text_tokens(" ".join(answer_words)) > limit:
+                while answer_words and text_tokens(" ".join(answer_words)) > limit:
+                    answer_words.pop()
+                finish_reason = "length"
+            content = " ".join(answer_words)
+        prompt = prompt_tokens(CHAT_URL, body)
+        completion = text_tokens(content)
+        return 200, {
+            "id": "chatcmpl-" + hashlib.sha256(text.encode()).hexdigest()[:24],
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None,
+                            "annotations": []},
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                              "accepted_prediction_tokens": 0,
+                                              "rejected_prediction_tokens": 0},
+            },
+            "service_tier": "default",
+            "system_fingerprint": MOCK_FINGERPRINT,
+        }
+
+    def _embeddings(self, body: dict[str, Any]) -> Result:
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            return 400, error_body("'input' must be a string or a non-empty array", param="input")
+        dims = body.get("dimensions") or DEFAULT_EMBEDDING_DIMENSIONS.get(body["model"], 1536)
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, item in enumerate(inputs):
+            vector = _unit_vector(json.dumps(item), int(dims))
+            if as_base64:
+                packed = struct.pack(f"<{len(vector)}f", *vector)
+                embedding: Any = base64.b64encode(packed).decode()
+            else:
+                embedding = vector
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = prompt_tokens(EMBEDDINGS_URL, body)
+        return 200, {"object": "list", "data": data, "model": body["model"],
+                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _check_image(part: dict[str, Any]) -> str | None:
+    """Why an image part is unusable, or None; remote URLs are accepted without fetching."""
+    url = (part.get("image_url") or {}).get("url")
+    if not isinstance(url, str) or not url:
+        return "image_url.url is missing"
+    if url.startswith(("http://", "https://")):
+        return None
+    if not url.startswith("data:"):
+        return f"image_url.url must be an http(s) URL or a data: URL, not {url[:40]!r}"
+    header, _, payload = url.partition(",")
+    if not header.startswith("data:image/") or ";base64" not in header:
+        return "a data: URL image must be data:image/...;base64,..."
+    try:
+        base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return "the data: URL image is not valid base64"
+    return None
+
+
+def _unit_vector(text: str, dims: int) -> list[float]:
+    rng = random.Random(hashlib.sha256(text.encode()).digest())
+    vector = [rng.gauss(0.0, 1.0) for _ in range(dims)]
+    norm = sum(v * v for v in vector) ** 0.5 or 1.0
+    return [v / norm for v in vector]
+
+
+def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    ref = node.get("$ref")
+    if not isinstance(ref, str) or not ref.startswith("#/"):
+        return node
+    target: Any = root
+    for key in ref[2:].split("/"):
+        target = target.get(key, {}) if isinstance(target, dict) else {}
+    return _resolve(target, root)
+
+
+def _fill(node: dict[str, Any], root: dict[str, Any], text: str, words: list[str],
+          index: int = 0) -> Any:
+    """A value valid against the JSON-schema `node`, derived from the request text."""
+    node = _resolve(node, root)
+    if "const" in node:
+        return node["const"]
+    if node.get("enum"):
+        digest = int(hashlib.sha256(text.encode()).hexdigest(), 16)
+        return node["enum"][(digest + index) % len(node["enum"])]
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = [o for o in node.get(key, []) if _resolve(o, root).get("type") != "null"]
+        if options:
+            return _fill(options[0], root, text, words, index)
+    kind = node.get("type", "object" if "properties" in node else "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        return {name: _fill(sub, root, text, words, i)
+                for i, (name, sub) in enumerate((node.get("properties") or {}).items())}
+    if kind == "array":
+        count = max(node.get("minItems", 0), min(3, node.get("maxItems", 3)))
+        item_schema = node.get("items") or {"type": "string"}
+        if _resolve(item_schema, root).get("type", "string") == "string" and \
+                "enum" not in _resolve(item_schema, root):
+            return _distinct_words(words, count)
+        return [_fill(item_schema, root, text, words, i) for i in range(count)]
+    if kind in ("integer", "number"):
+        value = len(words)
+        if "minimum" in node:
+            value = max(value, node["minimum"])
+        if "maximum" in node:
+            value = min(value, node["maximum"])
+        return int(value) if kind == "integer" else float(value)
+    if kind == "boolean":
+        return len(words) % 2 == 0
+    if kind == "null":
+        return None
+    value = " ".join(words[:12]) or "mock"
+    value = value[: node.get("maxLength", len(value))]
+    return value.ljust(node.get("minLength", 0), ".")
+
+
+def _distinct_words(words: list[str], count: int) -> list[str]:
+    chosen: list[str] = []
+    for word in words:
+        lower = word.lower()
+        if len(lower) >= 4 and lower not in chosen:
+            chosen.append(lower)
+        if len(chosen) == count:
+            return chosen
+    chosen += [f"item{i}" for i in range(len(chosen), count)]
+    return chosen
+
+
+class ForwardEngine:
+    """Sends each request to an upstream OpenAI-compatible server, a bounded pool at a time.
+
+    429 and 5xx answers and connection failures are retried with exponential backoff;
+    what still fails becomes that request's error, never the whole batch's.
+    """
+
+    name = "forward"
+
+    def __init__(self, upstream_url: str, api_key: str | None = None, concurrency: int = 8,
+                 max_attempts: int = 4, timeout: float = 600.0):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._base = upstream_url.rstrip("/")
+        self._client = httpx.Client(headers=headers, timeout=timeout,
+                                    limits=httpx.Limits(max_connections=concurrency))
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="forward")
+        self._max_attempts = max_attempts
+
+    def run(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Result]:
+        return list(self._pool.map(lambda r: self.answer(*r), requests))
+
+    def answer(self, url: str, body: dict[str, Any]) -> Result:
+        target = self._base + (url[3:] if url.startswith("/v1/") else url)
+        for attempt in range(self._max_attempts):
+            last = attempt == self._max_attempts - 1
+            try:
+                response = self._client.post(target, json=body)
+            except httpx.HTTPError as exc:
+                if last:
+                    return 502, error_body(f"upstream unreachable: {type(exc).__name__}",
+                                           type_="server_error", code="upstream_error")
+                time.sleep(min(0.5 * 2**attempt, 8))
+                continue
+            if (response.status_code == 429 or response.status_code >= 500) and not last:
+                time.sleep(_retry_delay(response, attempt))
+                continue
+            try:
+                payload = response.json()
+            except ValueError:
+                payload = error_body(response.text[:500], type_="server_error")
+            return response.status_code, payload
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+
+def _retry_delay(response: httpx.Response, attempt: int) -> float:
+    try:
+        return min(float(response.headers["retry-after"]), 30.0)
+    except (KeyError, ValueError):
+        return min(0.5 * 2**attempt, 8.0)

@@ -1,0 +1,57 @@
+"""A cheap, deterministic token count for the local server's usage and enqueued-token limits.
+
+The local server has no model and therefore no tokenizer to be faithful to: it counts
+about four characters a token, plus OpenAI's per-message overhead, and a flat 85 tokens
+for an image part (the `low` detail price). Good enough to exercise limits and accounting.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+IMAGE_TOKENS = 85
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_REPLY = 3
+
+
+def text_tokens(text: str) -> int:
+    return math.ceil(len(text) / 4) if text else 0
+
+
+def message_text(content: Any) -> str:
+    """The text of a chat message's content, whether a string or a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return ""
+
+
+def image_parts(content: Any) -> list[dict[str, Any]]:
+    if not isinstance(content, list):
+        return []
+    return [p for p in content if isinstance(p, dict) and p.get("type") == "image_url"]
+
+
+def prompt_tokens(url: str, body: dict[str, Any]) -> int:
+    """Prompt tokens of one request body for `url` (chat completions or embeddings)."""
+    if url.endswith("/embeddings"):
+        inputs = body.get("input")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        return sum(text_tokens(i) if isinstance(i, str) else len(i or []) for i in items)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return text_tokens(str(body.get("prompt") or body.get("input") or ""))
+    total = TOKENS_PER_REPLY
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        total += TOKENS_PER_MESSAGE + text_tokens(message_text(content))
+        total += IMAGE_TOKENS * len(image_parts(content))
+    return total

@@ -1,0 +1,339 @@
+"""The local Batch API server, driven over HTTP with the official SDK in strict mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+from conftest import chat_line, read_jsonl, sdk_client, wait_until
+
+from localbatch import HttpFault, Simulation
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "categories": {"type": "array", "items": {"type": "string"}},
+        "summary": {"type": "string"},
+        "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+        "tone": {"type": "string", "enum": ["dark", "light"]},
+    },
+    "required": ["categories", "summary", "rating", "tone"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA_FORMAT = {"type": "json_schema",
+                      "json_schema": {"name": "movie", "strict": True, "schema": SCHEMA}}
+
+
+def upload(client, lines: list[str], name: str = "input.jsonl"):
+    return client.files.create(file=(name, "\n".join(lines).encode()), purpose="batch")
+
+
+def submit(client, lines: list[str], **kwargs):
+    file = upload(client, lines)
+    return client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                                 completion_window="24h", **kwargs)
+
+
+# files ----------------------------------------------------------------------------------
+
+def test_files_upload_list_content_delete(start_localbatch):
+    client = sdk_client(start_localbatch().base_url)
+    created = [upload(client, [chat_line(f"r{i}", "hello")], f"f{i}.jsonl") for i in range(3)]
+    assert created[0].bytes == len(chat_line("r0", "hello").encode())
+    assert created[0].filename == "f0.jsonl" and created[0].purpose == "batch"
+
+    page = client.files.list(limit=2, order="desc")
+    assert [f.id for f in page.data] == [created[2].id, created[1].id]
+    assert page.has_more
+    rest = client.files.list(limit=2, order="desc", after=page.data[-1].id)
+    assert [f.id for f in rest.data] == [created[0].id] and not rest.has_more
+
+    assert client.files.content(created[1].id).text == chat_line("r1", "hello")
+    assert client.files.delete(created[1].id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(created[1].id)
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(created[1].id)
+    assert created[1].id not in [f.id for f in client.files.list().data]
+
+
+def test_file_expiry_is_reported(start_localbatch):
+    client = sdk_client(start_localbatch().base_url)
+    file = client.files.create(file=("a.jsonl", b"{}"), purpose="batch",
+                               expires_after={"anchor": "created_at", "seconds": 3600})
+    assert file.expires_at == file.created_at + 3600
+
+
+def test_upload_rejects_wrong_name_and_oversized_files(start_localbatch):
+    client = sdk_client(start_localbatch(Simulation(max_file_bytes=100)).base_url)
+    with pytest.raises(openai.BadRequestError, match=r"\.jsonl"):
+        client.files.create(file=("input.csv", b"a,b"), purpose="batch")
+    with pytest.raises(openai.APIStatusError) as info:
+        client.files.create(file=("big.jsonl", b"x" * 101), purpose="batch")
+    assert info.value.status_code == 413
+    assert info.value.response.headers["x-request-id"].startswith("req_")
+
+
+# the batch lifecycle --------------------------------------------------------------------
+
+def test_batch_moves_through_every_state_with_counts_and_usage(start_localbatch):
+    sim = Simulation(validating_seconds=0.4, requests_per_second=40, finalizing_seconds=0.4)
+    client = sdk_client(start_localbatch(sim).base_url)
+    lines = [chat_line(f"movie-{i}", f"A lonely robot {i} learns to paint sunsets",
+                       response_format=JSON_SCHEMA_FORMAT) for i in range(20)]
+    batch = submit(client, lines, metadata={"job": "movies", "shard": "0"})
+    assert batch.status == "validating" and batch.metadata == {"job": "movies", "shard": "0"}
+    assert batch.expires_at == batch.created_at + 86400
+
+    seen, partial = set(), False
+    while batch.status not in ("completed", "failed"):
+        batch = client.batches.retrieve(batch.id)
+        seen.add(batch.status)
+        counts = batch.request_counts
+        partial |= batch.status == "in_progress" and 0 < counts.completed < counts.total
+        time.sleep(0.02)
+    assert seen >= {"validating", "in_progress", "finalizing", "completed"}
+    assert partial, "request_counts should move while the batch runs"
+    assert batch.request_counts.model_dump() == {"total": 20, "completed": 20, "failed": 0}
+    assert batch.in_progress_at and batch.finalizing_at and batch.completed_at
+    assert batch.error_file_id is None and batch.model == "gpt-4o-mini"
+
+    results = read_jsonl(client, batch.output_file_id)
+    assert sorted(r["custom_id"] for r in results) == sorted(f"movie-{i}" for i in range(20))
+    first = next(r for r in results if r["custom_id"] == "movie-3")
+    assert first["id"].startswith("batch_req_") and first["error"] is None
+    assert first["response"]["status_code"] == 200
+    assert first["response"]["request_id"].startswith("req_")
+    body = first["response"]["body"]
+    assert body["system_fingerprint"] == "fp_localbatch_mock"
+    answer = json.loads(body["choices"][0]["message"]["content"])
+    assert answer["categories"] == ["lonely", "robot", "learns"]
+    assert answer["summary"] == "A lonely robot 3 learns to paint sunsets"
+    assert answer["rating"] == 5 and answer["tone"] in ("dark", "light")
+    assert batch.usage.input_tokens == sum(
+        r["response"]["body"]["usage"]["prompt_tokens"] for r in results)
+    assert batch.usage.total_tokens == batch.usage.input_tokens + batch.usage.output_tokens
+    assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
+
+
+def test_failed_requests_go_to_the_error_file(start_localbatch):
+    client = sdk_client(start_localbatch(Simulation(request_failure_rate=1.0)).base_url)
+    batch = wait_until(client, submit(client, [chat_line(f"r{i}", "x") for i in range(4)]).id)
+    assert batch.status == "completed"
+    assert batch.output_file_id is None
+    assert batch.request_counts.failed == 4
+    errors = read_jsonl(client, batch.error_file_id)
+    assert {e["response"]["status_code"] for e in errors} == {500}
+    assert errors[0]["response"]["body"]["error"]["type"] == "server_error"
+
+
+@pytest.mark.parametrize(("lines", "code", "line"), [
+    (["not json", chat_line("a", "x")], "invalid_json_line", 1),
+    ([json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions"})],
+     "missing_required_parameter", 1),
+    ([chat_line("a", "x"), chat_line("a", "y")], "duplicate_custom_id", 2),
+    ([chat_line("a", "x"), chat_line("b", "y").replace("/v1/chat/completions", "/v1/embeddings")],
+     "url_mismatch", 2),
+    ([chat_line("a", "x"), chat_line("b", "y", model="gpt-4o")], "model_mismatch", 2),
+    ([""], "empty_file", None),
+    ([chat_line(f"r{i}", "x") for i in range(4)], "too_many_tasks", None),
+])
+def test_validation_fails_the_batch_after_create(start_localbatch, lines, code, line):
+    client = sdk_client(start_localbatch(Simulation(max_requests_per_batch=3)).base_url)
+    batch = submit(client, lines)
+    assert batch.status == "validating"
+    batch = wait_until(client, batch.id)
+    assert batch.status == "failed" and batch.failed_at
+    assert batch.errors.data[0].code == code and batch.errors.data[0].line == line
+    assert batch.output_file_id is None and batch.error_file_id is None
+
+
+def test_enqueued_token_limit_counts_unfinished_batches(start_localbatch):
+    sim = Simulation(enqueued_token_limits={"gpt-4o-mini": 100}, requests_per_second=1)
+    client = sdk_client(start_localbatch(sim).base_url)
+    text = "word " * 40  # about 56 tokens with the chat overhead
+    first = wait_until(client, submit(client, [chat_line("a", text)]).id, {"in_progress"})
+    second = wait_until(client, submit(client, [chat_line("b", text)]).id)
+    assert second.status == "failed"
+    error = second.errors.data[0]
+    assert error.code == "token_limit_exceeded"
+    assert "Enqueued token limit reached for gpt-4o-mini" in error.message
+    assert "Limit: 100 enqueued tokens" in error.message
+    assert wait_until(client, first.id).status == "completed"
+    assert wait_until(client, submit(client, [chat_line("c", text)]).id).status == "completed"
+
+
+def test_cancel_keeps_finished_results(start_localbatch):
+    client = sdk_client(start_localbatch(Simulation(requests_per_second=20,
+                                                    cancelling_seconds=0.3)).base_url)
+    batch = submit(client, [chat_line(f"r{i}", "x") for i in range(200)])
+    wait_until(client, batch.id, {"in_progress"})
+    time.sleep(0.3)
+    assert client.batches.cancel(batch.id).status == "cancelling"
+    batch = wait_until(client, batch.id)
+    assert batch.status == "cancelled" and batch.cancelling_at and batch.cancelled_at
+    done, failed = read_jsonl(client, batch.output_file_id), read_jsonl(client, batch.error_file_id)
+    assert 0 < len(done) < 200 and len(done) + len(failed) == 200
+    assert {f["error"]["code"] for f in failed} == {"batch_cancelled"}
+    assert all(f["response"] is None for f in failed)
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(batch.id)
+
+
+def test_completion_window_expiry_keeps_partial_results(start_localbatch):
+    sim = Simulation(requests_per_second=20, completion_window_seconds=1.0)
+    client = sdk_client(start_localbatch(sim).base_url)
+    batch = wait_until(client, submit(client, [chat_line(f"r{i}", "x") for i in range(100)]).id)
+    assert batch.status == "expired" and batch.expired_at
+    done, failed = read_jsonl(client, batch.output_file_id), read_jsonl(client, batch.error_file_id)
+    assert 0 < len(done) < 100 and len(done) + len(failed) == 100
+    assert failed[0]["error"] == {
+        "code": "batch_expired",
+        "message": "This request could not be executed before the completion window expired."}
+    assert batch.request_counts.completed == len(done)
+
+
+def test_forced_expiry_hits_only_the_first_batches(start_localbatch):
+    sim = Simulation(expire_batches=1, expire_after_requests=3)
+    client = sdk_client(start_localbatch(sim).base_url)
+    first = wait_until(client, submit(client, [chat_line(f"r{i}", "x") for i in range(10)]).id)
+    second = wait_until(client, submit(client, [chat_line(f"r{i}", "x") for i in range(10)]).id)
+    assert first.status == "expired" and first.request_counts.completed == 3
+    assert second.status == "completed" and second.request_counts.completed == 10
+
+
+def test_batch_list_is_newest_first_and_paginates(start_localbatch):
+    client = sdk_client(start_localbatch().base_url)
+    ids = [submit(client, [chat_line("a", "x")]).id for _ in range(3)]
+    page = client.batches.list(limit=2)
+    assert [b.id for b in page.data] == [ids[2], ids[1]] and page.has_more
+    assert [b.id for b in page.get_next_page().data] == [ids[0]]
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_unknown")
+
+
+def test_create_rejects_bad_parameters(start_localbatch):
+    client = sdk_client(start_localbatch().base_url)
+    file = upload(client, [chat_line("a", "x")])
+    with pytest.raises(openai.BadRequestError, match="metadata"):
+        client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
+                              completion_window="24h", metadata={"k": "v" * 513})
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions",
+                              completion_window="24h")
+
+
+# auth, faults, engines ------------------------------------------------------------------
+
+def test_wrong_api_key_is_401(start_localbatch):
+    server = start_localbatch(api_key="sk-right")
+    with pytest.raises(openai.AuthenticationError) as info:
+        sdk_client(server.base_url, api_key="sk-wrong").batches.list()
+    assert info.value.code == "invalid_api_key"
+    assert sdk_client(server.base_url, api_key="sk-right").batches.list().data == []
+
+
+def test_injected_429_is_retried_by_the_sdk_and_visible_without_retries(start_localbatch):
+    fault = HttpFault(path="/v1/batches", method="GET", status=429, rate=1.0, retry_after=0,
+                      times=1)
+    server = start_localbatch(Simulation(http_faults=[fault]))
+    assert sdk_client(server.base_url, max_retries=2).batches.list().data == []
+    fault = HttpFault(path="/v1/files", status=500, rate=1.0)
+    server = start_localbatch(Simulation(http_faults=[fault]))
+    with pytest.raises(openai.InternalServerError):
+        sdk_client(server.base_url, max_retries=0).files.list()
+
+
+def test_sync_chat_and_embeddings(start_localbatch):
+    client = sdk_client(start_localbatch().base_url)
+    reply = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Tell me about owls"}])
+    assert reply.choices[0].message.content == "Mock answer: Tell me about owls"
+    vectors = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"],
+                                       dimensions=8, encoding_format="float")
+    assert [len(d.embedding) for d in vectors.data] == [8, 8]
+    assert abs(sum(v * v for v in vectors.data[0].embedding) - 1) < 1e-6
+    again = client.embeddings.create(model="text-embedding-3-small", input="a", dimensions=8,
+                                      encoding_format="float")
+    assert again.data[0].embedding == vectors.data[0].embedding
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[])
+
+
+def test_forward_engine_uses_an_upstream_server(start_localbatch):
+    upstream = start_localbatch(api_key="sk-upstream",
+                                simulation=Simulation(http_faults=[HttpFault(
+                                    path="/v1/chat", status=503, rate=1.0, times=2,
+                                    retry_after=0)]))
+    front = start_localbatch(engine="forward", upstream_url=upstream.base_url,
+                             upstream_api_key="sk-upstream")
+    client = sdk_client(front.base_url)
+    batch = wait_until(client, submit(client, [chat_line(f"r{i}", f"owl {i}")
+                                               for i in range(5)]).id)
+    assert batch.status == "completed" and batch.request_counts.completed == 5
+    contents = {r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"]
+                for r in read_jsonl(client, batch.output_file_id)}
+    assert contents["r2"] == "Mock answer: owl 2"
+
+    unreachable = start_localbatch(engine="forward", upstream_url=upstream.base_url,
+                                   upstream_api_key="sk-wrong")
+    client = sdk_client(unreachable.base_url)
+    batch = wait_until(client, submit(client, [chat_line("r0", "x")]).id)
+    assert batch.request_counts.failed == 1
+    assert read_jsonl(client, batch.error_file_id)[0]["response"]["status_code"] == 401
+
+
+# durability -----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve(data_dir, port, config) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "enrichflow.cli", "serve", "--port", str(port),
+         "--data-dir", str(data_dir), "--config", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError("enrichflow serve did not start")
+
+
+def test_killed_server_resumes_its_batches(tmp_path):
+    config = tmp_path / "sim.yaml"
+    config.write_text("requests_per_second: 50\nchunk_size: 10\n")
+    port = _free_port()
+    server = _serve(tmp_path / "data", port, config)
+    try:
+        client = sdk_client(f"http://127.0.0.1:{port}/v1", max_retries=0)
+        batch = submit(client, [chat_line(f"r{i}", f"text {i}") for i in range(150)])
+        deadline = time.monotonic() + 20
+        while client.batches.retrieve(batch.id).request_counts.completed < 30:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+        server = _serve(tmp_path / "data", port, config)
+        batch = wait_until(client, batch.id, timeout=30)
+        assert batch.status == "completed"
+        results = read_jsonl(client, batch.output_file_id)
+        assert sorted(r["custom_id"] for r in results) == sorted(f"r{i}" for i in range(150))
+        assert batch.request_counts.completed == 150
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=15)
