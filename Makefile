@@ -19,6 +19,9 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+demo: install
+	$(BIN)/enrichflow run configs/movies.yaml
+
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q

@@ -3,8 +3,88 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
+
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network on our machines
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # first start can be slow
+}
+
+
+def _run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from flows.enrich import enrich
+
+    manifest = enrich(args.config, output=args.output, limit=args.limit,
+                      provider=args.provider, base_url=args.base_url, force=args.force)
+    print()
+    print(f"output:   {manifest['output']}  (read it with pandas.read_parquet)")
+    print("rows:     " + ", ".join(f"{n:,} {s}" for s, n in manifest["rows_by_status"].items()))
+    print(f"batches:  {sum(1 for s in manifest['shards'] if s['batch_id'])}, "
+          f"attempts: {manifest['attempts']}")
+    data = pd.read_parquet(manifest["output"])
+    shown = [c for c in data.columns if not c.startswith("_") or c == "_status"]
+    with pd.option_context("display.max_colwidth", 60, "display.width", 160):
+        print(data[shown[:2] + shown[-3:]].head(5).to_string(index=False))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from enrichflow.storage import Location
+    from tasks.state import STATE_FILE
+    from tasks.write import read_manifest
+
+    location = Location(args.output)
+    manifest = read_manifest(location)
+    state = location.read_json(STATE_FILE)
+    if manifest is None and state is None:
+        print(f"{args.output}: no enrichflow output or run state here", file=sys.stderr)
+        return 1
+    if manifest and (state is None or state.get("finished_at")):
+        print(f"complete: {manifest['job']} wrote {manifest['rows']:,} rows at "
+              f"{manifest['finished_at']}")
+        print("rows:     " + ", ".join(f"{n:,} {s}" for s, n in
+                                       manifest["rows_by_status"].items()))
+        print(f"tokens:   {manifest['tokens']['prompt']:,} prompt, "
+              f"{manifest['tokens']['completion']:,} completion")
+        return 0
+    print(f"running or interrupted: run {state['run_id']}")
+    for shard in state["shards"]:
+        counts = shard.get("request_counts") or {}
+        done = counts.get("completed", 0) + counts.get("failed", 0)
+        print(f"  attempt {shard['attempt']} shard {shard['shard']}: {shard['rows']:,} rows, "
+              f"{shard['status']}, batch {shard['batch_id'] or '-'} "
+              f"{shard['batch_status'] or ''} {done:,}/{counts.get('total', shard['rows']):,}")
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from enrichflow.config import ProviderConfig
+    from enrichflow.provider import open_client
+    from enrichflow.storage import Location
+    from tasks.state import STATE_FILE
+    from tasks.wait import TERMINAL
+
+    location = Location(args.output)
+    state = location.read_json(STATE_FILE)
+    if state is None:
+        print(f"{args.output}: no run state here; nothing to cancel", file=sys.stderr)
+        return 1
+    provider = ProviderConfig(**state["provider"])
+    cancelled = 0
+    with open_client(provider, location) as client:
+        for shard in state["shards"]:
+            if shard["batch_id"] and shard["status"] != "collected":
+                batch = client.batches.retrieve(shard["batch_id"])
+                if batch.status not in TERMINAL and batch.status != "cancelling":
+                    client.batches.cancel(batch.id)
+                    cancelled += 1
+                    print(f"cancelling batch {batch.id} (attempt {shard['attempt']}, "
+                          f"shard {shard['shard']})")
+    print(f"{cancelled} batch(es) cancelled; finished results stay billed and are kept")
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -39,15 +119,37 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--concurrency", type=int, default=8,
                        help="forward engine: requests in flight at once")
     serve.set_defaults(handler=_serve)
+
+    run = commands.add_parser("run", help="run a job file and write enriched Parquet")
+    run.add_argument("config", help="job YAML file, e.g. configs/movies.yaml")
+    run.add_argument("--output", help="output directory URI (overrides the job's output)")
+    run.add_argument("--limit", type=int, help="only the first N rows")
+    run.add_argument("--provider", choices=["local", "openai"],
+                     help="default: openai when OPENAI_API_KEY is set, else local")
+    run.add_argument("--base-url", help="API base URL (a running `enrichflow serve`, ...)")
+    run.add_argument("--force", action="store_true",
+                     help="run again even if the output is complete (sends every row again)")
+    run.set_defaults(handler=_run)
+
+    status = commands.add_parser("status", help="what a job's output and run state say")
+    status.add_argument("output", help="the job's output directory URI")
+    status.set_defaults(handler=_status)
+
+    cancel = commands.add_parser("cancel", help="cancel a job's unfinished batches")
+    cancel.add_argument("output", help="the job's output directory URI")
+    cancel.set_defaults(handler=_cancel)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
+    from enrichflow.errors import ConfigError, InputError, StorageError
+
     try:
         return args.handler(args)
-    except ValueError as exc:
+    except (ConfigError, InputError, StorageError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,7 @@ started again on the same folder shows the same files and batches and carries on
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -60,6 +61,13 @@ class Store:
         self.work_dir = self.root / "work"
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._owner = (self.root / "server.lock").open("w")
+        try:
+            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._owner.close()
+            raise RuntimeError(f"another localbatch server is using {self.root}; connect to "
+                               "it instead, or give this one another data folder") from exc
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.root / "localbatch.sqlite3", check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -69,6 +77,7 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._owner.close()
 
     # files ----------------------------------------------------------------------------
 

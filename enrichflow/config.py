@@ -1,0 +1,223 @@
+"""The job file: a Pydantic model of the YAML, validated before anything is read or sent.
+
+Every error names the file, the field and what is allowed, so that a typo costs a
+second, not a batch. Relative paths are relative to the directory the job runs from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from enrichflow.errors import ConfigError
+
+MAX_REQUESTS_PER_BATCH = 50_000
+MAX_BATCH_BYTES = 200 * 1024 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class DatasetConfig(_Strict):
+    path: str = Field(description="Local path, s3:// or https:// URI of the rows.")
+    format: Literal["csv", "parquet", "jsonl"] | None = Field(
+        default=None, description="Read as this format; default: from the file's extension.")
+    id_column: str | None = Field(
+        default=None, description="Column whose values identify rows; default: row number.")
+    limit: int | None = Field(default=None, gt=0, description="Use only the first N rows.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (endpoint_url, region...); no secrets.")
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format:
+            return self.format
+        suffix = Path(self.path.split("?")[0]).suffix.lower()
+        known = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl",
+                 ".ndjson": "jsonl"}
+        if suffix not in known:
+            raise ConfigError(f"dataset.format: cannot tell the format of {self.path!r} from "
+                              "its extension; set dataset.format to csv, parquet or jsonl")
+        return known[suffix]
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str = Field(default="answer", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool = True
+
+    @model_validator(mode="after")
+    def _schema_fits_type(self) -> ResponseFormat:
+        if self.type != "json_schema":
+            if self.schema_ is not None:
+                raise ValueError("a schema is only used with type json_schema")
+            return self
+        if self.schema_ is None:
+            raise ValueError("type json_schema needs a schema")
+        try:
+            Draft202012Validator.check_schema(self.schema_)
+        except SchemaError as exc:
+            raise ValueError(f"the schema is not valid JSON Schema: {exc.message}") from exc
+        if self.schema_.get("type") != "object" or not self.schema_.get("properties"):
+            raise ValueError("the schema must be an object with properties (they become "
+                             "the output's columns)")
+        return self
+
+    def api_value(self) -> dict[str, Any] | None:
+        """The `response_format` parameter as Chat Completions takes it."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        return {"type": "json_schema",
+                "json_schema": {"name": self.name, "strict": self.strict, "schema": self.schema_}}
+
+
+class RequestConfig(_Strict):
+    endpoint: Literal["/v1/chat/completions"] = "/v1/chat/completions"
+    model: str = Field(min_length=1)
+    system: str | None = Field(default=None, description="System prompt, sent as it is.")
+    user: str = Field(min_length=1, description="User message template with {column} fields.")
+    response_format: ResponseFormat = Field(default_factory=ResponseFormat)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+    seed: int | None = None
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Any other Chat Completions parameter, as it is.")
+
+    @field_validator("user")
+    @classmethod
+    def _template_is_simple(cls, template: str) -> str:
+        template_columns(template)
+        return template
+
+    def columns(self) -> list[str]:
+        return template_columns(self.user)
+
+    def body_parameters(self) -> dict[str, Any]:
+        """Everything of the request body except the messages."""
+        body: dict[str, Any] = {"model": self.model}
+        for name in ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed"):
+            value = getattr(self, name)
+            if value is not None:
+                body[name] = value
+        response_format = self.response_format.api_value()
+        if response_format:
+            body["response_format"] = response_format
+        body.update(self.extra)
+        return body
+
+
+class ProviderConfig(_Strict):
+    kind: Literal["local", "openai"] | None = Field(
+        default=None, description="Default: openai when OPENAI_API_KEY is set, else local.")
+    base_url: str | None = Field(
+        default=None, description="API base URL; for local, a running `enrichflow serve`.")
+    api_key_secret: str | None = Field(
+        default=None, description="Name of a Prefect Secret block holding the API key.")
+    local_data_dir: str | None = Field(
+        default=None, description="Data folder of the embedded local server.")
+
+
+class LimitsConfig(_Strict):
+    max_requests_per_shard: int = Field(default=MAX_REQUESTS_PER_BATCH, gt=0,
+                                        le=MAX_REQUESTS_PER_BATCH)
+    max_bytes_per_shard: int = Field(default=MAX_BATCH_BYTES, gt=0, le=MAX_BATCH_BYTES)
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    poll_interval_min: float = Field(default=1.0, gt=0)
+    poll_interval_max: float = Field(default=60.0, gt=0)
+    max_wait_hours: float = Field(default=25.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LimitsConfig:
+        if self.poll_interval_min > self.poll_interval_max:
+            raise ValueError("poll_interval_min must not exceed poll_interval_max")
+        return self
+
+
+class JobConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                      description="Job name: letters, digits, '.', '_' or '-'.")
+    dataset: DatasetConfig
+    request: RequestConfig
+    output: str = Field(min_length=1, description="Output directory, local or s3://.")
+    provider: ProviderConfig = Field(default_factory=ProviderConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    def config_hash(self) -> str:
+        """Hash of what decides the answers; output and provider do not change them."""
+        decisive = self.model_dump(mode="json", by_alias=True,
+                                   include={"name", "dataset", "request"})
+        return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
+
+
+def template_columns(template: str) -> list[str]:
+    """The `{column}` fields of a message template, in order, without repeats."""
+    columns: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"the template is malformed ({exc}); write literal braces as "
+                         "{{ and }}") from exc
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if not field or field.isdigit():
+            raise ValueError("every {} in the template must name a column, e.g. {Overview}")
+        if spec or conversion:
+            raise ValueError(f"{{{field}...}}: format specs and conversions are not "
+                             "supported; write just {column}")
+        if field not in columns:
+            columns.append(field)
+    return columns
+
+
+def load_job(path: str | Path, **overrides: Any) -> JobConfig:
+    """Read and validate a job file; `overrides` are dotted field names (`dataset.limit`)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such job file") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a job file is a YAML mapping with name, dataset, request "
+                          "and output")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: invalid job file:\n{_describe(exc)}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field; check the spelling against the README's reference"
+        elif error["type"] == "literal_error":
+            message = f"must be one of {error['ctx']['expected']}"
+        lines.append(f"  {field}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,13 @@
+"""Errors a user can act on: each message names the file, field or row and the fix."""
+
+
+class ConfigError(ValueError):
+    """A job file that cannot run as written."""
+
+
+class InputError(ValueError):
+    """Input data that cannot be enriched as it is (missing file, column, duplicate id...)."""
+
+
+class StorageError(OSError):
+    """An output or state location that cannot be read or written."""

@@ -1,0 +1,85 @@
+"""One output location, local or object storage, through fsspec.
+
+Writes are staged: a file is written under `_staging/` (a name readers skip) and then
+moved into place, so a reader or a crash never meets a half-written file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from enrichflow.errors import StorageError
+
+STAGING = "_staging"
+
+
+class Location:
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+        self.uri = uri.rstrip("/")
+        try:
+            self.fs, self.root = url_to_fs(self.uri, **(storage_options or {}))
+        except (ImportError, ValueError) as exc:
+            raise StorageError(f"output {uri}: cannot open this location: {exc}") from exc
+        self.root = self.root.rstrip("/")
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.path(name))
+
+    def read_json(self, name: str) -> Any | None:
+        try:
+            with self.fs.open(self.path(name), "rb") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+
+    def read_parquet(self, name: str) -> pa.Table:
+        with self.fs.open(self.path(name), "rb") as handle:
+            return pq.read_table(handle)
+
+    def write_json(self, name: str, value: Any) -> None:
+        self.write_bytes(name, json.dumps(value, indent=2, default=str).encode())
+
+    def write_parquet(self, name: str, table: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.write_bytes(name, buffer.getvalue())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write `name` whole or not at all: staged under `_staging/`, then moved."""
+        staged = self.path(f"{STAGING}/{uuid.uuid4().hex}-{name.replace('/', '_')}")
+        try:
+            self.fs.makedirs(self.path(STAGING), exist_ok=True)
+            with self.fs.open(staged, "wb") as handle:
+                handle.write(data)
+            parent = self.path(name).rsplit("/", 1)[0]
+            self.fs.makedirs(parent, exist_ok=True)
+            self.fs.mv(staged, self.path(name))
+        except OSError as exc:
+            raise StorageError(f"cannot write {self.uri}/{name}: {exc}") from exc
+
+    def remove(self, name: str) -> None:
+        if self.exists(name):
+            self.fs.rm(self.path(name), recursive=True)
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Names (relative to the root) of the files directly under `prefix`."""
+        try:
+            entries = self.fs.ls(self.path(prefix) if prefix else self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]

@@ -1,0 +1,90 @@
+"""Step 1, load: read the dataset into Arrow and give each row a stable key.
+
+The key (the configured id column, else the row number) is what ties an answer back to
+its row across shards, attempts and re-runs; it must be unique and never empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv
+import pyarrow.json
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NONE
+
+from enrichflow.config import DatasetConfig
+from enrichflow.errors import InputError
+
+KEY = "_key"
+
+
+@dataclass(frozen=True)
+class Rows:
+    table: pa.Table  # the dataset's columns plus `_key` (string)
+    fingerprint: str  # sha256 of the bytes read, so a changed dataset is noticed
+
+
+def load_rows(dataset: DatasetConfig) -> Rows:
+    """Read the dataset named by the job; errors name the path and what to do."""
+    try:
+        with fsspec.open(dataset.path, "rb", **dataset.storage_options) as handle:
+            raw = handle.read()
+    except FileNotFoundError as exc:
+        raise InputError(f"dataset.path: {dataset.path} does not exist; check the path "
+                         "(relative paths start from the directory you run in)") from exc
+    except (OSError, ValueError) as exc:
+        raise InputError(f"dataset.path: cannot read {dataset.path}: {exc}") from exc
+    table = _parse(raw, dataset.resolved_format, dataset.path)
+    if dataset.limit is not None:
+        table = table.slice(0, dataset.limit)
+    if table.num_rows == 0:
+        raise InputError(f"dataset.path: {dataset.path} has no rows; nothing to enrich")
+    if KEY in table.column_names or any(c.startswith("_") for c in table.column_names):
+        raise InputError(f"{dataset.path}: column names starting with '_' are reserved for "
+                         "enrichflow's own columns; rename them")
+    table = table.append_column(KEY, _keys(table, dataset))
+    return Rows(table=table, fingerprint=hashlib.sha256(raw).hexdigest())
+
+
+def _parse(raw: bytes, fmt: str, path: str) -> pa.Table:
+    try:
+        if fmt == "csv":
+            return pyarrow.csv.read_csv(io.BytesIO(raw))
+        if fmt == "parquet":
+            return pq.read_table(io.BytesIO(raw))
+        return pyarrow.json.read_json(io.BytesIO(raw))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"dataset.path: {path} is not readable as {fmt}: {exc}. Check the "
+                         "file, or set dataset.format") from exc
+
+
+def _keys(table: pa.Table, dataset: DatasetConfig) -> pa.Array:
+    if dataset.id_column is None:
+        return pa.array([str(i) for i in range(table.num_rows)], pa.string())
+    if dataset.id_column not in table.column_names:
+        raise InputError(f"dataset.id_column: {dataset.id_column!r} is not a column of "
+                         f"{dataset.path}; columns are {', '.join(table.column_names)}")
+    keys = pc.cast(table[dataset.id_column], pa.string()).combine_chunks()
+    missing = pc.or_(pc.is_null(keys), pc.equal(pc.utf8_length(keys), 0))
+    if pc.any(missing).as_py():
+        row = pc.index(missing, True).as_py()
+        raise InputError(f"{dataset.path}: row {row + 1} has an empty id in "
+                         f"{dataset.id_column!r}; every row needs an id")
+    counts = pc.value_counts(keys)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        example = repeated[0]["values"].as_py()
+        raise InputError(f"{dataset.path}: {len(repeated)} value(s) of id column "
+                         f"{dataset.id_column!r} appear more than once (e.g. {example!r}); "
+                         "ids must be unique: fix the data or choose another id_column")
+    return keys
+
+
+load_rows_task = task(load_rows, name="load rows", cache_policy=NONE)

@@ -1,0 +1,120 @@
+"""The run's journal, `<output>/_state/run.json`: every side effect, before and after.
+
+A shard's record says `uploading` before its file goes up, holds the file id after,
+says `creating` before the batch is created and holds the batch id after. A re-run
+reads it and re-attaches to what exists instead of paying for it again. Collected
+results are kept beside it, so a resumed run never needs an expired output file.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from enrichflow.errors import StorageError
+from enrichflow.storage import Location
+
+STATE_FILE = "_state/run.json"
+
+
+@dataclass
+class ShardRecord:
+    attempt: int
+    shard: int
+    rows: int
+    bytes: int
+    sha256: str
+    status: str = "planned"  # planned, uploading, uploaded, creating, submitted, collected
+    file_id: str | None = None
+    batch_id: str | None = None
+    batch_status: str | None = None
+    request_counts: dict[str, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"attempt {self.attempt}, shard {self.shard}"
+
+    @property
+    def results_name(self) -> str:
+        return f"_state/results/attempt-{self.attempt}-shard-{self.shard}.parquet"
+
+
+@dataclass
+class RunState:
+    job_key: str
+    config_hash: str
+    dataset_fingerprint: str
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    provider: dict[str, Any] = field(default_factory=dict)
+    shards: list[ShardRecord] = field(default_factory=list)
+    location: Location | None = field(default=None, repr=False, compare=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    @classmethod
+    def open(cls, location: Location, job_key: str, config_hash: str, fingerprint: str,
+             provider: dict[str, Any], force: bool) -> tuple[RunState, bool]:
+        """The journal of this job at `location`: (state, resumed?). A journal of another
+        job (changed config or data), or `force`, starts a fresh run."""
+        try:
+            saved = location.read_json(STATE_FILE)
+        except OSError as exc:
+            raise StorageError(f"output {location.uri}: cannot read the run state: {exc}") from exc
+        if saved and saved["job_key"] == job_key and not force:
+            shards = [ShardRecord(**s) for s in saved.pop("shards")]
+            return cls(**saved, shards=shards, location=location), True
+        state = cls(job_key=job_key, config_hash=config_hash, dataset_fingerprint=fingerprint,
+                    provider=provider, location=location)
+        location.remove("_state/results")
+        state.save()
+        return state, False
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    def record(self, attempt: int, shard: int, rows: int, size: int, sha256: str) -> ShardRecord:
+        """The journal entry of a planned shard; the same plan must map to the same entry."""
+        with self._lock:
+            for existing in self.shards:
+                if (existing.attempt, existing.shard) == (attempt, shard):
+                    if existing.sha256 != sha256:
+                        raise StorageError(
+                            f"{self.location.uri}: the saved run planned {existing.name} "
+                            "differently (limits changed?); run again with --force")
+                    return existing
+            record = ShardRecord(attempt, shard, rows, size, sha256)
+            self.shards.append(record)
+            self.save()
+            return record
+
+    def update(self, record: ShardRecord, **changes: Any) -> None:
+        with self._lock:
+            for name, value in changes.items():
+                setattr(record, name, value)
+            self.save()
+
+    def save_results(self, record: ShardRecord, results: pa.Table) -> None:
+        self.location.write_parquet(record.results_name, results)
+        self.update(record, status="collected")
+
+    def load_results(self, record: ShardRecord) -> pa.Table:
+        return self.location.read_parquet(record.results_name)
+
+    def finish(self) -> None:
+        with self._lock:
+            self.finished_at = time.time()
+            self.save()
+
+    def save(self) -> None:
+        with self._lock:
+            data = {k: v for k, v in vars(self).items()
+                    if k not in ("location", "_lock", "shards")}
+            data["shards"] = [asdict(s) for s in self.shards]
+            self.location.write_json(STATE_FILE, data)

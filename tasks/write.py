@@ -1,0 +1,36 @@
+"""Step 7b, write: the enriched Parquet and its manifest, whole or not at all.
+
+The Parquet file is staged and moved into place first, `_manifest.json` last: a reader
+that finds the manifest finds the data it describes. The manifest's name starts with `_`
+because Parquet readers (pandas, pyarrow.dataset) skip such names in a dataset folder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NONE
+
+from enrichflow.storage import Location
+
+DATA_FILE = "part-00000.parquet"
+MANIFEST = "_manifest.json"
+
+
+def write_output(location: Location, table: pa.Table, manifest: dict[str, Any]) -> str:
+    """Write the dataset and its manifest; returns the data file's URI."""
+    location.write_parquet(DATA_FILE, table)
+    for name in location.list():
+        if name.startswith("part-") and name != DATA_FILE:
+            location.remove(name)  # parts of an earlier, larger layout
+    location.write_json(MANIFEST, manifest)
+    return f"{location.uri}/{DATA_FILE}"
+
+
+def read_manifest(location: Location) -> dict[str, Any] | None:
+    return location.read_json(MANIFEST)
+
+
+write_output_task = task(write_output, name="write output", cache_policy=NONE)

@@ -1,0 +1,202 @@
+"""The job flow end to end: real Prefect, a real local Batch API server over HTTP."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+import yaml
+from conftest import sdk_client
+
+from enrichflow.errors import InputError
+from flows.enrich import enrich
+from localbatch import HttpFault, Simulation
+
+REPO = Path(__file__).resolve().parent.parent
+MOVIES = yaml.safe_load((REPO / "configs" / "movies.yaml").read_text())
+
+
+def job_file(tmp_path: Path, rows: pd.DataFrame | None = None, **changes) -> Path:
+    """A copy of the movies job writing under tmp_path, optionally on other rows."""
+    job = json.loads(json.dumps(MOVIES))
+    job["dataset"]["path"] = str(REPO / "data" / "movies.csv")
+    if rows is not None:
+        job["dataset"]["path"] = str(tmp_path / "rows.csv")
+        rows.to_csv(job["dataset"]["path"], index=False)
+    job["output"] = str(tmp_path / "out")
+    job["limits"].update(poll_interval_min=0.1, poll_interval_max=0.5)
+    for dotted, value in changes.items():
+        node = job
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def generated_movies(count: int) -> pd.DataFrame:
+    return pd.DataFrame({
+        "Series_Title": [f"Movie number {i}" for i in range(count)],
+        "Released_Year": [1950 + i % 70 for i in range(count)],
+        "Genre": ["Drama, Crime" if i % 2 else "Comedy" for i in range(count)],
+        "Overview": [f"A story numbered {i} about \"quotes\", newlines\nand ünïcode."
+                     for i in range(count)],
+    })
+
+
+def batches_by_shard(client) -> collections.Counter:
+    tags = [(b.metadata["enrichflow_run"], b.metadata["attempt"], b.metadata["shard"])
+            for b in client.batches.list(limit=100)]
+    return collections.Counter(tags)
+
+
+def test_movies_job_writes_every_row_with_typed_answers(prefect_api, start_localbatch,
+                                                         tmp_path):
+    server = start_localbatch()
+    manifest = enrich(str(job_file(tmp_path)), base_url=server.base_url)
+
+    output = tmp_path / "out"
+    data = pd.read_parquet(output)
+    source = pd.read_csv(REPO / "data" / "movies.csv")
+    assert len(source) >= 200
+    assert data["Series_Title"].tolist() == source["Series_Title"].tolist()
+    assert (data["_status"] == "ok").all() and data["_error"].isna().all()
+    table = ds.dataset(output).to_table()
+    assert table.schema.field("categories").type == pa.list_(pa.string())
+    assert table.schema.field("summary").type == pa.string()
+    assert table.schema.field("IMDB_Rating").type == pa.float64()
+    first = data.iloc[0]
+    assert list(first["categories"]) == ["title", first["Series_Title"].split()[1].lower(),
+                                         first["Series_Title"].split()[2].lower()]
+    assert first["_attempts"] == 1 and first["_batch_id"].startswith("batch_")
+    assert first["_prompt_tokens"] > 0 and first["_completion_tokens"] > 0
+
+    assert manifest["rows"] == len(source) and manifest["rows_by_status"] == {"ok": len(source)}
+    saved = json.loads((output / "_manifest.json").read_text())
+    assert saved["job_key"] == manifest["job_key"] and saved["shards"][0]["file_id"]
+    assert saved["tokens"]["prompt"] == int(data["_prompt_tokens"].sum())
+
+    client = sdk_client(server.base_url)
+    batches = len(client.batches.list().data)
+    written = (output / "part-00000.parquet").stat().st_mtime_ns
+    assert enrich(str(job_file(tmp_path)), base_url=server.base_url)["run_id"] == \
+        manifest["run_id"]
+    assert len(client.batches.list().data) == batches, "a completed job must not send again"
+    assert (output / "part-00000.parquet").stat().st_mtime_ns == written
+
+
+def test_faults_shards_and_retries_still_give_every_row_once(prefect_api, start_localbatch,
+                                                             tmp_path):
+    sim = Simulation(
+        seed=7, request_failure_rate=0.1, expire_batches=1, expire_after_requests=60,
+        http_faults=[
+            HttpFault(path="/v1/batches", method="POST", status=429, rate=0.3, retry_after=0),
+            HttpFault(path="/v1/batches", method="GET", status=500, rate=0.2),
+            HttpFault(path="/v1/files", status=500, rate=0.2),
+        ])
+    server = start_localbatch(sim)
+    rows = generated_movies(1000)
+    path = job_file(tmp_path, rows, **{"dataset.id_column": "Series_Title",
+                                       "limits.max_requests_per_shard": 250,
+                                       "limits.max_attempts": 6})
+    manifest = enrich(str(path), base_url=server.base_url)
+
+    data = pd.read_parquet(tmp_path / "out")
+    assert sorted(data["Series_Title"]) == sorted(rows["Series_Title"])
+    assert (data["_status"] == "ok").all(), data[data["_status"] != "ok"]["_error"].tolist()
+    assert data["_attempts"].max() > 1, "failed and expired requests should have gone again"
+    assert data["_custom_id"].is_unique
+    assert data["Overview"].tolist() == rows["Overview"].tolist()
+    first_attempt = [s for s in manifest["shards"] if s["attempt"] == 1]
+    assert len(first_attempt) == 4 and all(s["rows"] == 250 for s in first_attempt)
+    assert any(s["batch_status"] == "expired" for s in manifest["shards"])
+    created = batches_by_shard(sdk_client(server.base_url, max_retries=5))
+    assert set(created.values()) == {1}, "no shard may have two batches"
+    assert len(created) == len(manifest["shards"])
+
+
+def test_unusable_answers_go_round_until_the_attempt_limit(prefect_api, start_localbatch,
+                                                           tmp_path):
+    server = start_localbatch()
+    path = job_file(tmp_path, generated_movies(6), **{"limits.max_attempts": 2})
+    job = yaml.safe_load(path.read_text())
+    job["request"]["response_format"]["schema"]["properties"]["summary"]["pattern"] = "^[A-Z]+$"
+    path.write_text(yaml.safe_dump(job))
+    enrich(str(path), base_url=server.base_url)
+    data = pd.read_parquet(tmp_path / "out")
+    assert (data["_status"] == "failed").all() and (data["_attempts"] == 2).all()
+    assert data["_error"].str.contains("does not fit the schema at summary").all()
+    assert data["summary"].isna().all()
+
+
+def test_rows_with_an_empty_template_column_are_skipped(prefect_api, start_localbatch,
+                                                        tmp_path):
+    server = start_localbatch()
+    rows = generated_movies(5)
+    rows.loc[2, "Overview"] = ""
+    enrich(str(job_file(tmp_path, rows)), base_url=server.base_url)
+    data = pd.read_parquet(tmp_path / "out")
+    assert data["_status"].tolist() == ["ok", "ok", "skipped", "ok", "ok"]
+    assert data.loc[2, "_error"] == "skipped: column 'Overview' is empty"
+    batch = sdk_client(server.base_url).batches.list().data[0]
+    assert batch.request_counts.total == 4
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"request.user": "{Series_Title}: {Plot}"}, "uses column\\(s\\) Plot that"),
+    ({"dataset.path": "/nonexistent/movies.csv"}, "does not exist"),
+    ({"dataset.id_column": "Genre"}, "appear more than once"),
+])
+def test_bad_input_fails_before_anything_is_uploaded(prefect_api, start_localbatch, tmp_path,
+                                                     change, expected):
+    server = start_localbatch()
+    with pytest.raises(InputError, match=expected):
+        enrich(str(job_file(tmp_path, **change)), base_url=server.base_url)
+    client = sdk_client(server.base_url)
+    assert client.files.list().data == [] and client.batches.list().data == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_run_resumes_without_creating_batches_again(prefect_api, start_localbatch,
+                                                             tmp_path):
+    server = start_localbatch(Simulation(requests_per_second=15, chunk_size=5))
+    rows = generated_movies(90)
+    path = job_file(tmp_path, rows, **{"limits.max_requests_per_shard": 30})
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    run = subprocess.Popen([sys.executable, "-m", "flows.enrich", str(path), "--base-url",
+                            server.base_url], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    state_file = tmp_path / "out" / "_state" / "run.json"
+    deadline = time.monotonic() + 120
+    while True:
+        assert run.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "the run never created its batches"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {"shards": []}
+        if len(state["shards"]) == 3 and all(s["batch_id"] for s in state["shards"]):
+            break
+        time.sleep(0.1)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    client = sdk_client(server.base_url)
+    created = len(client.batches.list().data)
+    assert created == 3
+
+    manifest = enrich(str(path), base_url=server.base_url)
+    assert len(client.batches.list().data) == created
+    data = pd.read_parquet(tmp_path / "out")
+    assert sorted(data["Series_Title"]) == sorted(rows["Series_Title"])
+    assert (data["_status"] == "ok").all()
+    assert {s["batch_id"] for s in manifest["shards"]} == {s["batch_id"] for s in
+                                                           state["shards"]}

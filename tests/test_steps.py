@@ -1,0 +1,158 @@
+"""The steps as plain functions, without Prefect: load, render, plan, merge."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from enrichflow.config import DatasetConfig, RequestConfig, ResponseFormat
+from enrichflow.errors import InputError
+from tasks.collect import ATTEMPT_RESULTS
+from tasks.load import KEY, load_rows
+from tasks.merge import merge_results
+from tasks.plan import plan_shards, shard_jsonl
+from tasks.render import render_requests
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["tags", "score"],
+          "properties": {"tags": {"type": "array", "items": {"type": "string"}},
+                         "score": {"type": "integer"}}}
+
+
+def table(**columns) -> pa.Table:
+    first = next(iter(columns.values()))
+    return pa.table({**columns, KEY: [str(i) for i in range(len(first))]})
+
+
+# load -----------------------------------------------------------------------------------
+
+def test_load_keys_rows_by_id_column_or_row_number(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("id,text\nb,hello\na,world\n")
+    by_id = load_rows(DatasetConfig(path=str(path), id_column="id"))
+    assert by_id.table[KEY].to_pylist() == ["b", "a"]
+    by_row = load_rows(DatasetConfig(path=str(path), limit=1))
+    assert by_row.table[KEY].to_pylist() == ["0"] and len(by_row.fingerprint) == 64
+
+
+@pytest.mark.parametrize(("content", "id_column", "expected"), [
+    (None, None, "does not exist; check the path"),
+    ("id,text\n", None, "has no rows"),
+    ("id,text\n1,a\n1,b\n", "id", r"1 value\(s\) of id column 'id' appear more than once"),
+    ("id,text\n1,a\n", "ident", "'ident' is not a column"),
+    ("id,_x\n1,a\n", None, "reserved"),
+])
+def test_load_errors_name_the_file_and_the_fix(tmp_path, content, id_column, expected):
+    path = tmp_path / "rows.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(InputError, match=expected) as info:
+        load_rows(DatasetConfig(path=str(path), id_column=id_column))
+    assert str(path) in str(info.value)
+
+
+# render ---------------------------------------------------------------------------------
+
+def test_render_escapes_text_exactly_as_json_does():
+    texts = ['He said "hi"\nthen left', "back\\slash\ttab", "unicode: é 漢字 🎬",
+             "control \x01\x1f char", "{braces} and 'quotes'"]
+    request = RequestConfig(model="m", system="Be brief.", user="Text: {text} / {n}",
+                            temperature=0.2, extra={"logprobs": False})
+    rendered = render_requests(table(text=texts, n=[1, 2, 3, 4, 5]), request, "job1")
+    lines = [json.loads(line) for line in rendered.requests["_line"].to_pylist()]
+    for i, line in enumerate(lines):
+        assert line == {
+            "custom_id": f"job1-{i}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "m", "temperature": 0.2, "logprobs": False, "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Text: {texts[i]} / {i + 1}"}]}}
+
+
+def test_rows_with_an_empty_template_column_are_skipped_not_sent():
+    request = RequestConfig(model="m", user="{a} {b}")
+    rendered = render_requests(table(a=["x", None, "  ", "y"], b=["1", "2", "3", None]),
+                               request, "t")
+    assert rendered.requests["_custom_id"].to_pylist() == ["t-0"]
+    assert rendered.skipped.to_pylist() == [
+        {KEY: "1", "_error": "skipped: column 'a' is empty"},
+        {KEY: "2", "_error": "skipped: column 'a' is empty"},
+        {KEY: "3", "_error": "skipped: column 'b' is empty"}]
+
+
+def test_render_names_missing_columns():
+    with pytest.raises(InputError, match="column\\(s\\) Overviw that data.csv does not have"):
+        render_requests(table(Overview=["x"]), RequestConfig(model="m", user="{Overviw}"), "t",
+                        "data.csv")
+
+
+# plan -----------------------------------------------------------------------------------
+
+def test_shards_respect_request_and_byte_limits():
+    request = RequestConfig(model="m", user="{text}")
+    rendered = render_requests(table(text=["x" * (i % 7 * 30) + "y" for i in range(100)]),
+                               request, "t").requests
+    sizes = [len(line.encode()) + 1 for line in rendered["_line"].to_pylist()]
+    shards = plan_shards(rendered, max_requests=30, max_bytes=2000)
+    assert shards[0].start == 0 and shards[-1].end == 100
+    assert all(a.end == b.start for a, b in zip(shards, shards[1:], strict=False))
+    for shard in shards:
+        assert shard.rows <= 30 and shard.bytes <= 2000
+        assert shard.bytes == sum(sizes[shard.start:shard.end])
+        payload = shard_jsonl(rendered, shard)
+        assert len(payload) == shard.bytes
+        assert payload.decode().splitlines() == rendered["_line"].to_pylist()[shard.start:
+                                                                                shard.end]
+    by_count = plan_shards(rendered, max_requests=30, max_bytes=10**6)
+    assert [s.rows for s in by_count] == [30, 30, 30, 10]
+
+
+def test_a_row_larger_than_the_byte_limit_is_named():
+    rendered = render_requests(table(text=["short", "x" * 500]),
+                               RequestConfig(model="m", user="{text}"), "t").requests
+    with pytest.raises(InputError, match="row '1' renders to a .*max_bytes_per_shard"):
+        plan_shards(rendered, 10, 400)
+
+
+# merge ----------------------------------------------------------------------------------
+
+def result(custom_id, attempt, ok, answer=None, error=None, tokens=(10, 5)):
+    return {"_custom_id": custom_id, "_batch_id": f"batch_{attempt}", "_ok": ok,
+            "_error": error, "_retryable": not ok, "_answer": answer, "_finish_reason": None,
+            "_prompt_tokens": tokens[0], "_completion_tokens": tokens[1], "_attempt": attempt}
+
+
+def test_merge_keeps_every_row_once_with_typed_answers():
+    rows = table(title=["a", "b", "c", "d"])
+    skipped = pa.table({KEY: ["3"], "_error": ["skipped: column 'x' is empty"]})
+    results = pa.Table.from_pylist(schema=ATTEMPT_RESULTS, mapping=[
+        result("t-0", 1, True, json.dumps({"tags": ["x", "y"], "score": 3})),
+        result("t-1", 1, False, error="HTTP 500: boom", tokens=(None, None)),
+        result("t-1", 2, True, json.dumps({"tags": [], "score": 1})),
+        result("t-2", 1, False, error="batch_expired: late", tokens=(None, None)),
+        result("t-2", 2, False, error="not valid JSON", tokens=(7, 3)),
+    ])
+    merged = merge_results(rows, "t", skipped, results,
+                           ResponseFormat(type="json_schema", schema=SCHEMA))
+    assert merged.column_names == ["title", "tags", "score", "_status", "_error", "_attempts",
+                                   "_custom_id", "_batch_id", "_prompt_tokens",
+                                   "_completion_tokens"]
+    assert merged.schema.field("tags").type == pa.list_(pa.string())
+    assert merged.schema.field("score").type == pa.int64()
+    data = merged.to_pylist()
+    assert [r["title"] for r in data] == ["a", "b", "c", "d"]
+    assert [r["_status"] for r in data] == ["ok", "ok", "failed", "skipped"]
+    assert data[0]["tags"] == ["x", "y"] and data[0]["_error"] is None
+    assert data[1]["_attempts"] == 2 and data[1]["_batch_id"] == "batch_2"
+    assert data[2]["_error"] == "not valid JSON" and data[2]["tags"] is None
+    assert data[2]["_prompt_tokens"] == 7
+    assert data[3]["_custom_id"] is None and data[3]["_attempts"] == 0
+    assert data[3]["_error"] == "skipped: column 'x' is empty"
+
+
+def test_merge_of_a_text_answer_is_one_response_column():
+    results = pa.Table.from_pylist([result("t-0", 1, True, "A fine film.")],
+                                   schema=ATTEMPT_RESULTS)
+    none_skipped = pa.table({KEY: pa.array([], pa.string()), "_error": pa.array([], pa.string())})
+    merged = merge_results(table(title=["a"]), "t", none_skipped, results, ResponseFormat())
+    assert merged.to_pylist()[0]["response"] == "A fine film."
