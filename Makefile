@@ -6,6 +6,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Prefect's temporary server keeps its database under PREFECT_HOME: one per checkout, so
+# that no other Prefect version's database on the machine gets in the way.
+export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
@@ -33,4 +36,4 @@ bench: install
 	$(BIN)/python bench/localbatch_throughput.py
 
 clean:
-	rm -rf $(VENV) .localbatch out
+	rm -rf $(VENV) .localbatch .prefect out

@@ -15,8 +15,9 @@ PREFECT_DEFAULTS = {
 def _run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from flows.enrich import enrich
+    from flows.enrich import enrich, resolve_job
 
+    resolve_job(args.config, args.output, args.limit, args.provider, args.base_url)
     manifest = enrich(args.config, output=args.output, limit=args.limit,
                       provider=args.provider, base_url=args.base_url, force=args.force)
     print()
@@ -64,7 +65,7 @@ def _cancel(args: argparse.Namespace) -> int:
     from enrichflow.config import ProviderConfig
     from enrichflow.provider import open_client
     from enrichflow.storage import Location
-    from tasks.state import STATE_FILE
+    from tasks.state import CANCEL_FILE, STATE_FILE
     from tasks.wait import TERMINAL
 
     location = Location(args.output)
@@ -72,6 +73,7 @@ def _cancel(args: argparse.Namespace) -> int:
     if state is None:
         print(f"{args.output}: no run state here; nothing to cancel", file=sys.stderr)
         return 1
+    location.write_json(CANCEL_FILE, {"run_id": state["run_id"]})
     provider = ProviderConfig(**state["provider"])
     cancelled = 0
     with open_client(provider, location) as client:
@@ -83,7 +85,8 @@ def _cancel(args: argparse.Namespace) -> int:
                     cancelled += 1
                     print(f"cancelling batch {batch.id} (attempt {shard['attempt']}, "
                           f"shard {shard['shard']})")
-    print(f"{cancelled} batch(es) cancelled; finished results stay billed and are kept")
+    print(f"{cancelled} batch(es) cancelled; finished results stay billed and are kept. "
+          "A running job stops after collecting them; running it again resumes it.")
     return 0
 
 

@@ -3,7 +3,8 @@
 `openai` with `OPENAI_API_KEY` (or a Prefect Secret block); otherwise `local`: a running
 `enrichflow serve` at `base_url`, or a local server embedded in the run. The embedded
 server keeps its data with a local output (`<output>/_state/localbatch`), so a re-run of
-the same job finds the batches of the last one.
+the same job finds the batches of the last one, and `enrichflow cancel` during a run
+reaches the run's own server.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from openai import OpenAI
 from enrichflow.config import ProviderConfig
 from enrichflow.errors import ConfigError
 from enrichflow.storage import Location
-from localbatch import LocalBatchServer
+from localbatch import URL_FILE, LocalBatchServer
 
 LOCAL_API_KEY_ENV = "LOCALBATCH_API_KEY"
 
@@ -54,7 +55,13 @@ def open_client(provider: ProviderConfig, output: Location) -> Iterator[OpenAI]:
         yield OpenAI(base_url=provider.base_url,
                      api_key=os.environ.get(LOCAL_API_KEY_ENV, "localbatch"))
     else:
-        with LocalBatchServer(embedded_data_dir(provider, output)) as server:
+        data_dir = embedded_data_dir(provider, output)
+        try:
+            server = LocalBatchServer(data_dir)
+        except RuntimeError:  # a run of this job is serving that folder: share its server
+            yield OpenAI(base_url=(data_dir / URL_FILE).read_text(), api_key="localbatch")
+            return
+        with server:
             yield OpenAI(base_url=server.base_url, api_key="localbatch")
 
 

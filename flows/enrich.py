@@ -44,8 +44,7 @@ def enrich(
     force: bool = False,
 ) -> dict[str, Any]:
     """Enrich the rows of a job file's dataset through the Batch API; returns the manifest."""
-    job = load_job(config_path, output=output, **{
-        "dataset.limit": limit, "provider.kind": provider, "provider.base_url": base_url})
+    job = resolve_job(config_path, output, limit, provider, base_url)
     log = get_run_logger()
     location = Location(job.output)
     rows = load_rows_task(job.dataset)
@@ -81,6 +80,13 @@ def enrich(
     return manifest
 
 
+def resolve_job(config_path: str, output: str | None = None, limit: int | None = None,
+                provider: str | None = None, base_url: str | None = None) -> JobConfig:
+    """The job file with the run's overrides applied; raises ConfigError if invalid."""
+    return load_job(config_path, output=output, **{
+        "dataset.limit": limit, "provider.kind": provider, "provider.base_url": base_url})
+
+
 def run_attempts(client: OpenAI, state: RunState, requests: pa.Table, job: JobConfig) -> pa.Table:
     """Send the rows, then again the ones worth retrying; all results, with `_attempt`."""
     log = get_run_logger()
@@ -92,6 +98,10 @@ def run_attempts(client: OpenAI, state: RunState, requests: pa.Table, job: JobCo
     pending = requests
     for attempt in range(1, limits.max_attempts + 1):
         if pending.num_rows == 0:
+            break
+        if attempt > 1 and state.cancel_requested():
+            log.warning("the job was cancelled: %s rows are not sent again",
+                        f"{pending.num_rows:,}")
             break
         shards = plan_shards(pending, limits.max_requests_per_shard, limits.max_bytes_per_shard)
         log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{pending.num_rows:,}",

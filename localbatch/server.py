@@ -22,10 +22,13 @@ from localbatch.simulation import Simulation
 from localbatch.store import Store
 
 DEFAULT_PORT = 8642
+URL_FILE = "server.url"  # in the data folder: where the server that holds it answers
 log = logging.getLogger("localbatch")
 
 
 class LocalBatchServer:
+    """A local Batch API server over one data folder; one server per folder at a time."""
+
     def __init__(
         self,
         data_dir: str | Path,
@@ -60,6 +63,7 @@ class LocalBatchServer:
 
     def start(self) -> LocalBatchServer:
         """Serve from background threads; returns once the server answers."""
+        (self.store.root / URL_FILE).write_text(self.base_url)
         self._worker.start()
         self._http_thread = threading.Thread(
             target=self._uvicorn.run, kwargs={"sockets": [self._socket]},
@@ -74,6 +78,7 @@ class LocalBatchServer:
 
     def serve_forever(self) -> None:
         """Serve in the foreground until interrupted (Ctrl-C or SIGTERM)."""
+        (self.store.root / URL_FILE).write_text(self.base_url)
         self._worker.start()
         try:
             self._uvicorn.run(sockets=[self._socket])

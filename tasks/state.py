@@ -20,6 +20,7 @@ from enrichflow.errors import StorageError
 from enrichflow.storage import Location
 
 STATE_FILE = "_state/run.json"
+CANCEL_FILE = "_state/cancel-requested.json"  # written by `enrichflow cancel`
 
 
 @dataclass
@@ -66,6 +67,7 @@ class RunState:
             saved = location.read_json(STATE_FILE)
         except OSError as exc:
             raise StorageError(f"output {location.uri}: cannot read the run state: {exc}") from exc
+        location.remove(CANCEL_FILE)  # a new start overrides an earlier cancel
         if saved and saved["job_key"] == job_key and not force:
             shards = [ShardRecord(**s) for s in saved.pop("shards")]
             return cls(**saved, shards=shards, location=location), True
@@ -78,6 +80,10 @@ class RunState:
     @property
     def finished(self) -> bool:
         return self.finished_at is not None
+
+    def cancel_requested(self) -> bool:
+        """Whether `enrichflow cancel` asked this run not to send anything more."""
+        return self.location.exists(CANCEL_FILE)
 
     def record(self, attempt: int, shard: int, rows: int, size: int, sha256: str) -> ShardRecord:
         """The journal entry of a planned shard; the same plan must map to the same entry."""
