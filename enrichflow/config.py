@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from enrichflow.errors import ConfigError
 
+SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "credential")
 MAX_REQUESTS_PER_BATCH = 50_000
 MAX_BATCH_BYTES = 200 * 1024 * 1024
 
@@ -34,8 +35,6 @@ class DatasetConfig(_Strict):
     id_column: str | None = Field(
         default=None, description="Column whose values identify rows; default: row number.")
     limit: int | None = Field(default=None, gt=0, description="Use only the first N rows.")
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options (endpoint_url, region...); no secrets.")
 
     @property
     def resolved_format(self) -> str:
@@ -153,8 +152,27 @@ class JobConfig(_Strict):
     dataset: DatasetConfig
     request: RequestConfig
     output: str = Field(min_length=1, description="Output directory, local or s3://.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec/s3fs options for every s3:// location (endpoint_url, client_kwargs "
+                    "with region_name...). Credentials come from the AWS chain, never from here.")
     provider: ProviderConfig = Field(default_factory=ProviderConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, options: dict[str, Any]) -> dict[str, Any]:
+        def secret_keys(node: Any) -> list[str]:
+            if not isinstance(node, dict):
+                return []
+            found = [k for k in node if any(w in k.lower() for w in SECRET_OPTION_WORDS)]
+            return found + [k for v in node.values() for k in secret_keys(v)]
+
+        found = secret_keys(options)
+        if found:
+            raise ValueError(f"{', '.join(found)}: credentials do not belong in a job file; "
+                             "use the AWS environment variables, a profile or an instance role")
+        return options
 
     def config_hash(self) -> str:
         """Hash of what decides the answers; output and provider do not change them."""

@@ -46,6 +46,8 @@ class Location:
                 return json.load(handle)
         except FileNotFoundError:
             return None
+        except Exception as exc:  # s3fs and botocore raise more than OSError
+            raise self._error("read", name, exc) from exc
 
     def read_parquet(self, name: str) -> pa.Table:
         with self.fs.open(self.path(name), "rb") as handle:
@@ -63,14 +65,20 @@ class Location:
         """Write `name` whole or not at all: staged under `_staging/`, then moved."""
         staged = self.path(f"{STAGING}/{uuid.uuid4().hex}-{name.replace('/', '_')}")
         try:
-            self.fs.makedirs(self.path(STAGING), exist_ok=True)
+            if self.is_local:  # object stores have no folders (and s3fs would make a bucket)
+                self.fs.makedirs(self.path(STAGING), exist_ok=True)
+                self.fs.makedirs(self.path(name).rsplit("/", 1)[0], exist_ok=True)
             with self.fs.open(staged, "wb") as handle:
                 handle.write(data)
-            parent = self.path(name).rsplit("/", 1)[0]
-            self.fs.makedirs(parent, exist_ok=True)
             self.fs.mv(staged, self.path(name))
-        except OSError as exc:
-            raise StorageError(f"cannot write {self.uri}/{name}: {exc}") from exc
+        except Exception as exc:  # s3fs and botocore raise more than OSError
+            raise self._error("write", name, exc) from exc
+
+    def _error(self, action: str, name: str, exc: Exception) -> StorageError:
+        cause = f"{type(exc).__name__}: {exc}"
+        return StorageError(f"cannot {action} {self.uri}/{name} ({cause}); check that the "
+                            "bucket or folder exists, your credentials, and, for "
+                            "S3-compatible storage, storage_options.endpoint_url")
 
     def remove(self, name: str) -> None:
         if self.exists(name):

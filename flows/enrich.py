@@ -46,8 +46,8 @@ def enrich(
     """Enrich the rows of a job file's dataset through the Batch API; returns the manifest."""
     job = resolve_job(config_path, output, limit, provider, base_url)
     log = get_run_logger()
-    location = Location(job.output)
-    rows = load_rows_task(job.dataset)
+    location = Location(job.output, job.storage_options)
+    rows = load_rows_task(job.dataset, job.storage_options)
     check_answer_columns(rows.table, job.request.response_format)
     job_key = hashlib.sha256(f"{job.config_hash()}:{rows.fingerprint}".encode()).hexdigest()[:24]
     tag = job_key[:8]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -31,10 +32,10 @@ class Rows:
     fingerprint: str  # sha256 of the bytes read, so a changed dataset is noticed
 
 
-def load_rows(dataset: DatasetConfig) -> Rows:
+def load_rows(dataset: DatasetConfig, storage_options: dict[str, Any] | None = None) -> Rows:
     """Read the dataset named by the job; errors name the path and what to do."""
     try:
-        with fsspec.open(dataset.path, "rb", **dataset.storage_options) as handle:
+        with fsspec.open(dataset.path, "rb", **(storage_options or {})) as handle:
             raw = handle.read()
     except FileNotFoundError as exc:
         raise InputError(f"dataset.path: {dataset.path} does not exist; check the path "

@@ -69,3 +69,31 @@ def prefect_api() -> Iterator[str]:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API on loopback (moto's server mode), as s3fs's own tests use."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ[name] = value
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    """An s3fs filesystem on the loopback endpoint that never answers from a stale cache."""
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=s3_endpoint, use_listings_cache=False,
+                             skip_instance_cache=True)

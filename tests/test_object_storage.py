@@ -1,0 +1,106 @@
+"""Datasets, outputs and run state on S3: a real S3 endpoint on loopback (moto server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pandas as pd
+import pytest
+from conftest import sdk_client
+from test_movies_job import REPO, generated_movies, job_file
+
+from enrichflow.config import load_job
+from enrichflow.errors import ConfigError, StorageError
+from flows.enrich import enrich
+from localbatch import Simulation
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    name = f"bucket-{uuid.uuid4().hex[:8]}"
+    s3.mkdir(name)
+    return name
+
+
+def s3_job(tmp_path, s3_endpoint, s3, bucket, rows: pd.DataFrame, **changes):
+    s3.pipe(f"{bucket}/input/movies.csv", rows.to_csv(index=False).encode())
+    return job_file(tmp_path, **{"dataset.path": f"s3://{bucket}/input/movies.csv",
+                                 "output": f"s3://{bucket}/enriched/movies",
+                                 "storage_options": {"endpoint_url": s3_endpoint}, **changes})
+
+
+def test_a_job_reads_and_writes_s3(prefect_api, start_localbatch, s3_endpoint, s3, bucket,
+                                   tmp_path):
+    server = start_localbatch()
+    rows = generated_movies(40)
+    enrich(str(s3_job(tmp_path, s3_endpoint, s3, bucket, rows)), base_url=server.base_url)
+
+    options = {"endpoint_url": s3_endpoint}
+    data = pd.read_parquet(f"s3://{bucket}/enriched/movies", storage_options=options)
+    assert data["Series_Title"].tolist() == rows["Series_Title"].tolist()
+    assert (data["_status"] == "ok").all()
+    manifest = json.loads(s3.cat(f"{bucket}/enriched/movies/_manifest.json"))
+    assert manifest["rows"] == 40 and manifest["output"] == f"s3://{bucket}/enriched/movies"
+    assert s3.exists(f"{bucket}/enriched/movies/_state/run.json")
+    assert s3.find(f"{bucket}/enriched/movies/_staging") == [], "staged files are moved"
+    written = [s3.cat(p).decode() for p in s3.find(f"{bucket}/enriched") if p.endswith(".json")]
+    assert not any(os.environ["AWS_SECRET_ACCESS_KEY"] in text for text in written)
+
+
+def test_a_killed_run_resumes_from_state_on_s3(prefect_api, start_localbatch, s3_endpoint, s3,
+                                               bucket, tmp_path):
+    server = start_localbatch(Simulation(requests_per_second=15, chunk_size=5))
+    rows = generated_movies(60)
+    path = s3_job(tmp_path, s3_endpoint, s3, bucket, rows,
+                  **{"limits.max_requests_per_shard": 30})
+    run = subprocess.Popen([sys.executable, "-m", "flows.enrich", str(path), "--base-url",
+                            server.base_url], cwd=REPO,
+                           env={**os.environ, "PREFECT_API_URL": prefect_api},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_path = f"{bucket}/enriched/movies/_state/run.json"
+    deadline = time.monotonic() + 120
+    while True:
+        assert run.poll() is None and time.monotonic() < deadline
+        state = json.loads(s3.cat(state_path)) if s3.exists(state_path) else {"shards": []}
+        if len(state["shards"]) == 2 and all(s["batch_id"] for s in state["shards"]):
+            break
+        time.sleep(0.1)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+
+    client = sdk_client(server.base_url)
+    assert len(client.batches.list().data) == 2
+    enrich(str(path), base_url=server.base_url)
+    assert len(client.batches.list().data) == 2
+    data = pd.read_parquet(f"s3://{bucket}/enriched/movies",
+                           storage_options={"endpoint_url": s3_endpoint})
+    assert sorted(data["Series_Title"]) == sorted(rows["Series_Title"])
+    assert (data["_status"] == "ok").all()
+
+
+def test_a_missing_bucket_fails_before_any_batch(prefect_api, start_localbatch, s3_endpoint, s3,
+                                                 bucket, tmp_path):
+    server = start_localbatch()
+    path = s3_job(tmp_path, s3_endpoint, s3, bucket, generated_movies(3),
+                  output="s3://no-such-bucket-here/out")
+    with pytest.raises(StorageError) as info:
+        enrich(str(path), base_url=server.base_url)
+    assert "s3://no-such-bucket-here/out" in str(info.value)
+    assert "check that the bucket or folder exists" in str(info.value)
+    client = sdk_client(server.base_url)
+    assert client.batches.list().data == [] and client.files.list().data == []
+    assert not s3.exists("no-such-bucket-here")
+
+
+def test_credentials_in_storage_options_are_refused(tmp_path):
+    path = job_file(tmp_path, storage_options={"key": "AKIA...", "client_kwargs": {
+        "aws_secret_access_key": "x"}})
+    with pytest.raises(ConfigError, match="key, aws_secret_access_key: credentials do not "
+                                          "belong in a job file"):
+        load_job(path)
