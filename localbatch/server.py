@@ -53,7 +53,8 @@ class LocalBatchServer:
         self._worker = threading.Thread(target=self._work, name="localbatch-worker",
                                         daemon=True)
         self._uvicorn = uvicorn.Server(uvicorn.Config(
-            self.app, log_level="warning", access_log=False, timeout_graceful_shutdown=1))
+            self.app, log_config=None, log_level="warning", access_log=False,
+            timeout_graceful_shutdown=1))
         self._http_thread: threading.Thread | None = None
 
     @property
