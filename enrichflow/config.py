@@ -10,7 +10,7 @@ import hashlib
 import json
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from jsonschema import Draft202012Validator
@@ -82,11 +82,31 @@ class ResponseFormat(_Strict):
                 "json_schema": {"name": self.name, "strict": self.strict, "schema": self.schema_}}
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str = Field(min_length=1, description="Template with {column} placeholders.")
+
+    @field_validator("text")
+    @classmethod
+    def _template_is_simple(cls, template: str) -> str:
+        template_columns(template)
+        return template
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    column: str = Field(description="Column holding an image URL, path or s3:// URI, or a list.")
+    detail: Literal["low", "high", "auto"] = "auto"
+
+
 class RequestConfig(_Strict):
     endpoint: Literal["/v1/chat/completions"] = "/v1/chat/completions"
     model: str = Field(min_length=1)
     system: str | None = Field(default=None, description="System prompt, sent as it is.")
-    user: str = Field(min_length=1, description="User message template with {column} fields.")
+    user: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] = Field(
+        description="User message: a template with {column} fields, or a list of parts.")
+    image_max_side: int = Field(
+        default=2048, gt=0, description="Inlined images larger than this (pixels) are scaled.")
     response_format: ResponseFormat = Field(default_factory=ResponseFormat)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
@@ -98,12 +118,34 @@ class RequestConfig(_Strict):
 
     @field_validator("user")
     @classmethod
-    def _template_is_simple(cls, template: str) -> str:
-        template_columns(template)
-        return template
+    def _user_is_usable(cls, user: str | list) -> str | list:
+        if isinstance(user, str):
+            template_columns(user)
+        elif not user:
+            raise ValueError("give at least one part")
+        return user
+
+    def text_parts(self) -> list[str]:
+        """The text templates of the user message, in order."""
+        if isinstance(self.user, str):
+            return [self.user]
+        return [p.text for p in self.user if isinstance(p, TextPart)]
+
+    def image_parts(self) -> list[ImagePart]:
+        return [] if isinstance(self.user, str) else [
+            p for p in self.user if isinstance(p, ImagePart)]
+
+    def text_columns(self) -> list[str]:
+        """Columns of the text templates (an empty one means the row is skipped)."""
+        columns: list[str] = []
+        for template in self.text_parts():
+            columns += [c for c in template_columns(template) if c not in columns]
+        return columns
 
     def columns(self) -> list[str]:
-        return template_columns(self.user)
+        """Every column the user message reads."""
+        return self.text_columns() + [
+            p.column for p in self.image_parts() if p.column not in self.text_columns()]
 
     def body_parameters(self) -> dict[str, Any]:
         """Everything of the request body except the messages."""
@@ -229,13 +271,33 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
 
 
 def _describe(exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors():
-        field = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    lines: list[str] = []
+    errors = exc.errors()
+    for error in errors:
+        # a union (`user`: text or parts) reports each branch; name the field, not the branch
+        loc = [str(p) for i, p in enumerate(error["loc"])
+               if not _is_branch(p) and not _is_tag(error["loc"], i)]
+        if error["type"] == "string_type" and len(errors) > 1 and \
+                any(str(p) == "str" for p in error["loc"]):
+            continue
+        field = ".".join(loc) or "(top level)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown field; check the spelling against the README's reference"
         elif error["type"] == "literal_error":
             message = f"must be one of {error['ctx']['expected']}"
-        lines.append(f"  {field}: {message}")
+        elif error["type"] == "union_tag_invalid":
+            message = f"type must be one of {error['ctx']['expected_tags']}"
+        line = f"  {field}: {message}"
+        if line not in lines:
+            lines.append(line)
     return "\n".join(lines)
+
+
+def _is_branch(part: object) -> bool:
+    return isinstance(part, str) and (part == "str" or "[" in part)
+
+
+def _is_tag(loc: tuple, i: int) -> bool:
+    """A message part's `type` tag, which pydantic puts after the list index."""
+    return i > 0 and isinstance(loc[i - 1], int) and loc[i] in ("text", "image_url")

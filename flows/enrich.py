@@ -24,7 +24,7 @@ from enrichflow.config import JobConfig, load_job
 from enrichflow.provider import describe, open_client
 from enrichflow.storage import Location
 from tasks.collect import ATTEMPT_RESULTS, collect_results_task
-from tasks.load import load_rows_task
+from tasks.load import KEY, load_rows_task
 from tasks.merge import check_answer_columns, merge_results_task
 from tasks.plan import plan_shards, shard_jsonl
 from tasks.render import CUSTOM_ID, render_requests_task
@@ -51,10 +51,15 @@ def enrich(
     check_answer_columns(rows.table, job.request.response_format)
     job_key = hashlib.sha256(f"{job.config_hash()}:{rows.fingerprint}".encode()).hexdigest()[:24]
     tag = job_key[:8]
-    rendered = render_requests_task(rows.table, job.request, tag, job.dataset.path)
-    log.info("%s: %s rows loaded, %s to send, %s skipped (an empty template column)",
-             job.name, f"{rows.table.num_rows:,}", f"{rendered.requests.num_rows:,}",
-             f"{rendered.skipped.num_rows:,}")
+    rendered = render_requests_task(rows.table, job.request, tag, job.dataset.path,
+                                    job.storage_options)
+    unsent = pc.value_counts(rendered.unsent["_status"]).to_pylist()
+    log.info("%s: %s rows loaded, %s to send%s", job.name, f"{rows.table.num_rows:,}",
+             f"{rendered.requests.num_rows:,}",
+             "".join(f", {u['counts']:,} {u['values']} (not sent)" for u in unsent))
+    for key, error in zip(rendered.unsent[KEY].to_pylist()[:5],
+                          rendered.unsent["_error"].to_pylist()[:5], strict=True):
+        log.warning("row %r is not sent: %s", key, error)
 
     done = read_manifest(location)
     if done and done.get("job_key") == job_key and not force:
@@ -69,7 +74,7 @@ def enrich(
     with open_client(job.provider, location) as client:
         results = run_attempts(client, state, rendered.requests, job)
 
-    merged = merge_results_task(rows.table, tag, rendered.skipped, results,
+    merged = merge_results_task(rows.table, tag, rendered.unsent, results,
                                 job.request.response_format)
     manifest = build_manifest(job, state, merged, location)
     write_output_task(location, merged, manifest)

@@ -42,9 +42,10 @@ def check_answer_columns(table: pa.Table, response_format: ResponseFormat) -> No
                          "column(s); rename the schema properties or the columns")
 
 
-def merge_results(table: pa.Table, job_tag: str, skipped: pa.Table, results: pa.Table,
+def merge_results(table: pa.Table, job_tag: str, unsent: pa.Table, results: pa.Table,
                   response_format: ResponseFormat) -> pa.Table:
-    """`table` (with `_key`) joined with `results` (all attempts, with `_attempt`)."""
+    """`table` (with `_key`) joined with `results` (all attempts, with `_attempt`) and
+    `unsent` (the rows render did not send, with their `_status` and `_error`)."""
     per_row = results.group_by(CUSTOM_ID).aggregate([
         ("_attempt", "max"), ("_attempt", "count"), ("_prompt_tokens", "sum"),
         ("_completion_tokens", "sum")])
@@ -53,18 +54,16 @@ def merge_results(table: pa.Table, job_tag: str, skipped: pa.Table, results: pa.
     rows = pa.table({"_row": pa.array(range(table.num_rows), pa.int64()), KEY: table[KEY],
                      "_sent_id": custom_ids(table[KEY], job_tag)})
     joined = (rows.join(last, keys="_sent_id", right_keys=CUSTOM_ID, join_type="left outer")
-              .join(skipped.rename_columns([KEY, "_skip_reason"]), keys=KEY,
+              .join(unsent.rename_columns([KEY, "_unsent_status", "_unsent_error"]), keys=KEY,
                     join_type="left outer")
               .sort_by("_row"))
 
     ok = pc.fill_null(joined["_ok"], False)
-    is_skipped = pc.is_valid(joined["_skip_reason"])
-    status = pc.if_else(ok, "ok", pc.if_else(is_skipped, "skipped", "failed"))
-    sent = pc.invert(is_skipped)
+    sent = pc.is_null(joined["_unsent_status"])
     meta = {
-        "_status": status,
-        "_error": pc.if_else(is_skipped, joined["_skip_reason"],
-                             pc.if_else(ok, pa.scalar(None, pa.string()), joined["_error"])),
+        "_status": pc.if_else(ok, "ok", pc.coalesce(joined["_unsent_status"], "failed")),
+        "_error": pc.if_else(sent, pc.if_else(ok, pa.scalar(None, pa.string()), joined["_error"]),
+                             joined["_unsent_error"]),
         "_attempts": pc.fill_null(joined["_attempt_count"], 0),
         "_custom_id": pc.if_else(sent, joined["_sent_id"], pa.scalar(None, pa.string())),
         "_batch_id": joined["_batch_id"],

@@ -2,7 +2,8 @@
 
 The request body is the same for every row except the user message and the `custom_id`,
 so the line is rendered once as a JSON skeleton and each row's text is JSON-escaped and
-spliced in with Arrow string kernels: no per-row Python dicts or `json.dumps`.
+spliced in with Arrow string kernels: no per-row Python dicts or `json.dumps`. Only
+images, which must be read from files anyway, are prepared row by row (`tasks.images`).
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ from __future__ import annotations
 import json
 import string
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 from prefect.cache_policies import NONE
 
-from enrichflow.config import RequestConfig
+from enrichflow.config import RequestConfig, TextPart
 from enrichflow.errors import InputError
+from tasks.images import image_parts_json
 from tasks.load import KEY
 
 CUSTOM_ID = "_custom_id"
@@ -32,7 +35,7 @@ _OTHER_CONTROLS = [chr(c) for c in range(0x20) if chr(c) not in "\n\r\t\b\f"]
 @dataclass(frozen=True)
 class Rendered:
     requests: pa.Table  # `_key`, `_custom_id`, `_line` of the rows to send
-    skipped: pa.Table  # `_key`, `_error` of the rows not sent (an empty template column)
+    unsent: pa.Table  # `_key`, `_status` (skipped or failed), `_error` of the rows not sent
 
 
 def custom_ids(keys: pa.Array | pa.ChunkedArray, job_tag: str) -> pa.Array:
@@ -41,45 +44,67 @@ def custom_ids(keys: pa.Array | pa.ChunkedArray, job_tag: str) -> pa.Array:
 
 
 def render_requests(table: pa.Table, request: RequestConfig, job_tag: str,
-                    dataset_name: str = "the dataset") -> Rendered:
-    columns = request.columns()
-    missing = [c for c in columns if c not in table.column_names]
+                    dataset_name: str = "the dataset",
+                    storage_options: dict[str, Any] | None = None) -> Rendered:
+    """Rows with an empty text column are skipped; rows with an unusable image fail."""
+    missing = [c for c in request.columns() if c not in table.column_names]
     if missing:
         available = ", ".join(c for c in table.column_names if c != KEY)
         raise InputError(f"request.user uses column(s) {', '.join(missing)} that "
                          f"{dataset_name} does not have; its columns are: {available}")
-    texts = {c: _as_text(table[c], c, dataset_name) for c in columns}
+    texts = {c: _as_text(table[c], c, dataset_name) for c in request.text_columns()}
+    no_reason = pa.nulls(table.num_rows, pa.string())
+    skip_reason = no_reason
+    for column, text in texts.items():
+        skip_reason = pc.if_else(pc.and_(pc.is_null(text), pc.is_null(skip_reason)),
+                                 pa.scalar(f"skipped: column {column!r} is empty"), skip_reason)
 
-    empty = pa.array([False] * table.num_rows)
-    reasons = pa.nulls(table.num_rows, pa.string())
-    for column in columns:
-        is_empty = pc.is_null(texts[column])
-        reasons = pc.if_else(pc.and_(is_empty, pc.is_null(reasons)),
-                             pa.scalar(f"skipped: column {column!r} is empty"), reasons)
-        empty = pc.or_(empty, is_empty)
-
-    user_pieces: list = []
-    for literal, field, _, _ in string.Formatter().parse(request.user):
-        if literal:
-            user_pieces.append(pa.scalar(_escape_literal(literal)))
-        if field is not None:
-            user_pieces.append(escape_json(texts[field]))
+    fail_reason = no_reason
+    if isinstance(request.user, str):
+        content = ['"', *_template_pieces(request.user, texts), '"']
+    else:
+        content = ["["]
+        keys = table[KEY].to_pylist()
+        for i, part in enumerate(request.user):
+            content += [","] if i else []
+            if isinstance(part, TextPart):
+                content += ['{"type":"text","text":"', *_template_pieces(part.text, texts), '"}']
+                continue
+            images, errors = image_parts_json(table[part.column], part.column, keys,
+                                              part.detail, request.image_max_side,
+                                              storage_options)
+            fail_reason = pc.coalesce(fail_reason, errors)
+            content.append(images)
+        content.append("]")
 
     ids = custom_ids(table[KEY], job_tag)
     pieces: list = []
-    for part in _skeleton(request).split('"' + _ID_SLOT + '"'):
-        for i, chunk in enumerate(part.split('"' + _USER_SLOT + '"')):
-            if i:
-                pieces += [pa.scalar('"'), *user_pieces, pa.scalar('"')]
-            pieces.append(pa.scalar(chunk))
-        pieces += [pa.scalar('"'), escape_json(ids), pa.scalar('"')]
-    pieces = pieces[:-3]  # the id slot occurs once: drop the splice added after the last part
+    before_user, after_user = _skeleton(request).split('"' + _USER_SLOT + '"')
+    before_id, after_id = before_user.split('"' + _ID_SLOT + '"')
+    for piece in [before_id, '"', escape_json(ids), '"', after_id, *content, after_user]:
+        pieces.append(pa.scalar(piece) if isinstance(piece, str) else piece)
     lines = pc.binary_join_element_wise(*pieces, "")
 
-    keep = pc.invert(empty)
-    requests = pa.table({KEY: table[KEY], CUSTOM_ID: ids, LINE: lines}).filter(keep)
-    skipped = pa.table({KEY: table[KEY], "_error": reasons}).filter(empty)
-    return Rendered(requests=requests, skipped=skipped)
+    skipped = pc.is_valid(skip_reason)
+    failed = pc.and_(pc.invert(skipped), pc.is_valid(fail_reason))
+    unsent = pc.or_(skipped, failed)
+    requests = pa.table({KEY: table[KEY], CUSTOM_ID: ids, LINE: lines}).filter(
+        pc.invert(unsent))
+    status = pc.if_else(skipped, "skipped", "failed")
+    reason = pc.if_else(skipped, skip_reason, fail_reason)
+    return Rendered(requests=requests, unsent=pa.table(
+        {KEY: table[KEY], "_status": status, "_error": reason}).filter(unsent))
+
+
+def _template_pieces(template: str, texts: dict[str, pa.ChunkedArray]) -> list:
+    """A template as JSON-escaped literals and columns, for string concatenation."""
+    pieces: list = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if literal:
+            pieces.append(_escape_literal(literal))
+        if field is not None:
+            pieces.append(escape_json(texts[field]))
+    return pieces
 
 
 def _skeleton(request: RequestConfig) -> str:

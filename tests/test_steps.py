@@ -74,10 +74,10 @@ def test_rows_with_an_empty_template_column_are_skipped_not_sent():
     rendered = render_requests(table(a=["x", None, "  ", "y"], b=["1", "2", "3", None]),
                                request, "t")
     assert rendered.requests["_custom_id"].to_pylist() == ["t-0"]
-    assert rendered.skipped.to_pylist() == [
-        {KEY: "1", "_error": "skipped: column 'a' is empty"},
-        {KEY: "2", "_error": "skipped: column 'a' is empty"},
-        {KEY: "3", "_error": "skipped: column 'b' is empty"}]
+    assert rendered.unsent.to_pylist() == [
+        {KEY: "1", "_status": "skipped", "_error": "skipped: column 'a' is empty"},
+        {KEY: "2", "_status": "skipped", "_error": "skipped: column 'a' is empty"},
+        {KEY: "3", "_status": "skipped", "_error": "skipped: column 'b' is empty"}]
 
 
 def test_render_names_missing_columns():
@@ -124,7 +124,8 @@ def result(custom_id, attempt, ok, answer=None, error=None, tokens=(10, 5)):
 
 def test_merge_keeps_every_row_once_with_typed_answers():
     rows = table(title=["a", "b", "c", "d"])
-    skipped = pa.table({KEY: ["3"], "_error": ["skipped: column 'x' is empty"]})
+    unsent = pa.table({KEY: ["3"], "_status": ["skipped"],
+                       "_error": ["skipped: column 'x' is empty"]})
     results = pa.Table.from_pylist(schema=ATTEMPT_RESULTS, mapping=[
         result("t-0", 1, True, json.dumps({"tags": ["x", "y"], "score": 3})),
         result("t-1", 1, False, error="HTTP 500: boom", tokens=(None, None)),
@@ -132,7 +133,7 @@ def test_merge_keeps_every_row_once_with_typed_answers():
         result("t-2", 1, False, error="batch_expired: late", tokens=(None, None)),
         result("t-2", 2, False, error="not valid JSON", tokens=(7, 3)),
     ])
-    merged = merge_results(rows, "t", skipped, results,
+    merged = merge_results(rows, "t", unsent, results,
                            ResponseFormat(type="json_schema", schema=SCHEMA))
     assert merged.column_names == ["title", "tags", "score", "_status", "_error", "_attempts",
                                    "_custom_id", "_batch_id", "_prompt_tokens",
@@ -153,6 +154,7 @@ def test_merge_keeps_every_row_once_with_typed_answers():
 def test_merge_of_a_text_answer_is_one_response_column():
     results = pa.Table.from_pylist([result("t-0", 1, True, "A fine film.")],
                                    schema=ATTEMPT_RESULTS)
-    none_skipped = pa.table({KEY: pa.array([], pa.string()), "_error": pa.array([], pa.string())})
-    merged = merge_results(table(title=["a"]), "t", none_skipped, results, ResponseFormat())
+    nothing_unsent = pa.table({name: pa.array([], pa.string())
+                               for name in (KEY, "_status", "_error")})
+    merged = merge_results(table(title=["a"]), "t", nothing_unsent, results, ResponseFormat())
     assert merged.to_pylist()[0]["response"] == "A fine film."
