@@ -19,16 +19,33 @@ def _run(args: argparse.Namespace) -> int:
 
     resolve_job(args.config, args.output, args.limit, args.provider, args.base_url)
     manifest = enrich(args.config, output=args.output, limit=args.limit,
-                      provider=args.provider, base_url=args.base_url, force=args.force)
+                      provider=args.provider, base_url=args.base_url, force=args.force,
+                      use_cache=not args.no_cache)
     print()
     print(f"output:   {manifest['output']}  (read it with pandas.read_parquet)")
     print("rows:     " + ", ".join(f"{n:,} {s}" for s, n in manifest["rows_by_status"].items()))
     print(f"batches:  {sum(1 for s in manifest['shards'] if s['batch_id'])}, "
-          f"attempts: {manifest['attempts']}")
+          f"attempts: {manifest['attempts']}, rows reused from earlier runs: "
+          f"{manifest['rows_reused']:,}")
+    cost = manifest["cost_usd"]
+    print(f"tokens:   {manifest['tokens']['prompt']:,} prompt, "
+          f"{manifest['tokens']['completion']:,} completion; cost: "
+          + ("unknown (no price for the model)" if cost is None else f"${cost:,.4f}"))
     data = pd.read_parquet(manifest["output"])
     shown = [c for c in data.columns if not c.startswith("_") or c == "_status"]
     with pd.option_context("display.max_colwidth", 60, "display.width", 160):
         print(data[shown[:2] + shown[-3:]].head(5).to_string(index=False))
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from flows.enrich import resolve_job
+    from tasks.prepare import prepare_job
+
+    job = resolve_job(args.config, args.output, args.limit)
+    print(prepare_job(job, use_cache=not args.no_cache).estimate.text())
+    if job.max_cost_usd is not None:
+        print(f"max_cost_usd:             ${job.max_cost_usd:,.4f}")
     return 0
 
 
@@ -131,8 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: openai when OPENAI_API_KEY is set, else local")
     run.add_argument("--base-url", help="API base URL (a running `enrichflow serve`, ...)")
     run.add_argument("--force", action="store_true",
-                     help="run again even if the output is complete (sends every row again)")
+                     help="run again even if the output is complete")
+    run.add_argument("--no-cache", action="store_true",
+                     help="send every row, even those whose request was answered before")
     run.set_defaults(handler=_run)
+
+    estimate = commands.add_parser("estimate", help="rows, tokens and cost of a job, before")
+    estimate.add_argument("config", help="job YAML file")
+    estimate.add_argument("--output", help="output directory URI (where its cache is)")
+    estimate.add_argument("--limit", type=int, help="only the first N rows")
+    estimate.add_argument("--no-cache", action="store_true",
+                          help="count every row, even those answered before")
+    estimate.set_defaults(handler=_estimate)
 
     status = commands.add_parser("status", help="what a job's output and run state say")
     status.add_argument("output", help="the job's output directory URI")
@@ -148,11 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
-    from enrichflow.errors import ConfigError, InputError, StorageError
+    from enrichflow.errors import ConfigError, CostLimitError, InputError, StorageError
 
     try:
         return args.handler(args)
-    except (ConfigError, InputError, StorageError, RuntimeError, ValueError) as exc:
+    except (ConfigError, CostLimitError, InputError, StorageError, RuntimeError,
+            ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

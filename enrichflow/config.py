@@ -172,6 +172,20 @@ class ProviderConfig(_Strict):
         default=None, description="Data folder of the embedded local server.")
 
 
+class PriceOverride(_Strict):
+    """USD per million tokens for the job's model; batch prices default to half."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    batch_input: float | None = Field(default=None, ge=0)
+    batch_output: float | None = Field(default=None, ge=0)
+
+
+class CacheConfig(_Strict):
+    enabled: bool = Field(default=True, description="Reuse answers to identical requests.")
+    uri: str | None = Field(default=None, description="Default: <output>/_cache/answers.parquet")
+
+
 class LimitsConfig(_Strict):
     max_requests_per_shard: int = Field(default=MAX_REQUESTS_PER_BATCH, gt=0,
                                         le=MAX_REQUESTS_PER_BATCH)
@@ -180,6 +194,9 @@ class LimitsConfig(_Strict):
     poll_interval_min: float = Field(default=1.0, gt=0)
     poll_interval_max: float = Field(default=60.0, gt=0)
     max_wait_hours: float = Field(default=25.0, gt=0)
+    enqueued_token_budget: int | None = Field(
+        default=None, gt=0, description="Prompt tokens in unfinished batches at most; default: "
+                                        "OpenAI's tier-1 limit for known models.")
 
     @model_validator(mode="after")
     def _ordered(self) -> LimitsConfig:
@@ -200,6 +217,10 @@ class JobConfig(_Strict):
                     "with region_name...). Credentials come from the AWS chain, never from here.")
     provider: ProviderConfig = Field(default_factory=ProviderConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    price: PriceOverride | None = None
+    max_cost_usd: float | None = Field(
+        default=None, gt=0, description="Stop before uploading if the estimate may pass this.")
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @field_validator("storage_options")
     @classmethod

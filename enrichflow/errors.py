@@ -11,3 +11,7 @@ class InputError(ValueError):
 
 class StorageError(OSError):
     """An output or state location that cannot be read or written."""
+
+
+class CostLimitError(ValueError):
+    """The job's estimate may pass its `max_cost_usd`; nothing was uploaded."""

@@ -1,8 +1,9 @@
-"""The job flow: load → plan → render → upload → create → wait → collect → merge → write.
+"""The job flow: prepare → (upload → create → wait → collect) per shard → merge → write.
 
 Rows whose requests failed, expired or gave an unusable answer go round again as a new
 batch of just those rows, up to `limits.max_attempts`. Every side effect is journaled in
-`<output>/_state/`, so running the same job again re-attaches instead of paying twice.
+`<output>/_state/`, so running the same job again re-attaches instead of paying twice,
+and answers to requests already answered are reused, so a re-run pays only for changes.
 
     python -m flows.enrich configs/movies.yaml      # same as: enrichflow run configs/movies.yaml
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections import deque
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -19,15 +21,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from openai import OpenAI
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.futures import as_completed
 
 from enrichflow.config import JobConfig, load_job
 from enrichflow.provider import describe, open_client
 from enrichflow.storage import Location
+from tasks.budget import TokenBudget
+from tasks.cache import cache_location, load_answers, remember_answers
 from tasks.collect import ATTEMPT_RESULTS, collect_results_task
-from tasks.load import KEY, load_rows_task
-from tasks.merge import check_answer_columns, merge_results_task
+from tasks.load import KEY
+from tasks.merge import merge_results_task
 from tasks.plan import plan_shards, shard_jsonl
-from tasks.render import CUSTOM_ID, render_requests_task
+from tasks.prepare import Prepared, check_cost_cap, prepare_job_task
+from tasks.render import CUSTOM_ID
 from tasks.state import RunState
 from tasks.submit import submit_shard_task
 from tasks.wait import poll_delays, poll_retries, wait_for_batch_task
@@ -42,46 +49,43 @@ def enrich(
     provider: Literal["local", "openai"] | None = None,
     base_url: str | None = None,
     force: bool = False,
+    use_cache: bool = True,
 ) -> dict[str, Any]:
     """Enrich the rows of a job file's dataset through the Batch API; returns the manifest."""
     job = resolve_job(config_path, output, limit, provider, base_url)
     log = get_run_logger()
     location = Location(job.output, job.storage_options)
-    rows = load_rows_task(job.dataset, job.storage_options)
-    check_answer_columns(rows.table, job.request.response_format)
-    job_key = hashlib.sha256(f"{job.config_hash()}:{rows.fingerprint}".encode()).hexdigest()[:24]
-    tag = job_key[:8]
-    rendered = render_requests_task(rows.table, job.request, tag, job.dataset.path,
-                                    job.storage_options)
-    unsent = pc.value_counts(rendered.unsent["_status"]).to_pylist()
-    log.info("%s: %s rows loaded, %s to send%s", job.name, f"{rows.table.num_rows:,}",
-             f"{rendered.requests.num_rows:,}",
-             "".join(f", {u['counts']:,} {u['values']} (not sent)" for u in unsent))
-    for key, error in zip(rendered.unsent[KEY].to_pylist()[:5],
-                          rendered.unsent["_error"].to_pylist()[:5], strict=True):
-        log.warning("row %r is not sent: %s", key, error)
+    prepared = prepare_job_task(job, use_cache)
+    report_prepared(job, prepared)
 
     done = read_manifest(location)
-    if done and done.get("job_key") == job_key and not force:
+    if done and done.get("job_key") == prepared.job_key and not force:
         log.info("%s is already complete in %s; nothing sent (use --force to run it again)",
                  job.name, location.uri)
         return done
+    check_cost_cap(prepared.estimate, job.max_cost_usd)
 
-    state, resumed = RunState.open(location, job_key, job.config_hash(), rows.fingerprint,
-                                   describe(job.provider, location), force)
+    state, resumed = RunState.open(location, prepared.job_key, job.config_hash(),
+                                   prepared.rows.fingerprint, describe(job.provider, location),
+                                   force)
     if resumed:
         log.info("resuming run %s from %s/_state", state.run_id, location.uri)
     with open_client(job.provider, location) as client:
-        results = run_attempts(client, state, rendered.requests, job)
+        sent = run_attempts(client, state, prepared, job)
+    results = pa.concat_tables([prepared.reused, sent])
 
-    merged = merge_results_task(rows.table, tag, rendered.unsent, results,
-                                job.request.response_format)
-    manifest = build_manifest(job, state, merged, location)
+    merged = merge_results_task(prepared.rows.table, prepared.tag, prepared.rendered.unsent,
+                                results, job.request.response_format, prepared.price)
+    if use_cache and job.cache.enabled:
+        cache_at, name = cache_location(job.cache.uri, location, job.storage_options)
+        remember_answers(cache_at, name, load_answers(cache_at, name),
+                         prepared.rendered.requests, prepared.hashes, results)
+    manifest = build_manifest(job, state, prepared, merged, location)
     write_output_task(location, merged, manifest)
     state.finish()
-    counts = manifest["rows_by_status"]
-    log.info("%s: wrote %s rows to %s (%s)", job.name, f"{merged.num_rows:,}", location.uri,
-             ", ".join(f"{n:,} {s}" for s, n in counts.items()))
+    log.info("%s: wrote %s rows to %s (%s); cost %s", job.name, f"{merged.num_rows:,}",
+             location.uri, ", ".join(f"{n:,} {s}" for s, n in manifest["rows_by_status"].items()),
+             "unknown" if manifest["cost_usd"] is None else f"${manifest['cost_usd']:,.4f}")
     return manifest
 
 
@@ -92,15 +96,30 @@ def resolve_job(config_path: str, output: str | None = None, limit: int | None =
         "dataset.limit": limit, "provider.kind": provider, "provider.base_url": base_url})
 
 
-def run_attempts(client: OpenAI, state: RunState, requests: pa.Table, job: JobConfig) -> pa.Table:
+def report_prepared(job: JobConfig, prepared: Prepared) -> None:
+    log = get_run_logger()
+    unsent = prepared.rendered.unsent
+    counts = pc.value_counts(unsent["_status"]).to_pylist()
+    log.info("%s: %s rows loaded, %s to send, %s answered before (reused)%s", job.name,
+             f"{prepared.rows.table.num_rows:,}", f"{prepared.to_send.num_rows:,}",
+             f"{prepared.reused.num_rows:,}",
+             "".join(f", {c['counts']:,} {c['values']} (not sent)" for c in counts))
+    for key, error in zip(unsent[KEY].to_pylist()[:5], unsent["_error"].to_pylist()[:5],
+                          strict=True):
+        log.warning("row %r is not sent: %s", key, error)
+    log.info("estimate:\n%s", prepared.estimate.text())
+    create_markdown_artifact(f"# Estimate for {job.name}\n\n{prepared.estimate.markdown()}",
+                             key=f"{job.name}-estimate", description="Tokens and cost, before")
+
+
+def run_attempts(client: OpenAI, state: RunState, prepared: Prepared,
+                 job: JobConfig) -> pa.Table:
     """Send the rows, then again the ones worth retrying; all results, with `_attempt`."""
     log = get_run_logger()
     limits = job.limits
-    delays = poll_delays(limits.poll_interval_min, limits.poll_interval_max)
-    wait = wait_for_batch_task.with_options(
-        retries=poll_retries(delays, limits.max_wait_hours), retry_delay_seconds=delays)
+    budget = TokenBudget(prepared.token_budget)
     collected: list[pa.Table] = []
-    pending = requests
+    pending = prepared.to_send
     for attempt in range(1, limits.max_attempts + 1):
         if pending.num_rows == 0:
             break
@@ -108,29 +127,11 @@ def run_attempts(client: OpenAI, state: RunState, requests: pa.Table, job: JobCo
             log.warning("the job was cancelled: %s rows are not sent again",
                         f"{pending.num_rows:,}")
             break
-        shards = plan_shards(pending, limits.max_requests_per_shard, limits.max_bytes_per_shard)
+        shards = plan_shards(pending, limits.max_requests_per_shard, limits.max_bytes_per_shard,
+                             budget.limit)
         log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{pending.num_rows:,}",
                  len(shards))
-        this_attempt, running = [], []
-        for shard in shards:
-            payload = shard_jsonl(pending, shard)
-            record = state.record(attempt, shard.index, shard.rows, shard.bytes,
-                                  hashlib.sha256(payload).hexdigest())
-            if record.status == "collected":
-                this_attempt.append(state.load_results(record))
-                continue
-            ids = pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()
-            submitted = submit_shard_task.submit(client, state, record, payload,
-                                                 job.request.endpoint)
-            finished = wait.submit(client, state, record, wait_for=[submitted])
-            results = collect_results_task.submit(client, finished, ids,
-                                                  job.request.response_format)
-            running.append((record, results))
-        for record, results in running:
-            table = results.result()
-            state.save_results(record, table)
-            this_attempt.append(table)
-        outcome = pa.concat_tables(this_attempt)
+        outcome = run_shards(client, state, attempt, pending, shards, budget, job)
         collected.append(outcome.append_column(
             "_attempt", pa.array([attempt] * outcome.num_rows, pa.int64())))
         retry = outcome.filter(pc.and_(pc.invert(outcome["_ok"]), outcome["_retryable"]))
@@ -138,14 +139,75 @@ def run_attempts(client: OpenAI, state: RunState, requests: pa.Table, job: JobCo
         log.info("attempt %d: %s ok, %s failed, %s worth another attempt", attempt, f"{ok:,}",
                  f"{outcome.num_rows - ok:,}", f"{retry.num_rows:,}")
         pending = pending.filter(pc.is_in(pending[CUSTOM_ID], value_set=retry["_custom_id"]))
-    if not collected:
-        return ATTEMPT_RESULTS.empty_table()
-    return pa.concat_tables(collected)
+    return pa.concat_tables(collected) if collected else ATTEMPT_RESULTS.empty_table()
 
 
-def build_manifest(job: JobConfig, state: RunState, merged: pa.Table,
+def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
+               shards: list, budget: TokenBudget, job: JobConfig) -> pa.Table:
+    """Run one attempt's shards concurrently, starting each only when it fits the
+    enqueued-token budget; a shard refused for `token_limit_exceeded` waits its turn
+    and goes again, under the limit the refusal named."""
+    log = get_run_logger()
+    limits = job.limits
+    delays = poll_delays(limits.poll_interval_min, limits.poll_interval_max)
+    wait = wait_for_batch_task.with_options(
+        retries=poll_retries(delays, limits.max_wait_hours), retry_delay_seconds=delays)
+    tables, collecting = [], []
+    queue = deque()
+    for shard in shards:
+        payload = shard_jsonl(pending, shard)
+        record = state.record(attempt, shard.index, shard.rows, shard.bytes,
+                              hashlib.sha256(payload).hexdigest())
+        if record.status == "collected":
+            tables.append(state.load_results(record))
+        else:
+            ids = pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()
+            queue.append((shard, record, payload, ids))
+    running: dict = {}
+    while queue or running:
+        while queue and budget.fits(queue[0][0].tokens):
+            shard, record, payload, ids = item = queue.popleft()
+            budget.take(shard.tokens)
+            submitted = submit_shard_task.submit(client, state, record, payload,
+                                                 job.request.endpoint)
+            running[wait.submit(client, state, record, wait_for=[submitted])] = item
+        finished = next(as_completed(list(running)))
+        shard, record, payload, ids = item = running.pop(finished)
+        was_alone = not running
+        budget.release(shard.tokens)
+        batch = finished.result()
+        refusal = _token_limit_refusal(batch)
+        if refusal and not was_alone:
+            limit = budget.learn(refusal)
+            log.warning("%s: batch %s refused (token_limit_exceeded, limit %s); it waits for "
+                        "running batches and goes again", record.name, batch.id,
+                        f"{limit:,}" if limit else "unknown")
+            state.update(record, batch_id=None, status="uploaded",
+                         submission=record.submission + 1)
+            queue.appendleft(item)
+            continue
+        if refusal:
+            budget.learn(refusal)
+        collecting.append((record, collect_results_task.submit(
+            client, batch, ids, job.request.response_format)))
+    for record, future in collecting:
+        table = future.result()
+        state.save_results(record, table)
+        tables.append(table)
+    return pa.concat_tables(tables)
+
+
+def _token_limit_refusal(batch) -> str | None:
+    if batch.status != "failed" or not batch.errors or not batch.errors.data:
+        return None
+    error = batch.errors.data[0]
+    return error.message if error.code == "token_limit_exceeded" else None
+
+
+def build_manifest(job: JobConfig, state: RunState, prepared: Prepared, merged: pa.Table,
                    location: Location) -> dict[str, Any]:
     statuses = pc.value_counts(merged["_status"]).to_pylist()
+    cost = pc.sum(merged["_cost_usd"]).as_py() if prepared.price else None
     return {
         "job": job.name,
         "job_key": state.job_key,
@@ -158,9 +220,13 @@ def build_manifest(job: JobConfig, state: RunState, merged: pa.Table,
         "provider": state.provider,
         "rows": merged.num_rows,
         "rows_by_status": {s["values"]: s["counts"] for s in statuses},
+        "rows_reused": prepared.reused.num_rows,
         "attempts": max((s.attempt for s in state.shards), default=0),
         "tokens": {"prompt": pc.sum(merged["_prompt_tokens"]).as_py() or 0,
                    "completion": pc.sum(merged["_completion_tokens"]).as_py() or 0},
+        "cost_usd": cost if cost is not None or prepared.price is None else 0.0,
+        "price": asdict(prepared.price) if prepared.price else None,
+        "estimate": dict(prepared.estimate.lines()),
         "started_at": _iso(state.started_at),
         "finished_at": _iso(datetime.now(UTC).timestamp()),
         "shards": [asdict(s) for s in state.shards],

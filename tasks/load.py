@@ -17,8 +17,6 @@ import pyarrow.compute as pc
 import pyarrow.csv
 import pyarrow.json
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NONE
 
 from enrichflow.config import DatasetConfig
 from enrichflow.errors import InputError
@@ -87,5 +85,3 @@ def _keys(table: pa.Table, dataset: DatasetConfig) -> pa.Array:
                          "ids must be unique: fix the data or choose another id_column")
     return keys
 
-
-load_rows_task = task(load_rows, name="load rows", cache_policy=NONE)

@@ -16,12 +16,11 @@ from prefect.cache_policies import NONE
 
 from enrichflow.config import ResponseFormat
 from enrichflow.errors import InputError
+from tasks.estimate import Price
 from tasks.load import KEY
 from tasks.render import CUSTOM_ID, custom_ids
 
 TEXT_COLUMN = "response"
-META_COLUMNS = ["_status", "_error", "_attempts", "_custom_id", "_batch_id", "_prompt_tokens",
-                "_completion_tokens"]
 _SCALARS = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(),
             "boolean": pa.bool_()}
 
@@ -43,9 +42,10 @@ def check_answer_columns(table: pa.Table, response_format: ResponseFormat) -> No
 
 
 def merge_results(table: pa.Table, job_tag: str, unsent: pa.Table, results: pa.Table,
-                  response_format: ResponseFormat) -> pa.Table:
-    """`table` (with `_key`) joined with `results` (all attempts, with `_attempt`) and
-    `unsent` (the rows render did not send, with their `_status` and `_error`)."""
+                  response_format: ResponseFormat, price: Price | None = None) -> pa.Table:
+    """`table` (with `_key`) joined with `results` (all attempts, with `_attempt`; 0 for an
+    answer reused from the cache) and `unsent` (rows render did not send, with their
+    `_status` and `_error`). `_cost_usd` is priced at batch prices, null if unknown."""
     per_row = results.group_by(CUSTOM_ID).aggregate([
         ("_attempt", "max"), ("_attempt", "count"), ("_prompt_tokens", "sum"),
         ("_completion_tokens", "sum")])
@@ -60,15 +60,25 @@ def merge_results(table: pa.Table, job_tag: str, unsent: pa.Table, results: pa.T
 
     ok = pc.fill_null(joined["_ok"], False)
     sent = pc.is_null(joined["_unsent_status"])
+    reused = pc.fill_null(pc.equal(joined["_attempt"], 0), False)
+    prompt, completion = joined["_prompt_tokens_sum"], joined["_completion_tokens_sum"]
+    if price is None:
+        cost = pa.nulls(joined.num_rows, pa.float64())
+    else:
+        cost = pc.divide(pc.add(pc.multiply(pc.cast(prompt, pa.float64()), price.batch_input),
+                                pc.multiply(pc.cast(completion, pa.float64()),
+                                            price.batch_output)), 1e6)
     meta = {
         "_status": pc.if_else(ok, "ok", pc.coalesce(joined["_unsent_status"], "failed")),
         "_error": pc.if_else(sent, pc.if_else(ok, pa.scalar(None, pa.string()), joined["_error"]),
                              joined["_unsent_error"]),
-        "_attempts": pc.fill_null(joined["_attempt_count"], 0),
+        "_attempts": pc.if_else(reused, 0, pc.fill_null(joined["_attempt_count"], 0)),
+        "_reused": reused,
         "_custom_id": pc.if_else(sent, joined["_sent_id"], pa.scalar(None, pa.string())),
         "_batch_id": joined["_batch_id"],
-        "_prompt_tokens": joined["_prompt_tokens_sum"],
-        "_completion_tokens": joined["_completion_tokens_sum"],
+        "_prompt_tokens": prompt,
+        "_completion_tokens": completion,
+        "_cost_usd": cost,
     }
     answers = _answer_arrays(joined["_answer"].to_pylist(), response_format)
     output = table.drop_columns([KEY])

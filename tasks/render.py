@@ -15,8 +15,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import task
-from prefect.cache_policies import NONE
 
 from enrichflow.config import RequestConfig, TextPart
 from enrichflow.errors import InputError
@@ -139,5 +137,3 @@ def escape_json(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
 def _escape_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)[1:-1]
 
-
-render_requests_task = task(render_requests, name="render requests", cache_policy=NONE)

@@ -31,6 +31,7 @@ class ShardRecord:
     bytes: int
     sha256: str
     status: str = "planned"  # planned, uploading, uploaded, creating, submitted, collected
+    submission: int = 1  # goes up when a batch is created again after token_limit_exceeded
     file_id: str | None = None
     batch_id: str | None = None
     batch_status: str | None = None

@@ -23,7 +23,8 @@ CREATE_ATTEMPTS = 6
 
 def batch_metadata(state: RunState, record: ShardRecord) -> dict[str, str]:
     return {"enrichflow_job": state.job_key, "enrichflow_run": state.run_id,
-            "attempt": str(record.attempt), "shard": str(record.shard)}
+            "attempt": str(record.attempt), "shard": str(record.shard),
+            "submission": str(record.submission)}
 
 
 def find_batch(client: OpenAI, metadata: dict[str, str], since: float) -> Batch | None:

@@ -10,9 +10,10 @@ import pytest
 from enrichflow.config import DatasetConfig, RequestConfig, ResponseFormat
 from enrichflow.errors import InputError
 from tasks.collect import ATTEMPT_RESULTS
+from tasks.estimate import Price
 from tasks.load import KEY, load_rows
 from tasks.merge import merge_results
-from tasks.plan import plan_shards, shard_jsonl
+from tasks.plan import TOKENS, plan_shards, shard_jsonl
 from tasks.render import render_requests
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["tags", "score"],
@@ -93,6 +94,7 @@ def test_shards_respect_request_and_byte_limits():
     rendered = render_requests(table(text=["x" * (i % 7 * 30) + "y" for i in range(100)]),
                                request, "t").requests
     sizes = [len(line.encode()) + 1 for line in rendered["_line"].to_pylist()]
+    rendered = rendered.append_column(TOKENS, pa.array([10] * rendered.num_rows, pa.int64()))
     shards = plan_shards(rendered, max_requests=30, max_bytes=2000)
     assert shards[0].start == 0 and shards[-1].end == 100
     assert all(a.end == b.start for a, b in zip(shards, shards[1:], strict=False))
@@ -105,13 +107,21 @@ def test_shards_respect_request_and_byte_limits():
                                                                                 shard.end]
     by_count = plan_shards(rendered, max_requests=30, max_bytes=10**6)
     assert [s.rows for s in by_count] == [30, 30, 30, 10]
+    by_tokens = plan_shards(rendered, max_requests=30, max_bytes=10**6, max_tokens=250)
+    assert [s.rows for s in by_tokens] == [25, 25, 25, 25]
+    assert [s.tokens for s in by_tokens] == [250] * 4
 
 
 def test_a_row_larger_than_the_byte_limit_is_named():
     rendered = render_requests(table(text=["short", "x" * 500]),
                                RequestConfig(model="m", user="{text}"), "t").requests
-    with pytest.raises(InputError, match="row '1' renders to a .*max_bytes_per_shard"):
+    rendered = rendered.append_column(TOKENS, pa.array([5, 120], pa.int64()))
+    with pytest.raises(InputError, match="row '1' renders to 628 bytes, more than "
+                                         "limits.max_bytes_per_shard"):
         plan_shards(rendered, 10, 400)
+    with pytest.raises(InputError, match="row '1' renders to 120 prompt tokens, more than "
+                                         "the enqueued-token budget"):
+        plan_shards(rendered, 10, 10**6, max_tokens=100)
 
 
 # merge ----------------------------------------------------------------------------------
@@ -134,10 +144,11 @@ def test_merge_keeps_every_row_once_with_typed_answers():
         result("t-2", 2, False, error="not valid JSON", tokens=(7, 3)),
     ])
     merged = merge_results(rows, "t", unsent, results,
-                           ResponseFormat(type="json_schema", schema=SCHEMA))
+                           ResponseFormat(type="json_schema", schema=SCHEMA),
+                           Price(input=2, output=8, batch_input=1, batch_output=4, source="test"))
     assert merged.column_names == ["title", "tags", "score", "_status", "_error", "_attempts",
-                                   "_custom_id", "_batch_id", "_prompt_tokens",
-                                   "_completion_tokens"]
+                                   "_reused", "_custom_id", "_batch_id", "_prompt_tokens",
+                                   "_completion_tokens", "_cost_usd"]
     assert merged.schema.field("tags").type == pa.list_(pa.string())
     assert merged.schema.field("score").type == pa.int64()
     data = merged.to_pylist()
@@ -147,6 +158,9 @@ def test_merge_keeps_every_row_once_with_typed_answers():
     assert data[1]["_attempts"] == 2 and data[1]["_batch_id"] == "batch_2"
     assert data[2]["_error"] == "not valid JSON" and data[2]["tags"] is None
     assert data[2]["_prompt_tokens"] == 7
+    assert data[2]["_cost_usd"] == pytest.approx((7 * 1 + 3 * 4) / 1e6)
+    assert data[0]["_cost_usd"] == pytest.approx((10 * 1 + 5 * 4) / 1e6)
+    assert not any(r["_reused"] for r in data)
     assert data[3]["_custom_id"] is None and data[3]["_attempts"] == 0
     assert data[3]["_error"] == "skipped: column 'x' is empty"
 

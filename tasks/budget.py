@@ -1,0 +1,37 @@
+"""The enqueued-token budget: prompt tokens of unfinished batches stay under the limit.
+
+OpenAI counts the prompt tokens of every batch of a model that is not finished against
+an organisation-wide limit, and fails a batch that would pass it at validation. So
+shards are started only while they fit, and a `token_limit_exceeded` teaches the budget
+the real limit, which the error message names.
+"""
+
+from __future__ import annotations
+
+import re
+
+_LIMIT = re.compile(r"Limit: ([\d,]+) enqueued tokens")
+
+
+class TokenBudget:
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.in_flight = 0
+
+    def fits(self, tokens: int) -> bool:
+        """Whether a shard of `tokens` may start now (alone, it always may)."""
+        return self.limit is None or self.in_flight == 0 or \
+            self.in_flight + tokens <= self.limit
+
+    def take(self, tokens: int) -> None:
+        self.in_flight += tokens
+
+    def release(self, tokens: int) -> None:
+        self.in_flight -= tokens
+
+    def learn(self, message: str) -> int | None:
+        """Adopt the limit named in a `token_limit_exceeded` message; returns it."""
+        found = _LIMIT.search(message or "")
+        if found:
+            self.limit = int(found.group(1).replace(",", ""))
+        return self.limit if found else None

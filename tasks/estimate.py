@@ -1,0 +1,208 @@
+"""Tokens and money: what a job will cost before it runs, and what each row did cost.
+
+Prompt tokens are counted with the model's real tokenizer, offline (`bpe-openai` carries
+OpenAI's encodings), plus the chat overhead OpenAI documents: 3 tokens per message, its
+role, 1 more for a `name`, and 3 to prime the reply. The JSON schema of `response_format`
+is not counted: OpenAI does not publish how it is injected. Images are counted with
+OpenAI's published rules by model and `detail`; a remote image, whose size is unknown
+before the provider fetches it, is counted as 1024 x 1024.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import bpe_openai
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+import enrichflow
+from enrichflow.config import PriceOverride
+from tasks.render import LINE
+
+REMOTE_IMAGE_SIZE = (1024, 1024)
+# (base, per 512-px tile) for models priced by tiles; the first matching prefix wins.
+TILE_RULES = [("gpt-4o-mini", 2833, 5667), ("gpt-5", 70, 140), ("o1", 75, 150),
+              ("o3", 75, 150), ("gpt-4o", 85, 170), ("gpt-4.1", 85, 170), ("gpt-4.5", 85, 170)]
+# multiplier for models priced by 32-px patches (at most 1536 patches)
+PATCH_RULES = [("gpt-4.1-mini", 1.62), ("gpt-4.1-nano", 2.46), ("o4-mini", 1.72)]
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+    batch_input: float
+    batch_output: float
+    source: str
+
+    def batch_cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        return (prompt_tokens * self.batch_input + completion_tokens * self.batch_output) / 1e6
+
+    def sync_cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+
+
+@cache
+def price_table() -> dict[str, Any]:
+    return json.loads((Path(enrichflow.__file__).parent / "prices.json").read_text())
+
+
+def _table_entry(model: str) -> dict[str, Any] | None:
+    models = price_table()["models"]
+    matches = [name for name in models if model == name or model.startswith(name + "-")]
+    return models[max(matches, key=len)] if matches else None
+
+
+def price_for(model: str, override: PriceOverride | None) -> Price | None:
+    """The job's price: its override, else the shipped table; None when unknown."""
+    if override is not None:
+        return Price(override.input, override.output,
+                     override.batch_input if override.batch_input is not None
+                     else override.input / 2,
+                     override.batch_output if override.batch_output is not None
+                     else override.output / 2, "the job file")
+    entry = _table_entry(model)
+    if entry is None:
+        return None
+    return Price(entry["input"], entry["output"], entry["batch_input"], entry["batch_output"],
+                 f"enrichflow's table, checked {price_table()['checked']}")
+
+
+def default_token_budget(model: str) -> int | None:
+    """OpenAI's tier-1 enqueued-token limit for the model, when the table knows it."""
+    entry = _table_entry(model)
+    return entry.get("tier1_enqueued_tokens") if entry else None
+
+
+@cache
+def _encoding(model: str) -> bpe_openai.Encoding:
+    try:
+        return bpe_openai.encoding_for_model(model)
+    except Exception:  # unknown model names: today's OpenAI chat models use o200k_base
+        return bpe_openai.get_encoding("o200k_base")
+
+
+def image_tokens(model: str, width: int, height: int, detail: str) -> int:
+    """OpenAI's published image token rule for `model` (tiles or patches)."""
+    for prefix, multiplier in PATCH_RULES:
+        if model.startswith(prefix):
+            patches = math.ceil(width / 32) * math.ceil(height / 32)
+            if patches > 1536:
+                shrink = math.sqrt(32 * 32 * 1536 / (width * height))
+                shrink *= min(math.floor(width * shrink / 32) / (width * shrink / 32),
+                              math.floor(height * shrink / 32) / (height * shrink / 32))
+                patches = min(1536, math.ceil(width * shrink / 32) *
+                              math.ceil(height * shrink / 32))
+            return math.ceil(patches * multiplier)
+    base, tile = next(((b, t) for p, b, t in TILE_RULES if model.startswith(p)), (85, 170))
+    if detail == "low":
+        return base
+    if max(width, height) > 2048:
+        scale = 2048 / max(width, height)
+        width, height = width * scale, height * scale
+    if min(width, height) > 768:
+        scale = 768 / min(width, height)
+        width, height = width * scale, height * scale
+    return base + tile * math.ceil(width / 512) * math.ceil(height / 512)
+
+
+def _image_size(url: str) -> tuple[int, int]:
+    if not url.startswith("data:"):
+        return REMOTE_IMAGE_SIZE
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as image:
+        return image.size
+
+
+def chat_prompt_tokens(body: dict[str, Any]) -> int:
+    """Prompt tokens of one Chat Completions body (see the module's rule)."""
+    model = body["model"]
+    encode = _encoding(model).encode
+    total = 3
+    for message in body.get("messages", []):
+        total += 3 + len(encode(message.get("role", "")))
+        if message.get("name"):
+            total += 1 + len(encode(message["name"]))
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(encode(content))
+            continue
+        for part in content or []:
+            if part.get("type") == "text":
+                total += len(encode(part["text"]))
+            elif part.get("type") == "image_url":
+                image = part["image_url"]
+                total += image_tokens(model, *_image_size(image["url"]),
+                                      image.get("detail", "auto"))
+    return total
+
+
+def request_tokens(requests: pa.Table) -> np.ndarray:
+    """Estimated prompt tokens of each rendered request line."""
+    return np.array([chat_prompt_tokens(json.loads(line)["body"])
+                     for line in requests[LINE].to_pylist()], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    rows: int
+    not_sent: int  # skipped or failed before sending
+    reused: int
+    requests: int
+    shards: int
+    input_tokens: int
+    output_ceiling: int | None  # None: no max_tokens, so no ceiling
+    price: Price | None
+
+    def batch_range(self) -> tuple[float, float | None] | None:
+        return self._range(self.price.batch_cost) if self.price else None
+
+    def sync_range(self) -> tuple[float, float | None] | None:
+        return self._range(self.price.sync_cost) if self.price else None
+
+    def _range(self, cost) -> tuple[float, float | None]:
+        high = None if self.output_ceiling is None else cost(self.input_tokens,
+                                                             self.output_ceiling)
+        return cost(self.input_tokens, 0), high
+
+    def lines(self) -> list[tuple[str, str]]:
+        """(label, value) pairs, for the terminal and for the Prefect artifact."""
+        ceiling = (f"{self.output_ceiling:,}" if self.output_ceiling is not None
+                   else "no ceiling (set request.max_tokens)")
+        pairs = [("model", self.model), ("rows", f"{self.rows:,}"),
+                 ("not sent (skipped or bad input)", f"{self.not_sent:,}"),
+                 ("answers reused from earlier runs", f"{self.reused:,}"),
+                 ("requests to send", f"{self.requests:,}"), ("shards", f"{self.shards:,}"),
+                 ("input tokens", f"{self.input_tokens:,}"), ("output token ceiling", ceiling)]
+        if self.price is None:
+            pairs.append(("cost", f"unknown: no price for {self.model}; set `price` in the "
+                                  "job file"))
+            return pairs
+        pairs += [("cost at batch prices", _money(self.batch_range())),
+                  ("same requests at synchronous prices", _money(self.sync_range())),
+                  ("prices from", self.price.source)]
+        return pairs
+
+    def text(self) -> str:
+        width = max(len(label) for label, _ in self.lines())
+        return "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in self.lines())
+
+    def markdown(self) -> str:
+        rows = "\n".join(f"| {label} | {value} |" for label, value in self.lines())
+        return f"| | |\n| --- | --- |\n{rows}\n"
+
+
+def _money(span: tuple[float, float | None]) -> str:
+    low, high = span
+    return f"${low:,.4f} to ${high:,.4f}" if high is not None else f"${low:,.4f} and up"

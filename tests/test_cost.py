@@ -1,0 +1,135 @@
+"""Cost control: token counts, estimates, the cap, reused answers, the enqueued-token budget."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pandas as pd
+import pytest
+from conftest import sdk_client
+from PIL import Image
+from test_movies_job import generated_movies, job_file
+
+from enrichflow.cli import main
+from enrichflow.config import PriceOverride, load_job
+from enrichflow.errors import CostLimitError
+from flows.enrich import enrich
+from localbatch import Simulation
+from tasks.estimate import chat_prompt_tokens, image_tokens, price_for
+from tasks.prepare import prepare_job
+
+# Hand count: 3 to prime the reply, then per message 3 + its role + its content, with
+# o200k_base: "system" 1, "You are terse." 4 (You| are| ter|se.), "user" 1,
+# "Hello world" 2, "Describe this chair." 4.
+SYSTEM = {"role": "system", "content": "You are terse."}
+
+
+def png(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_text_tokens_match_a_hand_count():
+    body = {"model": "gpt-4o-mini",
+            "messages": [SYSTEM, {"role": "user", "content": "Hello world"}]}
+    assert chat_prompt_tokens(body) == 3 + (3 + 1 + 4) + (3 + 1 + 2)
+    named = {"model": "gpt-4o", "messages": [{"role": "user", "name": "user",
+                                              "content": "Hello world"}]}
+    assert chat_prompt_tokens(named) == 3 + (3 + 1 + 1 + 1 + 2)
+
+
+def test_image_tokens_follow_openai_published_examples():
+    assert image_tokens("gpt-4o", 1024, 1024, "high") == 85 + 170 * 4
+    assert image_tokens("gpt-4o", 2048, 4096, "high") == 85 + 170 * 6
+    assert image_tokens("gpt-4o", 4096, 8192, "low") == 85
+    assert image_tokens("gpt-4o-mini", 512, 512, "low") == 2833
+    assert image_tokens("gpt-4.1-mini", 1024, 1024, "auto") == 1659  # 1024 patches x 1.62
+    assert image_tokens("gpt-4.1-mini", 1800, 2400, "auto") == 2353  # 1452 patches x 1.62
+
+
+def test_image_request_tokens_count_inlined_and_remote_images():
+    content = [{"type": "text", "text": "Describe this chair."},
+               {"type": "image_url", "image_url": {"url": png(2048, 4096), "detail": "high"}},
+               {"type": "image_url", "image_url": {"url": "https://x.test/a.jpg",
+                                                   "detail": "high"}}]
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": content}]}
+    assert chat_prompt_tokens(body) == 3 + 3 + 1 + 4 + (85 + 170 * 6) + (85 + 170 * 4)
+
+
+def test_estimate_figures_and_prices(tmp_path):
+    rows = generated_movies(10)
+    job = load_job(job_file(tmp_path, rows, **{"request.max_tokens": 100}))
+    estimate = prepare_job(job).estimate
+    assert (estimate.rows, estimate.requests, estimate.reused, estimate.shards) == (10, 10, 0, 1)
+    assert estimate.output_ceiling == 1000
+    low, high = estimate.batch_range()
+    assert low == pytest.approx(estimate.input_tokens * 0.075 / 1e6)
+    assert high == pytest.approx(low + 1000 * 0.30 / 1e6)
+    assert estimate.sync_range() == pytest.approx((2 * low, 2 * high))
+    assert price_for("gpt-4o-mini-2024-07-18", None).batch_output == 0.30
+    assert price_for("my-own-model", None) is None
+    assert price_for("x", PriceOverride(input=1, output=2)).batch_output == 1
+
+
+def test_estimate_command_prints_the_figures(capsys):
+    assert main(["estimate", "configs/movies.yaml", "--no-cache"]) == 0
+    printed = capsys.readouterr().out
+    assert "requests to send:" in printed and "240" in printed
+    assert "cost at batch prices:" in printed and "synchronous prices" in printed
+
+
+def test_the_cap_stops_a_run_before_any_upload(prefect_api, start_localbatch, tmp_path):
+    server = start_localbatch()
+    path = job_file(tmp_path, generated_movies(50), max_cost_usd=0.000001)
+    with pytest.raises(CostLimitError, match=r"may cost up to \$.*more than max_cost_usd"):
+        enrich(str(path), base_url=server.base_url)
+    client = sdk_client(server.base_url)
+    assert client.files.list().data == [] and client.batches.list().data == []
+
+
+def test_a_rerun_pays_only_for_new_or_changed_requests(prefect_api, start_localbatch, tmp_path):
+    server = start_localbatch()
+    client = sdk_client(server.base_url)
+    first = enrich(str(job_file(tmp_path, generated_movies(30))), base_url=server.base_url)
+    assert first["rows_reused"] == 0 and first["cost_usd"] > 0
+
+    grown = enrich(str(job_file(tmp_path, generated_movies(40))), base_url=server.base_url)
+    newest = client.batches.list().data[0]
+    assert newest.request_counts.total == 10 and grown["rows_reused"] == 30
+    data = pd.read_parquet(tmp_path / "out")
+    assert len(data) == 40 and (data["_status"] == "ok").all()
+    assert data["_reused"].sum() == 30 and not data["_reused"].iloc[30:].any()
+    assert (data.loc[data["_reused"], "_cost_usd"] == 0).all()
+    assert data.loc[~data["_reused"], "_cost_usd"].gt(0).all()
+    assert grown["cost_usd"] == pytest.approx(data["_cost_usd"].sum())
+
+    changed = job_file(tmp_path, generated_movies(40),
+                       **{"request.user": "Movie: {Series_Title}. {Overview}"})
+    enrich(str(changed), base_url=server.base_url)
+    assert client.batches.list().data[0].request_counts.total == 40
+
+    enrich(str(job_file(tmp_path, generated_movies(41))), base_url=server.base_url,
+           use_cache=False)
+    assert client.batches.list().data[0].request_counts.total == 41
+
+
+def test_the_enqueued_token_budget_is_respected_and_learned(prefect_api, start_localbatch,
+                                                            tmp_path):
+    rows = generated_movies(120)
+    path = job_file(tmp_path, rows, **{"limits.max_requests_per_shard": 20})
+    per_shard = prepare_job(load_job(path)).shards[0].tokens
+    limit = int(per_shard * 2.5)  # room for two shards at a time, not three
+    server = start_localbatch(Simulation(enqueued_token_limits={"gpt-4o-mini": limit},
+                                         requests_per_second=40))
+    manifest = enrich(str(path), base_url=server.base_url)
+
+    data = pd.read_parquet(tmp_path / "out")
+    assert (data["_status"] == "ok").all()
+    assert not data["_error"].fillna("").str.contains("token_limit_exceeded").any()
+    batches = list(sdk_client(server.base_url).batches.list(limit=100))
+    refused = [b for b in batches if b.status == "failed"]
+    assert refused and all(b.errors.data[0].code == "token_limit_exceeded" for b in refused)
+    assert sum(b.request_counts.completed for b in batches) == 120
+    assert manifest["attempts"] == 1
