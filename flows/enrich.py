@@ -15,17 +15,20 @@ import sys
 from collections import deque
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from uuid import UUID
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from openai import OpenAI
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.flow_runs import suspend_flow_run
 from prefect.futures import as_completed
+from pydantic import Field
 
 from enrichflow.config import JobConfig, load_job
-from enrichflow.provider import describe, open_client
+from enrichflow.errors import ConfigError
+from enrichflow.provider import describe, open_client, provider_kind
 from enrichflow.storage import Location
 from tasks.budget import TokenBudget
 from tasks.cache import cache_location, load_answers, remember_answers
@@ -35,24 +38,41 @@ from tasks.merge import merge_results_task
 from tasks.plan import plan_shards, shard_jsonl
 from tasks.prepare import Prepared, check_cost_cap, prepare_job_task
 from tasks.render import CUSTOM_ID
+from tasks.report import publish_estimate, publish_results, start_progress
 from tasks.state import RunState
 from tasks.submit import submit_shard_task
-from tasks.wait import poll_delays, poll_retries, wait_for_batch_task
+from tasks.wait import TERMINAL, look_at_batch_task, poll_delays, poll_retries, wait_for_batch_task
 from tasks.write import read_manifest, write_output_task
 
+WaitMode = Literal["poll", "suspend"]
 
-@flow(name="enrich", log_prints=True)
+
+@flow(name="enrich", log_prints=True, persist_result=True)
 def enrich(
-    config_path: str,
-    output: str | None = None,
-    limit: int | None = None,
-    provider: Literal["local", "openai"] | None = None,
-    base_url: str | None = None,
-    force: bool = False,
-    use_cache: bool = True,
+    config_path: Annotated[str, Field(
+        description="Job YAML file, relative to the repository root, e.g. configs/movies.yaml")],
+    output: Annotated[str | None, Field(
+        description="Output directory (local or s3://); default: the job file's")] = None,
+    limit: Annotated[int | None, Field(
+        gt=0, description="Only the first N rows; default: all")] = None,
+    provider: Annotated[Literal["local", "openai"] | None, Field(
+        description="Default: openai when OPENAI_API_KEY is set, else local")] = None,
+    base_url: Annotated[str | None, Field(
+        description="API base URL, e.g. a running `enrichflow serve`")] = None,
+    model: Annotated[str | None, Field(
+        description="Model; default: the job file's")] = None,
+    wait_mode: Annotated[WaitMode, Field(
+        description="poll: the run waits for its batches; suspend: it suspends itself and "
+                    "the resume-ready deployment resumes it when they are done")] = "poll",
+    force: Annotated[bool, Field(
+        description="Run again even if the output is complete")] = False,
+    use_cache: Annotated[bool, Field(
+        description="Reuse answers to requests answered before")] = True,
 ) -> dict[str, Any]:
     """Enrich the rows of a job file's dataset through the Batch API; returns the manifest."""
-    job = resolve_job(config_path, output, limit, provider, base_url)
+    job = resolve_job(config_path, output, limit, provider, base_url, model)
+    if wait_mode == "suspend":
+        check_can_suspend(job)
     log = get_run_logger()
     location = Location(job.output, job.storage_options)
     prepared = prepare_job_task(job, use_cache)
@@ -71,7 +91,7 @@ def enrich(
     if resumed:
         log.info("resuming run %s from %s/_state", state.run_id, location.uri)
     with open_client(job.provider, location) as client:
-        sent = run_attempts(client, state, prepared, job)
+        sent = run_attempts(client, state, prepared, job, wait_mode)
     results = pa.concat_tables([prepared.reused, sent])
 
     merged = merge_results_task(prepared.rows.table, prepared.tag, prepared.rendered.unsent,
@@ -83,6 +103,7 @@ def enrich(
     manifest = build_manifest(job, state, prepared, merged, location)
     write_output_task(location, merged, manifest)
     state.finish()
+    publish_results(manifest, merged)
     log.info("%s: wrote %s rows to %s (%s); cost %s", job.name, f"{merged.num_rows:,}",
              location.uri, ", ".join(f"{n:,} {s}" for s, n in manifest["rows_by_status"].items()),
              "unknown" if manifest["cost_usd"] is None else f"${manifest['cost_usd']:,.4f}")
@@ -90,10 +111,20 @@ def enrich(
 
 
 def resolve_job(config_path: str, output: str | None = None, limit: int | None = None,
-                provider: str | None = None, base_url: str | None = None) -> JobConfig:
+                provider: str | None = None, base_url: str | None = None,
+                model: str | None = None) -> JobConfig:
     """The job file with the run's overrides applied; raises ConfigError if invalid."""
     return load_job(config_path, output=output, **{
-        "dataset.limit": limit, "provider.kind": provider, "provider.base_url": base_url})
+        "dataset.limit": limit, "provider.kind": provider, "provider.base_url": base_url,
+        "request.model": model})
+
+
+def check_can_suspend(job: JobConfig) -> None:
+    """A suspended run has no process: its batches must live on a server that stays up."""
+    if provider_kind(job.provider) == "local" and not job.provider.base_url:
+        raise ConfigError("wait_mode suspend needs a Batch API that outlives the run: "
+                          "OpenAI, or a running `enrichflow serve` given as base_url; the "
+                          "embedded local server stops when the run suspends")
 
 
 def report_prepared(job: JobConfig, prepared: Prepared) -> None:
@@ -108,16 +139,16 @@ def report_prepared(job: JobConfig, prepared: Prepared) -> None:
                           strict=True):
         log.warning("row %r is not sent: %s", key, error)
     log.info("estimate:\n%s", prepared.estimate.text())
-    create_markdown_artifact(f"# Estimate for {job.name}\n\n{prepared.estimate.markdown()}",
-                             key=f"{job.name}-estimate", description="Tokens and cost, before")
+    publish_estimate(job.name, prepared.estimate)
 
 
-def run_attempts(client: OpenAI, state: RunState, prepared: Prepared,
-                 job: JobConfig) -> pa.Table:
+def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: JobConfig,
+                 wait_mode: WaitMode = "poll") -> pa.Table:
     """Send the rows, then again the ones worth retrying; all results, with `_attempt`."""
     log = get_run_logger()
     limits = job.limits
     budget = TokenBudget(prepared.token_budget)
+    progress = start_progress(job.name)
     collected: list[pa.Table] = []
     pending = prepared.to_send
     for attempt in range(1, limits.max_attempts + 1):
@@ -131,7 +162,8 @@ def run_attempts(client: OpenAI, state: RunState, prepared: Prepared,
                              budget.limit)
         log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{pending.num_rows:,}",
                  len(shards))
-        outcome = run_shards(client, state, attempt, pending, shards, budget, job)
+        outcome = run_shards(client, state, attempt, pending, shards, budget, job, wait_mode,
+                             progress)
         collected.append(outcome.append_column(
             "_attempt", pa.array([attempt] * outcome.num_rows, pa.int64())))
         retry = outcome.filter(pc.and_(pc.invert(outcome["_ok"]), outcome["_retryable"]))
@@ -143,14 +175,16 @@ def run_attempts(client: OpenAI, state: RunState, prepared: Prepared,
 
 
 def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
-               shards: list, budget: TokenBudget, job: JobConfig) -> pa.Table:
+               shards: list, budget: TokenBudget, job: JobConfig, wait_mode: WaitMode,
+               progress: UUID) -> pa.Table:
     """Run one attempt's shards concurrently, starting each only when it fits the
     enqueued-token budget; a shard refused for `token_limit_exceeded` waits its turn
-    and goes again, under the limit the refusal named."""
+    and goes again, under the limit the refusal named. In `suspend` mode the run, rather
+    than waiting, suspends itself until the resume-ready deployment finds a batch done."""
     log = get_run_logger()
     limits = job.limits
     delays = poll_delays(limits.poll_interval_min, limits.poll_interval_max)
-    wait = wait_for_batch_task.with_options(
+    wait = look_at_batch_task if wait_mode == "suspend" else wait_for_batch_task.with_options(
         retries=poll_retries(delays, limits.max_wait_hours), retry_delay_seconds=delays)
     tables, collecting = [], []
     queue = deque()
@@ -163,21 +197,19 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
         else:
             ids = pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()
             queue.append((shard, record, payload, ids))
-    running: dict = {}
+    running: list = []  # [item, future of its batch id, future of its wait or None]
     while queue or running:
         while queue and budget.fits(queue[0][0].tokens):
-            shard, record, payload, ids = item = queue.popleft()
-            budget.take(shard.tokens)
-            submitted = submit_shard_task.submit(client, state, record, payload,
-                                                 job.request.endpoint)
-            running[wait.submit(client, state, record, wait_for=[submitted])] = item
-        finished = next(as_completed(list(running)))
-        shard, record, payload, ids = item = running.pop(finished)
-        was_alone = not running
+            item = queue.popleft()
+            budget.take(item[0].tokens)
+            running.append([item, submit_shard_task.submit(client, state, item[1], item[2],
+                                                           job.request.endpoint), None])
+        item, batch = _next_finished(running, wait, client, state, progress, wait_mode,
+                                     limits.max_wait_hours)
+        shard, record, _, ids = item
         budget.release(shard.tokens)
-        batch = finished.result()
         refusal = _token_limit_refusal(batch)
-        if refusal and not was_alone:
+        if refusal and running:
             limit = budget.learn(refusal)
             log.warning("%s: batch %s refused (token_limit_exceeded, limit %s); it waits for "
                         "running batches and goes again", record.name, batch.id,
@@ -195,6 +227,33 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
         state.save_results(record, table)
         tables.append(table)
     return pa.concat_tables(tables)
+
+
+def _next_finished(running: list, wait, client: OpenAI, state: RunState, progress: UUID,
+                   wait_mode: WaitMode, max_wait_hours: float):
+    """Remove and return (item, batch) of a finished batch among `running`.
+
+    `poll`: wait for the first to finish. `suspend`: look at each once and, if none has
+    finished, suspend the run (the process exits; a resumed run starts over from the
+    journal, so nothing is submitted twice)."""
+    for entry in running:
+        if entry[2] is None:
+            entry[2] = wait.submit(client, state, entry[0][1], progress, wait_for=[entry[1]])
+    for future in as_completed([entry[2] for entry in running]):
+        entry = next(e for e in running if e[2] is future)
+        batch = future.result()
+        if batch.status not in TERMINAL:  # only in suspend mode, which looks just once
+            entry[2] = None
+            continue
+        running.remove(entry)
+        return entry[0], batch
+    state.suspensions += 1
+    state.save()
+    get_run_logger().info("no batch is finished yet: suspending the run, which frees the "
+                          "worker; the resume-ready deployment resumes it when one is")
+    suspend_flow_run(key=f"{state.run_id}-wait-{state.suspensions}",
+                     timeout=int(max_wait_hours * 3600))
+    raise AssertionError("a suspended run does not continue")  # resumed runs start over
 
 
 def _token_limit_refusal(batch) -> str | None:

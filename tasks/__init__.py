@@ -1,1 +1,14 @@
 """The steps of a job: plain functions, each also wrapped as a Prefect task."""
+
+from collections.abc import Callable
+from typing import Any
+
+from prefect import Task, task
+from prefect.cache_policies import NONE
+
+
+def as_task(fn: Callable[..., Any], name: str, **options: Any) -> Task:
+    """Wrap a step as a Prefect task. Steps take Arrow tables and API clients, so their
+    inputs are not hashed for caching and their results not persisted: the run journal in
+    `<output>/_state/` is what a resumed run continues from."""
+    return task(fn, name=name, cache_policy=NONE, persist_result=False, **options)

@@ -14,10 +14,9 @@ import pyarrow as pa
 from jsonschema import Draft202012Validator
 from openai import OpenAI
 from openai.types import Batch
-from prefect import task
-from prefect.cache_policies import NONE
 
 from enrichflow.config import ResponseFormat
+from tasks import as_task
 from tasks.api import TRANSIENT, retry_on
 
 RESULTS = pa.schema([
@@ -118,6 +117,6 @@ def _answer_checker(response_format: ResponseFormat):
     return check
 
 
-collect_results_task = task(collect_results, name="collect results", cache_policy=NONE,
-                            retries=3, retry_delay_seconds=[2, 10, 30],
-                            retry_condition_fn=retry_on(*TRANSIENT))
+collect_results_task = as_task(collect_results, "collect results", retries=3,
+                               retry_delay_seconds=[2, 10, 30],
+                               retry_condition_fn=retry_on(*TRANSIENT))

@@ -11,11 +11,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import task
-from prefect.cache_policies import NONE
 
 from enrichflow.config import ResponseFormat
 from enrichflow.errors import InputError
+from tasks import as_task
 from tasks.estimate import Price
 from tasks.load import KEY
 from tasks.render import CUSTOM_ID, custom_ids
@@ -127,4 +126,4 @@ def _arrow_type(node: dict, root: dict) -> pa.DataType:
     return pa.string()
 
 
-merge_results_task = task(merge_results, name="merge answers into rows", cache_policy=NONE)
+merge_results_task = as_task(merge_results, "merge answers into rows")

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import task
-from prefect.cache_policies import NONE
 
 from enrichflow.config import JobConfig
 from enrichflow.errors import CostLimitError
 from enrichflow.storage import Location
+from tasks import as_task
 from tasks.cache import cache_location, load_answers, request_hashes, split_reused
 from tasks.collect import ATTEMPT_RESULTS
 from tasks.estimate import Estimate, Price, default_token_budget, price_for, request_tokens
@@ -90,4 +89,4 @@ def check_cost_cap(estimate: Estimate, max_cost_usd: float | None) -> None:
                              f"Lower dataset.limit or max_tokens, or raise the cap.\n{figures}")
 
 
-prepare_job_task = task(prepare_job, name="prepare requests", cache_policy=NONE)
+prepare_job_task = as_task(prepare_job, "prepare requests")

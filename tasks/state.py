@@ -55,23 +55,32 @@ class RunState:
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     provider: dict[str, Any] = field(default_factory=dict)
+    suspensions: int = 0  # times the run suspended itself to wait (wait_mode suspend)
     shards: list[ShardRecord] = field(default_factory=list)
     location: Location | None = field(default=None, repr=False, compare=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @classmethod
-    def open(cls, location: Location, job_key: str, config_hash: str, fingerprint: str,
-             provider: dict[str, Any], force: bool) -> tuple[RunState, bool]:
-        """The journal of this job at `location`: (state, resumed?). A journal of another
-        job (changed config or data), or `force`, starts a fresh run."""
+    def load(cls, location: Location) -> RunState | None:
+        """The journal at `location` as it is, or None."""
         try:
             saved = location.read_json(STATE_FILE)
         except OSError as exc:
             raise StorageError(f"output {location.uri}: cannot read the run state: {exc}") from exc
+        if saved is None:
+            return None
+        shards = [ShardRecord(**s) for s in saved.pop("shards")]
+        return cls(**saved, shards=shards, location=location)
+
+    @classmethod
+    def open(cls, location: Location, job_key: str, config_hash: str, fingerprint: str,
+             provider: dict[str, Any], force: bool) -> tuple[RunState, bool]:
+        """The journal of this job at `location`, to run it: (state, resumed?). A journal
+        of another job (changed config or data), or `force`, starts a fresh run."""
         location.remove(CANCEL_FILE)  # a new start overrides an earlier cancel
-        if saved and saved["job_key"] == job_key and not force:
-            shards = [ShardRecord(**s) for s in saved.pop("shards")]
-            return cls(**saved, shards=shards, location=location), True
+        saved = cls.load(location)
+        if saved and saved.job_key == job_key and not force:
+            return saved, True
         state = cls(job_key=job_key, config_hash=config_hash, dataset_fingerprint=fingerprint,
                     provider=provider, location=location)
         location.remove("_state/results")
@@ -81,6 +90,16 @@ class RunState:
     @property
     def finished(self) -> bool:
         return self.finished_at is not None
+
+    def progress(self, attempt: int) -> float:
+        """Percent of the attempt's requests that are finished, as the batches report."""
+        with self._lock:
+            records = [r for r in self.shards if r.attempt == attempt]
+            total = sum(r.rows for r in records)
+            done = sum(r.rows if r.status == "collected" else
+                       (r.request_counts or {}).get("completed", 0) +
+                       (r.request_counts or {}).get("failed", 0) for r in records)
+        return 100.0 * done / total if total else 100.0
 
     def cancel_requested(self) -> bool:
         """Whether `enrichflow cancel` asked this run not to send anything more."""

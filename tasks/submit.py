@@ -12,9 +12,9 @@ import time
 
 from openai import OpenAI
 from openai.types import Batch
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 
+from tasks import as_task
 from tasks.api import TRANSIENT, retry_on
 from tasks.state import RunState, ShardRecord
 
@@ -82,6 +82,6 @@ def _create_once(client: OpenAI, file_id: str, endpoint: str, metadata: dict[str
     raise AssertionError("unreachable")
 
 
-submit_shard_task = task(submit_shard, name="upload and create batch", cache_policy=NONE,
-                         retries=3, retry_delay_seconds=[2, 10, 30],
-                         retry_condition_fn=retry_on(*TRANSIENT))
+submit_shard_task = as_task(submit_shard, "upload and create batch", retries=3,
+                            retry_delay_seconds=[2, 10, 30],
+                            retry_condition_fn=retry_on(*TRANSIENT))

@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NONE
 
 from enrichflow.storage import Location
+from tasks import as_task
 
 DATA_FILE = "part-00000.parquet"
 MANIFEST = "_manifest.json"
@@ -33,4 +32,4 @@ def read_manifest(location: Location) -> dict[str, Any] | None:
     return location.read_json(MANIFEST)
 
 
-write_output_task = task(write_output, name="write output", cache_policy=NONE)
+write_output_task = as_task(write_output, "write output")
