@@ -1,19 +1,92 @@
-"""Shared fixtures: real local servers on loopback, driven with the official SDK."""
+"""Shared fixtures and helpers: real servers on loopback, job files, job processes."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 from openai import OpenAI
 
 from localbatch import LocalBatchServer, Simulation
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def job_file(tmp_path: Path, rows: pd.DataFrame | None = None, config: str = "movies",
+             **changes) -> Path:
+    """A copy of a shipped job (configs/<config>.yaml) writing under tmp_path, optionally
+    on other rows; `changes` set dotted fields (`limits.max_attempts=2`)."""
+    job = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())
+    job["dataset"]["path"] = str(REPO / job["dataset"]["path"])
+    if rows is not None:
+        job["dataset"]["path"] = str(tmp_path / "rows.csv")
+        rows.to_csv(job["dataset"]["path"], index=False)
+    job["output"] = str(tmp_path / "out")
+    job.setdefault("limits", {}).update(poll_interval_min=0.1, poll_interval_max=0.5)
+    for dotted, value in changes.items():
+        node = job
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def generated_movies(count: int) -> pd.DataFrame:
+    return pd.DataFrame({
+        "Series_Title": [f"Movie number {i}" for i in range(count)],
+        "Released_Year": [1950 + i % 70 for i in range(count)],
+        "Genre": ["Drama, Crime" if i % 2 else "Comedy" for i in range(count)],
+        "Overview": [f"A story numbered {i} about \"quotes\", newlines\nand ünïcode."
+                     for i in range(count)],
+    })
+
+
+def start_job(command: list[str], prefect_api: str, **popen) -> subprocess.Popen:
+    """A job in its own process (`enrichflow ...` or `python -m ...`), on the test's
+    Prefect server, so that the test can kill it."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    env.pop("OPENAI_API_KEY", None)
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.DEVNULL)
+    return subprocess.Popen(command, cwd=REPO, env=env, **popen)
+
+
+def python_job(path: Path, base_url: str, prefect_api: str) -> subprocess.Popen:
+    return start_job([sys.executable, "-m", "flows.enrich", str(path), "--base-url", base_url],
+                     prefect_api)
+
+
+def wait_for_batches(run: subprocess.Popen, read_journal: Callable[[], dict | None],
+                     shards: int, timeout: float = 120) -> dict:
+    """The run's journal once it holds `shards` shards that all have a batch."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert run.poll() is None, "the run ended before its batches were all created"
+        assert time.monotonic() < deadline, "the run never created its batches"
+        journal = read_journal() or {"shards": []}
+        if len(journal["shards"]) == shards and all(s["batch_id"] for s in journal["shards"]):
+            return journal
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -74,13 +147,9 @@ def prefect_api() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A real S3 API on loopback (moto's server mode), as s3fs's own tests use."""
-    import socket
-
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
         os.environ[name] = value

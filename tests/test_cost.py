@@ -7,9 +7,8 @@ import io
 
 import pandas as pd
 import pytest
-from conftest import sdk_client
+from conftest import generated_movies, job_file, sdk_client
 from PIL import Image
-from test_movies_job import generated_movies, job_file
 
 from enrichflow.cli import main
 from enrichflow.config import PriceOverride, load_job

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-import socket
+import signal
 import subprocess
 import sys
 import time
@@ -16,13 +16,12 @@ import httpx
 import pandas as pd
 import pytest
 import yaml
-from conftest import sdk_client
+from conftest import REPO, free_port, sdk_client
 from prefect import Flow
 from prefect.flows import load_flow_from_entrypoint
 
 from localbatch import Simulation
 
-REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
@@ -41,15 +40,13 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A Prefect server of our own on loopback (SQLite), with the pool, the deployments
     of prefect.yaml and one worker that runs one flow run at a time."""
     home = tmp_path_factory.mktemp("prefect-home")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PWD": str(REPO),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, start_new_session=True)
     worker = None
     try:
         deadline = time.monotonic() + 180
@@ -63,13 +60,26 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
             assert done.returncode == 0, done.stdout + done.stderr
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "enrich-pool",
                                    "--limit", "1"], env=env, cwd=REPO,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
         yield env
     finally:
         for process in (worker, server):
             if process is not None:
-                process.terminate()
-                process.wait(timeout=30)
+                _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a process and what it started (a worker's flow runs): politely, then not."""
+    for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=grace)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _healthy(api: str) -> bool:

@@ -12,7 +12,7 @@ import time
 
 import openai
 import pytest
-from conftest import chat_line, read_jsonl, sdk_client, wait_until
+from conftest import chat_line, free_port, read_jsonl, sdk_client, wait_until
 
 from localbatch import HttpFault, Simulation
 
@@ -292,12 +292,6 @@ def test_forward_engine_uses_an_upstream_server(start_localbatch):
 
 # durability -----------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _serve(data_dir, port, config) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "enrichflow.cli", "serve", "--port", str(port),
@@ -317,7 +311,7 @@ def _serve(data_dir, port, config) -> subprocess.Popen:
 def test_killed_server_resumes_its_batches(tmp_path):
     config = tmp_path / "sim.yaml"
     config.write_text("requests_per_second: 50\nchunk_size: 10\n")
-    port = _free_port()
+    port = free_port()
     server = _serve(tmp_path / "data", port, config)
     try:
         client = sdk_client(f"http://127.0.0.1:{port}/v1", max_retries=0)

@@ -4,56 +4,18 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 import yaml
-from conftest import sdk_client
+from conftest import REPO, generated_movies, job_file, python_job, sdk_client, wait_for_batches
 
 from enrichflow.errors import InputError
 from flows.enrich import enrich
 from localbatch import HttpFault, Simulation
-
-REPO = Path(__file__).resolve().parent.parent
-MOVIES = yaml.safe_load((REPO / "configs" / "movies.yaml").read_text())
-
-
-def job_file(tmp_path: Path, rows: pd.DataFrame | None = None, **changes) -> Path:
-    """A copy of the movies job writing under tmp_path, optionally on other rows."""
-    job = json.loads(json.dumps(MOVIES))
-    job["dataset"]["path"] = str(REPO / "data" / "movies.csv")
-    if rows is not None:
-        job["dataset"]["path"] = str(tmp_path / "rows.csv")
-        rows.to_csv(job["dataset"]["path"], index=False)
-    job["output"] = str(tmp_path / "out")
-    job["limits"].update(poll_interval_min=0.1, poll_interval_max=0.5)
-    for dotted, value in changes.items():
-        node = job
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
-
-
-def generated_movies(count: int) -> pd.DataFrame:
-    return pd.DataFrame({
-        "Series_Title": [f"Movie number {i}" for i in range(count)],
-        "Released_Year": [1950 + i % 70 for i in range(count)],
-        "Genre": ["Drama, Crime" if i % 2 else "Comedy" for i in range(count)],
-        "Overview": [f"A story numbered {i} about \"quotes\", newlines\nand ünïcode."
-                     for i in range(count)],
-    })
 
 
 def batches_by_shard(client) -> collections.Counter:
@@ -174,19 +136,10 @@ def test_a_killed_run_resumes_without_creating_batches_again(prefect_api, start_
     server = start_localbatch(Simulation(requests_per_second=15, chunk_size=5))
     rows = generated_movies(90)
     path = job_file(tmp_path, rows, **{"limits.max_requests_per_shard": 30})
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    run = subprocess.Popen([sys.executable, "-m", "flows.enrich", str(path), "--base-url",
-                            server.base_url], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    state_file = tmp_path / "out" / "_state" / "run.json"
-    deadline = time.monotonic() + 120
-    while True:
-        assert run.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, "the run never created its batches"
-        state = json.loads(state_file.read_text()) if state_file.exists() else {"shards": []}
-        if len(state["shards"]) == 3 and all(s["batch_id"] for s in state["shards"]):
-            break
-        time.sleep(0.1)
+    run = python_job(path, server.base_url, prefect_api)
+    journal = tmp_path / "out" / "_state" / "run.json"
+    state = wait_for_batches(run, lambda: journal.exists() and json.loads(journal.read_text()),
+                             shards=3)
     run.send_signal(signal.SIGKILL)
     run.wait()
     client = sdk_client(server.base_url)

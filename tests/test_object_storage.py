@@ -5,15 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 import uuid
 
 import pandas as pd
 import pytest
-from conftest import sdk_client
-from test_movies_job import REPO, generated_movies, job_file
+from conftest import generated_movies, job_file, python_job, sdk_client, wait_for_batches
 
 from enrichflow.config import load_job
 from enrichflow.errors import ConfigError, StorageError
@@ -59,18 +55,9 @@ def test_a_killed_run_resumes_from_state_on_s3(prefect_api, start_localbatch, s3
     rows = generated_movies(60)
     path = s3_job(tmp_path, s3_endpoint, s3, bucket, rows,
                   **{"limits.max_requests_per_shard": 30})
-    run = subprocess.Popen([sys.executable, "-m", "flows.enrich", str(path), "--base-url",
-                            server.base_url], cwd=REPO,
-                           env={**os.environ, "PREFECT_API_URL": prefect_api},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state_path = f"{bucket}/enriched/movies/_state/run.json"
-    deadline = time.monotonic() + 120
-    while True:
-        assert run.poll() is None and time.monotonic() < deadline
-        state = json.loads(s3.cat(state_path)) if s3.exists(state_path) else {"shards": []}
-        if len(state["shards"]) == 2 and all(s["batch_id"] for s in state["shards"]):
-            break
-        time.sleep(0.1)
+    run = python_job(path, server.base_url, prefect_api)
+    journal = f"{bucket}/enriched/movies/_state/run.json"
+    wait_for_batches(run, lambda: s3.exists(journal) and json.loads(s3.cat(journal)), shards=2)
     run.send_signal(signal.SIGKILL)
     run.wait()
 

@@ -9,32 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from conftest import read_jsonl, sdk_client
+from conftest import REPO, job_file, read_jsonl, sdk_client
 from PIL import Image
 
 from flows.enrich import enrich
-
-REPO = Path(__file__).resolve().parent.parent
-FURNITURE = yaml.safe_load((REPO / "configs" / "furniture.yaml").read_text())
-
-
-def furniture_job(tmp_path: Path, rows: pd.DataFrame | None = None, **changes) -> Path:
-    job = json.loads(json.dumps(FURNITURE))
-    job["dataset"]["path"] = str(REPO / "data" / "furniture.csv")
-    if rows is not None:
-        job["dataset"]["path"] = str(tmp_path / "products.csv")
-        rows.to_csv(job["dataset"]["path"], index=False)
-    job["output"] = str(tmp_path / "out")
-    job["limits"].update(poll_interval_min=0.1, poll_interval_max=0.5)
-    for dotted, value in changes.items():
-        node = job
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return path
 
 
 def sent_requests(client) -> dict[str, dict]:
@@ -65,7 +43,7 @@ def test_furniture_job_captions_every_product(prefect_api, start_localbatch, tmp
                                               monkeypatch):
     monkeypatch.chdir(REPO)  # the sample data names its photos relative to the repository
     server = start_localbatch()
-    enrich(str(furniture_job(tmp_path)), base_url=server.base_url)
+    enrich(str(job_file(tmp_path, config="furniture")), base_url=server.base_url)
 
     data = pd.read_parquet(tmp_path / "out")
     source = pd.read_csv(REPO / "data" / "furniture.csv")
@@ -91,7 +69,7 @@ def test_images_are_scaled_typed_from_bytes_and_listed(prefect_api, start_localb
                          "material": ["m", "m"], "color": ["c", "c"],
                          "images": [json.dumps([str(big)]),
                                     json.dumps([str(disguised), f"file://{disguised}"])]})
-    job = furniture_job(tmp_path, rows, **{"request.image_max_side": 512,
+    job = job_file(tmp_path, rows, config="furniture", **{"request.image_max_side": 512,
                                           "dataset.id_column": None})
     spec = yaml.safe_load(job.read_text())
     spec["request"]["user"][1]["column"] = "images"
@@ -120,7 +98,7 @@ def test_bad_images_fail_their_row_and_the_job_goes_on(prefect_api, start_localb
                          "primary_image": [str(good), str(tmp_path / "missing.png"),
                                            str(not_image), None]})
     server = start_localbatch()
-    enrich(str(furniture_job(tmp_path, rows)), base_url=server.base_url)
+    enrich(str(job_file(tmp_path, rows, config="furniture")), base_url=server.base_url)
 
     data = pd.read_parquet(tmp_path / "out").set_index("asin")
     assert data["_status"].to_dict() == {"A1": "ok", "A2": "failed", "A3": "failed",
@@ -142,7 +120,7 @@ def test_shards_are_cut_by_bytes_when_images_are_inlined(prefect_api, start_loca
                          "primary_image": [str(photo)] * 12})
     limit = 4 * len(base64.b64encode(photo.read_bytes())) + 4000
     server = start_localbatch()
-    manifest = enrich(str(furniture_job(tmp_path, rows, **{
+    manifest = enrich(str(job_file(tmp_path, rows, config="furniture", **{
         "limits.max_bytes_per_shard": limit})), base_url=server.base_url)
 
     shards = manifest["shards"]
@@ -162,8 +140,9 @@ def test_images_on_s3_are_read_and_inlined(prefect_api, start_localbatch, s3_end
     rows = pd.DataFrame({"asin": ["S1"], "title": ["t"], "brand": ["b"], "material": ["m"],
                          "color": ["c"], "primary_image": ["s3://photos/chair.png"]})
     server = start_localbatch()
-    enrich(str(furniture_job(tmp_path, rows, storage_options={"endpoint_url": s3_endpoint})),
-           base_url=server.base_url)
+    path = job_file(tmp_path, rows, config="furniture",
+                    storage_options={"endpoint_url": s3_endpoint})
+    enrich(str(path), base_url=server.base_url)
     data = pd.read_parquet(tmp_path / "out")
     assert data.loc[0, "_status"] == "ok"
     (url,) = image_urls(sent_requests(sdk_client(server.base_url))[data.loc[0, "_custom_id"]])
