@@ -13,17 +13,18 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 from uuid import UUID
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from openai import OpenAI
+from openai.types import Batch
 from prefect import flow, get_run_logger
 from prefect.flow_runs import suspend_flow_run
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
 from pydantic import Field
 
 from enrichflow.config import JobConfig, load_job
@@ -35,11 +36,11 @@ from tasks.cache import cache_location, load_answers, remember_answers
 from tasks.collect import ATTEMPT_RESULTS, collect_results_task
 from tasks.load import KEY
 from tasks.merge import merge_results_task
-from tasks.plan import plan_shards, shard_jsonl
+from tasks.plan import Shard, plan_shards, shard_jsonl
 from tasks.prepare import Prepared, check_cost_cap, prepare_job_task
 from tasks.render import CUSTOM_ID
 from tasks.report import publish_estimate, publish_results, start_progress
-from tasks.state import RunState
+from tasks.state import RunState, ShardRecord
 from tasks.submit import submit_shard_task
 from tasks.wait import TERMINAL, look_at_batch_task, poll_delays, poll_retries, wait_for_batch_task
 from tasks.write import read_manifest, write_output_task
@@ -174,8 +175,20 @@ def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: JobCo
     return pa.concat_tables(collected) if collected else ATTEMPT_RESULTS.empty_table()
 
 
+@dataclass
+class ShardRun:
+    """One shard of an attempt on its way through upload, batch, wait and collect."""
+
+    shard: Shard
+    record: ShardRecord
+    payload: bytes
+    custom_ids: list[str]
+    submitted: PrefectFuture | None = None  # its batch id
+    polling: PrefectFuture | None = None  # its batch, once finished (or looked at)
+
+
 def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
-               shards: list, budget: TokenBudget, job: JobConfig, wait_mode: WaitMode,
+               shards: list[Shard], budget: TokenBudget, job: JobConfig, wait_mode: WaitMode,
                progress: UUID) -> pa.Table:
     """Run one attempt's shards concurrently, starting each only when it fits the
     enqueued-token budget; a shard refused for `token_limit_exceeded` waits its turn
@@ -187,7 +200,7 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
     wait = look_at_batch_task if wait_mode == "suspend" else wait_for_batch_task.with_options(
         retries=poll_retries(delays, limits.max_wait_hours), retry_delay_seconds=delays)
     tables, collecting = [], []
-    queue = deque()
+    queue: deque[ShardRun] = deque()
     for shard in shards:
         payload = shard_jsonl(pending, shard)
         record = state.record(attempt, shard.index, shard.rows, shard.bytes,
@@ -196,32 +209,38 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
             tables.append(state.load_results(record))
         else:
             ids = pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()
-            queue.append((shard, record, payload, ids))
-    running: list = []  # [item, future of its batch id, future of its wait or None]
+            queue.append(ShardRun(shard, record, payload, ids))
+    running: list[ShardRun] = []
     while queue or running:
-        while queue and budget.fits(queue[0][0].tokens):
-            item = queue.popleft()
-            budget.take(item[0].tokens)
-            running.append([item, submit_shard_task.submit(client, state, item[1], item[2],
-                                                           job.request.endpoint), None])
-        item, batch = _next_finished(running, wait, client, state, progress, wait_mode,
-                                     limits.max_wait_hours)
-        shard, record, _, ids = item
-        budget.release(shard.tokens)
+        while queue and budget.fits(queue[0].shard.tokens):
+            run = queue.popleft()
+            budget.take(run.shard.tokens)
+            run.submitted = submit_shard_task.submit(client, state, run.record, run.payload,
+                                                     job.request.endpoint)
+            running.append(run)
+        for run in running:
+            if run.polling is None:
+                run.polling = wait.submit(client, state, run.record, progress,
+                                          wait_for=[run.submitted])
+        run, batch = _next_finished(running)
+        if run is None:
+            suspend(state, limits.max_wait_hours)
+        budget.release(run.shard.tokens)
         refusal = _token_limit_refusal(batch)
         if refusal and running:
             limit = budget.learn(refusal)
             log.warning("%s: batch %s refused (token_limit_exceeded, limit %s); it waits for "
-                        "running batches and goes again", record.name, batch.id,
+                        "running batches and goes again", run.record.name, batch.id,
                         f"{limit:,}" if limit else "unknown")
-            state.update(record, batch_id=None, status="uploaded",
-                         submission=record.submission + 1)
-            queue.appendleft(item)
+            state.update(run.record, batch_id=None, status="uploaded",
+                         submission=run.record.submission + 1)
+            run.submitted = run.polling = None
+            queue.appendleft(run)
             continue
         if refusal:
             budget.learn(refusal)
-        collecting.append((record, collect_results_task.submit(
-            client, batch, ids, job.request.response_format)))
+        collecting.append((run.record, collect_results_task.submit(
+            client, batch, run.custom_ids, job.request.response_format)))
     for record, future in collecting:
         table = future.result()
         state.save_results(record, table)
@@ -229,34 +248,33 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
     return pa.concat_tables(tables)
 
 
-def _next_finished(running: list, wait, client: OpenAI, state: RunState, progress: UUID,
-                   wait_mode: WaitMode, max_wait_hours: float):
-    """Remove and return (item, batch) of a finished batch among `running`.
-
-    `poll`: wait for the first to finish. `suspend`: look at each once and, if none has
-    finished, suspend the run (the process exits; a resumed run starts over from the
-    journal, so nothing is submitted twice)."""
-    for entry in running:
-        if entry[2] is None:
-            entry[2] = wait.submit(client, state, entry[0][1], progress, wait_for=[entry[1]])
-    for future in as_completed([entry[2] for entry in running]):
-        entry = next(e for e in running if e[2] is future)
+def _next_finished(running: list[ShardRun]) -> tuple[ShardRun | None, Batch | None]:
+    """Take the first run whose batch finishes out of `running`. A poll waits for its
+    batch; a look (suspend mode) returns it at once, finished or not, and is dropped to
+    be made again: (None, None) when no batch has finished."""
+    for future in as_completed([run.polling for run in running]):
+        run = next(r for r in running if r.polling is future)
         batch = future.result()
-        if batch.status not in TERMINAL:  # only in suspend mode, which looks just once
-            entry[2] = None
-            continue
-        running.remove(entry)
-        return entry[0], batch
+        if batch.status in TERMINAL:
+            running.remove(run)
+            return run, batch
+        run.polling = None
+    return None, None
+
+
+def suspend(state: RunState, max_wait_hours: float) -> NoReturn:
+    """Suspend the run while its batches run (suspend mode): the process exits, the worker
+    is free; a resumed run starts over from the journal, so nothing is submitted twice."""
     state.suspensions += 1
     state.save()
     get_run_logger().info("no batch is finished yet: suspending the run, which frees the "
                           "worker; the resume-ready deployment resumes it when one is")
     suspend_flow_run(key=f"{state.run_id}-wait-{state.suspensions}",
                      timeout=int(max_wait_hours * 3600))
-    raise AssertionError("a suspended run does not continue")  # resumed runs start over
+    raise AssertionError("unreachable: suspend_flow_run ends the run")
 
 
-def _token_limit_refusal(batch) -> str | None:
+def _token_limit_refusal(batch: Batch) -> str | None:
     if batch.status != "failed" or not batch.errors or not batch.errors.data:
         return None
     error = batch.errors.data[0]
