@@ -16,8 +16,9 @@ def _run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from flows.enrich import enrich, resolve_job
+    from tasks.merge import answer_columns
 
-    resolve_job(args.config, args.output, args.limit, args.provider, args.base_url)
+    job = resolve_job(args.config, args.output, args.limit, args.provider, args.base_url)
     manifest = enrich(args.config, output=args.output, limit=args.limit,
                       provider=args.provider, base_url=args.base_url, force=args.force,
                       use_cache=not args.no_cache)
@@ -31,10 +32,11 @@ def _run(args: argparse.Namespace) -> int:
     print(f"tokens:   {manifest['tokens']['prompt']:,} prompt, "
           f"{manifest['tokens']['completion']:,} completion; cost: "
           + ("unknown (no price for the model)" if cost is None else f"${cost:,.4f}"))
-    data = pd.read_parquet(manifest["output"])
-    shown = [c for c in data.columns if not c.startswith("_") or c == "_status"]
-    with pd.option_context("display.max_colwidth", 60, "display.width", 160):
-        print(data[shown[:2] + shown[-3:]].head(5).to_string(index=False))
+    data = pd.read_parquet(manifest["output"], storage_options=job.storage_options or None)
+    shown = [job.dataset.id_column or data.columns[0],
+             *answer_columns(job.request.response_format), "_status"]
+    with pd.option_context("display.max_colwidth", 70, "display.width", 160):
+        print(data[shown].head(5).to_string(index=False))
     return 0
 
 
@@ -51,16 +53,16 @@ def _estimate(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from enrichflow.storage import Location
-    from tasks.state import STATE_FILE
+    from tasks.state import RunState
     from tasks.write import read_manifest
 
     location = Location(args.output)
     manifest = read_manifest(location)
-    state = location.read_json(STATE_FILE)
+    state = RunState.load(location)
     if manifest is None and state is None:
         print(f"{args.output}: no enrichflow output or run state here", file=sys.stderr)
         return 1
-    if manifest and (state is None or state.get("finished_at")):
+    if manifest and (state is None or state.finished):
         print(f"complete: {manifest['job']} wrote {manifest['rows']:,} rows at "
               f"{manifest['finished_at']}")
         print("rows:     " + ", ".join(f"{n:,} {s}" for s, n in
@@ -68,13 +70,14 @@ def _status(args: argparse.Namespace) -> int:
         print(f"tokens:   {manifest['tokens']['prompt']:,} prompt, "
               f"{manifest['tokens']['completion']:,} completion")
         return 0
-    print(f"running or interrupted: run {state['run_id']}")
-    for shard in state["shards"]:
-        counts = shard.get("request_counts") or {}
+    print(f"running or interrupted: run {state.run_id}; `enrichflow run` with the same job "
+          "resumes it")
+    for shard in state.shards:
+        counts = shard.request_counts or {}
         done = counts.get("completed", 0) + counts.get("failed", 0)
-        print(f"  attempt {shard['attempt']} shard {shard['shard']}: {shard['rows']:,} rows, "
-              f"{shard['status']}, batch {shard['batch_id'] or '-'} "
-              f"{shard['batch_status'] or ''} {done:,}/{counts.get('total', shard['rows']):,}")
+        print(f"  {shard.name}: {shard.rows:,} rows, {shard.status}, batch "
+              f"{shard.batch_id or '-'} {shard.batch_status or ''} "
+              f"{done:,}/{counts.get('total', shard.rows):,} done")
     return 0
 
 
@@ -82,26 +85,24 @@ def _cancel(args: argparse.Namespace) -> int:
     from enrichflow.config import ProviderConfig
     from enrichflow.provider import open_client
     from enrichflow.storage import Location
-    from tasks.state import CANCEL_FILE, STATE_FILE
+    from tasks.state import CANCEL_FILE, RunState
     from tasks.wait import TERMINAL
 
     location = Location(args.output)
-    state = location.read_json(STATE_FILE)
+    state = RunState.load(location)
     if state is None:
         print(f"{args.output}: no run state here; nothing to cancel", file=sys.stderr)
         return 1
-    location.write_json(CANCEL_FILE, {"run_id": state["run_id"]})
-    provider = ProviderConfig(**state["provider"])
+    location.write_json(CANCEL_FILE, {"run_id": state.run_id})
     cancelled = 0
-    with open_client(provider, location) as client:
-        for shard in state["shards"]:
-            if shard["batch_id"] and shard["status"] != "collected":
-                batch = client.batches.retrieve(shard["batch_id"])
+    with open_client(ProviderConfig(**state.provider), location) as client:
+        for shard in state.shards:
+            if shard.batch_id and shard.status != "collected":
+                batch = client.batches.retrieve(shard.batch_id)
                 if batch.status not in TERMINAL and batch.status != "cancelling":
                     client.batches.cancel(batch.id)
                     cancelled += 1
-                    print(f"cancelling batch {batch.id} (attempt {shard['attempt']}, "
-                          f"shard {shard['shard']})")
+                    print(f"cancelling batch {batch.id} ({shard.name})")
     print(f"{cancelled} batch(es) cancelled; finished results stay billed and are kept. "
           "A running job stops after collecting them; running it again resumes it.")
     return 0
@@ -133,9 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", default=".localbatch", help="where state and files live")
     serve.add_argument("--engine", choices=["mock", "forward"], default="mock")
     serve.add_argument("--config", help="simulation and faults YAML file")
-    serve.add_argument("--api-key", help="require this bearer token (401 otherwise)")
+    serve.add_argument("--api-key", default=os.environ.get("LOCALBATCH_API_KEY"),
+                       help="require this bearer token, 401 otherwise (default: "
+                            "$LOCALBATCH_API_KEY, which the jobs also send)")
     serve.add_argument("--upstream-url", help="forward engine: OpenAI-compatible base URL")
-    serve.add_argument("--upstream-api-key", help="forward engine: the upstream's API key")
+    serve.add_argument("--upstream-api-key", default=os.environ.get("UPSTREAM_API_KEY"),
+                       help="forward engine: the upstream's API key (default: "
+                            "$UPSTREAM_API_KEY)")
     serve.add_argument("--concurrency", type=int, default=8,
                        help="forward engine: requests in flight at once")
     serve.set_defaults(handler=_serve)
