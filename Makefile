@@ -34,6 +34,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/localbatch_throughput.py
+	$(BIN)/python bench/render_throughput.py
 
 clean:
 	rm -rf $(VENV) .localbatch .prefect out

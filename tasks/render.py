@@ -86,8 +86,9 @@ def render_requests(table: pa.Table, request: RequestConfig, job_tag: str,
     skipped = pc.is_valid(skip_reason)
     failed = pc.and_(pc.invert(skipped), pc.is_valid(fail_reason))
     unsent = pc.or_(skipped, failed)
-    requests = pa.table({KEY: table[KEY], CUSTOM_ID: ids, LINE: lines}).filter(
-        pc.invert(unsent))
+    requests = pa.table({KEY: table[KEY], CUSTOM_ID: ids, LINE: lines})
+    if pc.any(unsent).as_py():  # filtering copies every line: only when some are left out
+        requests = requests.filter(pc.invert(unsent))
     status = pc.if_else(skipped, "skipped", "failed")
     reason = pc.if_else(skipped, skip_reason, fail_reason)
     return Rendered(requests=requests, unsent=pa.table(
