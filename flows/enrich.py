@@ -181,7 +181,6 @@ class ShardRun:
 
     shard: Shard
     record: ShardRecord
-    payload: bytes
     custom_ids: list[str]
     submitted: PrefectFuture | None = None  # its batch id
     polling: PrefectFuture | None = None  # its batch, once finished (or looked at)
@@ -202,20 +201,21 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
     tables, collecting = [], []
     queue: deque[ShardRun] = deque()
     for shard in shards:
-        payload = shard_jsonl(pending, shard)
         record = state.record(attempt, shard.index, shard.rows, shard.bytes,
-                              hashlib.sha256(payload).hexdigest())
+                              hashlib.sha256(shard_jsonl(pending, shard)).hexdigest())
         if record.status == "collected":
             tables.append(state.load_results(record))
         else:
             ids = pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()
-            queue.append(ShardRun(shard, record, payload, ids))
+            queue.append(ShardRun(shard, record, ids))
     running: list[ShardRun] = []
     while queue or running:
         while queue and budget.fits(queue[0].shard.tokens):
             run = queue.popleft()
             budget.take(run.shard.tokens)
-            run.submitted = submit_shard_task.submit(client, state, run.record, run.payload,
+            # the JSONL is cut again here rather than kept: only shards in flight hold theirs
+            run.submitted = submit_shard_task.submit(client, state, run.record,
+                                                     shard_jsonl(pending, run.shard),
                                                      job.request.endpoint)
             running.append(run)
         for run in running:
