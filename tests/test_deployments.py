@@ -43,7 +43,10 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PWD": str(REPO),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           # the tests trigger every run themselves: a scheduled resume-ready run must not
+           # resume the suspended run at a moment the test does not choose
+           "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
@@ -122,6 +125,15 @@ class PrefectAPI:
         logs = self.http.post("/logs/filter", json={
             "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}).json()
         return "\n".join(entry["message"] for entry in logs)
+
+
+def test_deploy_registers_the_schedules(prefect_env):
+    api = PrefectAPI(prefect_env)
+    schedules = {name: api.http.get(f"/deployments/name/{name}").json()["schedules"]
+                 for name in ("enrich/movies", "enrich/furniture", "resume-ready/resume-ready")}
+    assert [s["schedule"]["cron"] for s in schedules["enrich/movies"]] == ["0 6 * * *"]
+    assert schedules["enrich/furniture"] == []
+    assert [s["schedule"]["interval"] for s in schedules["resume-ready/resume-ready"]] == [300]
 
 
 def test_a_triggered_deployment_writes_parquet_and_artifacts(prefect_env, start_localbatch,
