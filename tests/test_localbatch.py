@@ -123,6 +123,15 @@ def test_batch_moves_through_every_state_with_counts_and_usage(start_localbatch)
     assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
 
 
+def test_a_token_rate_paces_the_batch(start_localbatch):
+    client = sdk_client(start_localbatch(Simulation(tokens_per_second=400)).base_url)
+    lines = [chat_line(f"r{i}", "word " * 36) for i in range(8)]  # 45 + 6 tokens each
+    started = time.monotonic()
+    batch = wait_until(client, submit(client, lines).id)
+    assert batch.status == "completed" and batch.usage.input_tokens == 8 * 51
+    assert time.monotonic() - started >= 0.9  # 408 tokens at 400 a second
+
+
 def test_failed_requests_go_to_the_error_file(start_localbatch):
     client = sdk_client(start_localbatch(Simulation(request_failure_rate=1.0)).base_url)
     batch = wait_until(client, submit(client, [chat_line(f"r{i}", "x") for i in range(4)]).id)
