@@ -1,7 +1,8 @@
 """Step 2, plan: split the rendered lines into shards within the provider's limits.
 
-A shard is one batch input file: at most `max_requests` lines and `max_bytes` bytes,
-counting each line's real UTF-8 bytes and its newline.
+A shard is one batch input file: at most `max_requests` lines, `max_bytes` bytes
+(each line's real UTF-8 bytes and its newline) and, under an enqueued-token budget,
+`max_tokens` estimated prompt tokens, so that a shard can always run on its own.
 """
 
 from __future__ import annotations
