@@ -83,11 +83,3 @@ class Location:
     def remove(self, name: str) -> None:
         if self.exists(name):
             self.fs.rm(self.path(name), recursive=True)
-
-    def list(self, prefix: str = "") -> list[str]:
-        """Names (relative to the root) of the files directly under `prefix`."""
-        try:
-            entries = self.fs.ls(self.path(prefix) if prefix else self.root, detail=False)
-        except FileNotFoundError:
-            return []
-        return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]

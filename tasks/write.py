@@ -18,14 +18,10 @@ DATA_FILE = "part-00000.parquet"
 MANIFEST = "_manifest.json"
 
 
-def write_output(location: Location, table: pa.Table, manifest: dict[str, Any]) -> str:
-    """Write the dataset and its manifest; returns the data file's URI."""
+def write_output(location: Location, table: pa.Table, manifest: dict[str, Any]) -> None:
+    """Write the dataset, then its manifest."""
     location.write_parquet(DATA_FILE, table)
-    for name in location.list():
-        if name.startswith("part-") and name != DATA_FILE:
-            location.remove(name)  # parts of an earlier, larger layout
     location.write_json(MANIFEST, manifest)
-    return f"{location.uri}/{DATA_FILE}"
 
 
 def read_manifest(location: Location) -> dict[str, Any] | None:
