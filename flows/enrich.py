@@ -32,7 +32,7 @@ from enrichflow.errors import ConfigError
 from enrichflow.provider import describe, open_client, provider_kind
 from enrichflow.storage import Location
 from tasks.budget import TokenBudget
-from tasks.cache import cache_location, load_answers, remember_answers
+from tasks.cache import remember_answers
 from tasks.collect import ATTEMPT_RESULTS, collect_results_task
 from tasks.load import KEY
 from tasks.merge import merge_results_task
@@ -97,10 +97,8 @@ def enrich(
 
     merged = merge_results_task(prepared.rows.table, prepared.tag, prepared.rendered.unsent,
                                 results, job.request.response_format, prepared.price)
-    if use_cache and job.cache.enabled:
-        cache_at, name = cache_location(job.cache.uri, location, job.storage_options)
-        remember_answers(cache_at, name, load_answers(cache_at, name),
-                         prepared.rendered.requests, prepared.hashes, results)
+    if prepared.cache is not None:
+        remember_answers(prepared.cache, prepared.rendered.requests, prepared.hashes, results)
     manifest = build_manifest(job, state, prepared, merged, location)
     write_output_task(location, merged, manifest)
     state.finish()

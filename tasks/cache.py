@@ -9,6 +9,7 @@ or model sends everything again. Kept answers live in one Parquet file, by defau
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,16 +33,26 @@ def request_hashes(requests: pa.Table) -> pa.Array:
     return pa.array(hashes, pa.string())
 
 
-def cache_location(uri: str | None, output: Location,
-                   storage_options: dict | None) -> tuple[Location, str]:
-    """(location, file name) of the answer cache."""
-    if uri is None:
-        return output, DEFAULT_FILE
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    return Location(parent, storage_options), name
+@dataclass(frozen=True)
+class AnswerCache:
+    """Where the kept answers live, and what they were when the run started."""
+
+    location: Location
+    name: str
+    answers: pa.Table
+
+    @classmethod
+    def open(cls, uri: str | None, output: Location,
+             storage_options: dict | None) -> AnswerCache:
+        if uri is None:
+            location, name = output, DEFAULT_FILE
+        else:
+            parent, _, name = uri.rstrip("/").rpartition("/")
+            location = Location(parent, storage_options)
+        return cls(location, name, _read(location, name))
 
 
-def load_answers(location: Location, name: str) -> pa.Table:
+def _read(location: Location, name: str) -> pa.Table:
     if not location.exists(name):
         return CACHED.empty_table()
     return location.read_parquet(name).select(CACHED.names).cast(CACHED)
@@ -67,14 +78,14 @@ def split_reused(requests: pa.Table, hashes: pa.Array,
     return results, to_send
 
 
-def remember_answers(location: Location, name: str, answers: pa.Table, requests: pa.Table,
-                     hashes: pa.Array, results: pa.Table) -> int:
-    """Add this run's good answers to the cache; returns how many it holds now."""
+def remember_answers(cache: AnswerCache, requests: pa.Table, hashes: pa.Array,
+                     results: pa.Table) -> None:
+    """Add this run's good answers to the cache."""
     ok = results.filter(pc.and_(results["_ok"], pc.greater(results["_attempt"], 0)))
     by_id = pa.table({CUSTOM_ID: requests[CUSTOM_ID], HASH: hashes})
     fresh = ok.join(by_id, keys="_custom_id", right_keys=CUSTOM_ID, join_type="inner")
     fresh = fresh.select(CACHED.names).cast(CACHED)
-    merged = pa.concat_tables([answers.filter(pc.invert(pc.is_in(
-        answers[HASH], value_set=fresh[HASH]))), fresh])
-    location.write_parquet(name, merged)
-    return merged.num_rows
+    kept = _read(cache.location, cache.name)  # as it is now: other outputs may share it
+    merged = pa.concat_tables([kept.filter(pc.invert(pc.is_in(kept[HASH],
+                                                              value_set=fresh[HASH]))), fresh])
+    cache.location.write_parquet(cache.name, merged)

@@ -17,7 +17,7 @@ from enrichflow.config import JobConfig
 from enrichflow.errors import CostLimitError
 from enrichflow.storage import Location
 from tasks import as_task
-from tasks.cache import cache_location, load_answers, request_hashes, split_reused
+from tasks.cache import AnswerCache, request_hashes, split_reused
 from tasks.collect import ATTEMPT_RESULTS
 from tasks.estimate import Estimate, Price, default_token_budget, price_for, request_tokens
 from tasks.load import Rows, load_rows
@@ -33,6 +33,7 @@ class Prepared:
     rendered: Rendered
     hashes: pa.Array  # request hash of each of rendered.requests
     reused: pa.Table  # results taken from the cache (`_attempt` 0)
+    cache: AnswerCache | None  # None when the cache is off
     to_send: pa.Table  # requests still to send, with their `_tokens`
     shards: list[Shard]  # the first attempt's plan
     token_budget: int | None
@@ -51,11 +52,11 @@ def prepare_job(job: JobConfig, use_cache: bool = True) -> Prepared:
     rendered = render_requests(rows.table, job.request, job_key[:8], job.dataset.path,
                                job.storage_options)
     hashes = request_hashes(rendered.requests)
-    reused, to_send = ATTEMPT_RESULTS.empty_table(), rendered.requests
+    reused, to_send, cache = ATTEMPT_RESULTS.empty_table(), rendered.requests, None
     if use_cache and job.cache.enabled:
-        location, name = cache_location(job.cache.uri, Location(job.output, job.storage_options),
-                                        job.storage_options)
-        reused, to_send = split_reused(rendered.requests, hashes, load_answers(location, name))
+        cache = AnswerCache.open(job.cache.uri, Location(job.output, job.storage_options),
+                                 job.storage_options)
+        reused, to_send = split_reused(rendered.requests, hashes, cache.answers)
     to_send = to_send.append_column(TOKENS, pa.array(request_tokens(to_send), pa.int64()))
     budget = job.limits.enqueued_token_budget or default_token_budget(job.request.model)
     shards = plan_shards(to_send, job.limits.max_requests_per_shard,
@@ -67,8 +68,8 @@ def prepare_job(job: JobConfig, use_cache: bool = True) -> Prepared:
         reused=reused.num_rows, requests=to_send.num_rows, shards=len(shards),
         input_tokens=int(pc.sum(to_send[TOKENS]).as_py() or 0),
         output_ceiling=None if ceiling is None else ceiling * to_send.num_rows, price=price)
-    return Prepared(rows, job_key, rendered, hashes, reused, to_send, shards, budget, price,
-                    estimate)
+    return Prepared(rows, job_key, rendered, hashes, reused, cache, to_send, shards, budget,
+                    price, estimate)
 
 
 def check_cost_cap(estimate: Estimate, max_cost_usd: float | None) -> None:
