@@ -18,10 +18,9 @@ from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from enrichflow.errors import ConfigError
+from localbatch.simulation import MAX_BATCH_FILE_BYTES, MAX_REQUESTS_PER_BATCH
 
 SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "credential")
-MAX_REQUESTS_PER_BATCH = 50_000
-MAX_BATCH_BYTES = 200 * 1024 * 1024
 
 
 class _Strict(BaseModel):
@@ -189,7 +188,8 @@ class CacheConfig(_Strict):
 class LimitsConfig(_Strict):
     max_requests_per_shard: int = Field(default=MAX_REQUESTS_PER_BATCH, gt=0,
                                         le=MAX_REQUESTS_PER_BATCH)
-    max_bytes_per_shard: int = Field(default=MAX_BATCH_BYTES, gt=0, le=MAX_BATCH_BYTES)
+    max_bytes_per_shard: int = Field(default=MAX_BATCH_FILE_BYTES, gt=0,
+                                     le=MAX_BATCH_FILE_BYTES)
     max_attempts: int = Field(default=3, ge=1, le=10)
     poll_interval_min: float = Field(default=1.0, gt=0)
     poll_interval_max: float = Field(default=60.0, gt=0)
@@ -278,17 +278,20 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
         raise ConfigError(f"{path}: a job file is a YAML mapping with name, dataset, request "
                           "and output")
     for dotted, value in overrides.items():
-        if value is None:
-            continue
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        if value is not None:
+            set_field(raw, dotted, value)
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: invalid job file:\n{_describe(exc)}") from exc
+
+
+def set_field(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set a nested field of a job mapping by its dotted name (`limits.max_attempts`)."""
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        raw = raw.setdefault(key, {})
+    raw[leaf] = value
 
 
 def _describe(exc: ValidationError) -> str:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
+from enrichflow.config import set_field
 from localbatch import LocalBatchServer, Simulation
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -41,11 +42,7 @@ def job_file(tmp_path: Path, rows: pd.DataFrame | None = None, config: str = "mo
     job["output"] = str(tmp_path / "out")
     job.setdefault("limits", {}).update(poll_interval_min=0.1, poll_interval_max=0.5)
     for dotted, value in changes.items():
-        node = job
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        set_field(job, dotted, value)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
