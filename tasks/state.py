@@ -63,10 +63,7 @@ class RunState:
     @classmethod
     def load(cls, location: Location) -> RunState | None:
         """The journal at `location` as it is, or None."""
-        try:
-            saved = location.read_json(STATE_FILE)
-        except OSError as exc:
-            raise StorageError(f"output {location.uri}: cannot read the run state: {exc}") from exc
+        saved = location.read_json(STATE_FILE)  # raises StorageError naming the file
         if saved is None:
             return None
         shards = [ShardRecord(**s) for s in saved.pop("shards")]
