@@ -180,12 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
-    from enrichflow.errors import ConfigError, CostLimitError, InputError, StorageError
+    from enrichflow.errors import StorageError
 
+    # ConfigError, InputError and CostLimitError are ValueErrors; a RuntimeError says a
+    # local server's data folder is already in use
     try:
         return args.handler(args)
-    except (ConfigError, CostLimitError, InputError, StorageError, RuntimeError,
-            ValueError) as exc:
+    except (ValueError, StorageError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

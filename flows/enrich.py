@@ -282,7 +282,7 @@ def _token_limit_refusal(batch: Batch) -> str | None:
 def build_manifest(job: JobConfig, state: RunState, prepared: Prepared, merged: pa.Table,
                    location: Location) -> dict[str, Any]:
     statuses = pc.value_counts(merged["_status"]).to_pylist()
-    cost = pc.sum(merged["_cost_usd"]).as_py() if prepared.price else None
+    cost = (pc.sum(merged["_cost_usd"]).as_py() or 0.0) if prepared.price else None
     return {
         "job": job.name,
         "job_key": state.job_key,
@@ -299,7 +299,7 @@ def build_manifest(job: JobConfig, state: RunState, prepared: Prepared, merged: 
         "attempts": max((s.attempt for s in state.shards), default=0),
         "tokens": {"prompt": pc.sum(merged["_prompt_tokens"]).as_py() or 0,
                    "completion": pc.sum(merged["_completion_tokens"]).as_py() or 0},
-        "cost_usd": cost if cost is not None or prepared.price is None else 0.0,
+        "cost_usd": cost,
         "price": asdict(prepared.price) if prepared.price else None,
         "estimate": dict(prepared.estimate.lines()),
         "started_at": _iso(state.started_at),

@@ -195,8 +195,9 @@ class Estimate:
         return pairs
 
     def text(self) -> str:
-        width = max(len(label) for label, _ in self.lines())
-        return "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in self.lines())
+        lines = self.lines()
+        width = max(len(label) for label, _ in lines)
+        return "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in lines)
 
     def markdown(self) -> str:
         rows = "\n".join(f"| {label} | {value} |" for label, value in self.lines())

@@ -45,7 +45,7 @@ def load_rows(dataset: DatasetConfig, storage_options: dict[str, Any] | None = N
         table = table.slice(0, dataset.limit)
     if table.num_rows == 0:
         raise InputError(f"dataset.path: {dataset.path} has no rows; nothing to enrich")
-    if KEY in table.column_names or any(c.startswith("_") for c in table.column_names):
+    if any(c.startswith("_") for c in table.column_names):  # `_key` and every output `_…`
         raise InputError(f"{dataset.path}: column names starting with '_' are reserved for "
                          "enrichflow's own columns; rename them")
     table = table.append_column(KEY, _keys(table, dataset))
