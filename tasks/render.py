@@ -137,4 +137,3 @@ def escape_json(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
 
 def _escape_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)[1:-1]
-
