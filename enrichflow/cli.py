@@ -32,6 +32,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"tokens:   {manifest['tokens']['prompt']:,} prompt, "
           f"{manifest['tokens']['completion']:,} completion; cost: "
           + ("unknown (no price for the model)" if cost is None else f"${cost:,.4f}"))
+    if manifest["cancelled"]:
+        print("cancelled: rows not answered are failed; run the job again to send them")
     data = pd.read_parquet(manifest["output"], storage_options=job.storage_options or None)
     shown = [job.dataset.id_column or data.columns[0],
              *answer_columns(job.request.response_format), "_status"]
@@ -70,8 +72,11 @@ def _status(args: argparse.Namespace) -> int:
         print(f"tokens:   {manifest['tokens']['prompt']:,} prompt, "
               f"{manifest['tokens']['completion']:,} completion")
         return 0
-    print(f"running or interrupted: run {state.run_id}; `enrichflow run` with the same job "
-          "resumes it")
+    print(f"running or interrupted: run {state.run_id}"
+          + (" (cancel requested)" if state.cancel_requested() else ""))
+    if state.resume:
+        where = "" if state.resume["cwd"] == os.getcwd() else f"cd {state.resume['cwd']} && "
+        print(f"resume it: {where}{state.resume['command']}")
     for shard in state.shards:
         counts = shard.request_counts or {}
         done = counts.get("completed", 0) + counts.get("failed", 0)
@@ -82,29 +87,18 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    from enrichflow.config import ProviderConfig
-    from enrichflow.provider import open_client
     from enrichflow.storage import Location
-    from tasks.state import CANCEL_FILE, RunState
-    from tasks.wait import TERMINAL
+    from tasks.cancel import cancel_run
 
-    location = Location(args.output)
-    state = RunState.load(location)
+    state, cancelled = cancel_run(Location(args.output))
     if state is None:
-        print(f"{args.output}: no run state here; nothing to cancel", file=sys.stderr)
+        print(f"{args.output}: no unfinished run here; nothing to cancel", file=sys.stderr)
         return 1
-    location.write_json(CANCEL_FILE, {"run_id": state.run_id})
-    cancelled = 0
-    with open_client(ProviderConfig(**state.provider), location) as client:
-        for shard in state.shards:
-            if shard.batch_id and shard.status != "collected":
-                batch = client.batches.retrieve(shard.batch_id)
-                if batch.status not in TERMINAL and batch.status != "cancelling":
-                    client.batches.cancel(batch.id)
-                    cancelled += 1
-                    print(f"cancelling batch {batch.id} ({shard.name})")
-    print(f"{cancelled} batch(es) cancelled; finished results stay billed and are kept. "
-          "A running job stops after collecting them; running it again resumes it.")
+    for batch in cancelled:
+        print(f"cancelling {batch}")
+    print(f"{len(cancelled)} batch(es) cancelled; finished answers stay billed and are kept. "
+          "The run (also a suspended one) sends nothing more, collects what finished and "
+          "writes its output; running the job again afterwards sends the rest.")
     return 0
 
 
@@ -126,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     from localbatch import DEFAULT_PORT
 
     parser = argparse.ArgumentParser(prog="enrichflow", description=__doc__)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the full tracebacks of errors (default: one error line)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the local OpenAI-compatible Batch API server")
@@ -182,13 +178,38 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from enrichflow.errors import StorageError
 
-    # ConfigError, InputError and CostLimitError are ValueErrors; a RuntimeError says a
-    # local server's data folder is already in use
+    # ConfigError, InputError and CostLimitError are ValueErrors; ProviderError and
+    # RowsFailedError are RuntimeErrors, and so is a local server's data folder in use
+    expected = (ValueError, StorageError, RuntimeError)
+    if not args.verbose:
+        _quiet_tracebacks(expected)
     try:
         return args.handler(args)
-    except (ValueError, StorageError, RuntimeError) as exc:
+    except expected as exc:
+        if args.verbose:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _quiet_tracebacks(expected: tuple[type[BaseException], ...]) -> None:
+    """Prefect logs an expected error with its traceback, for the task and again for the
+    flow, before our one `error:` line: on the console, keep only its message. The
+    Prefect API (the UI's logs) keeps everything, and so does --verbose."""
+    import logging
+
+    import prefect.main  # noqa: F401  (sets Prefect's logging up, console handler included)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    class DropExpectedTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.exc_info and isinstance(record.exc_info[1], expected):
+                record.exc_info, record.exc_text = None, None
+            return True
+
+    for handler in logging.getLogger().handlers:  # Prefect puts its console handler on root
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.addFilter(DropExpectedTraceback())
 
 
 if __name__ == "__main__":

@@ -194,6 +194,9 @@ class LimitsConfig(_Strict):
     poll_interval_min: float = Field(default=1.0, gt=0)
     poll_interval_max: float = Field(default=60.0, gt=0)
     max_wait_hours: float = Field(default=25.0, gt=0)
+    max_failed_share: float = Field(
+        default=0.5, ge=0, le=1, description="A run with a larger share of failed rows ends "
+                                             "failed (its output still written).")
     enqueued_token_budget: int | None = Field(
         default=None, gt=0, description="Prompt tokens in unfinished batches at most; default: "
                                         "OpenAI's tier-1 limit for known models.")

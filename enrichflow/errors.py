@@ -15,3 +15,11 @@ class StorageError(OSError):
 
 class CostLimitError(ValueError):
     """The job's estimate may pass its `max_cost_usd`; nothing was uploaded."""
+
+
+class ProviderError(RuntimeError):
+    """The Batch API did not answer, or a batch did not finish in time; it runs on there."""
+
+
+class RowsFailedError(RuntimeError):
+    """More rows failed than `limits.max_failed_share` allows; the output is written."""

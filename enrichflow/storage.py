@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
@@ -38,19 +40,19 @@ class Location:
         return f"{self.root}/{name}"
 
     def exists(self, name: str) -> bool:
-        return self.fs.exists(self.path(name))
+        with self._errors("read", name):
+            return self.fs.exists(self.path(name))
 
     def read_json(self, name: str) -> Any | None:
         try:
-            with self.fs.open(self.path(name), "rb") as handle:
+            with self._errors("read", name, keep_missing=True), \
+                    self.fs.open(self.path(name), "rb") as handle:
                 return json.load(handle)
         except FileNotFoundError:
             return None
-        except Exception as exc:  # s3fs and botocore raise more than OSError
-            raise self._error("read", name, exc) from exc
 
     def read_parquet(self, name: str) -> pa.Table:
-        with self.fs.open(self.path(name), "rb") as handle:
+        with self._errors("read", name), self.fs.open(self.path(name), "rb") as handle:
             return pq.read_table(handle)
 
     def write_json(self, name: str, value: Any) -> None:
@@ -64,22 +66,31 @@ class Location:
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write `name` whole or not at all: staged under `_staging/`, then moved."""
         staged = self.path(f"{STAGING}/{uuid.uuid4().hex}-{name.replace('/', '_')}")
-        try:
+        with self._errors("write", name):
             if self.is_local:  # object stores have no folders (and s3fs would make a bucket)
                 self.fs.makedirs(self.path(STAGING), exist_ok=True)
                 self.fs.makedirs(self.path(name).rsplit("/", 1)[0], exist_ok=True)
             with self.fs.open(staged, "wb") as handle:
                 handle.write(data)
             self.fs.mv(staged, self.path(name))
-        except Exception as exc:  # s3fs and botocore raise more than OSError
-            raise self._error("write", name, exc) from exc
-
-    def _error(self, action: str, name: str, exc: Exception) -> StorageError:
-        cause = f"{type(exc).__name__}: {exc}"
-        return StorageError(f"cannot {action} {self.uri}/{name} ({cause}); check that the "
-                            "bucket or folder exists, your credentials, and, for "
-                            "S3-compatible storage, storage_options.endpoint_url")
 
     def remove(self, name: str) -> None:
         if self.exists(name):
-            self.fs.rm(self.path(name), recursive=True)
+            with self._errors("remove", name):
+                self.fs.rm(self.path(name), recursive=True)
+
+    @contextmanager
+    def _errors(self, action: str, name: str, keep_missing: bool = False) -> Iterator[None]:
+        """Any storage failure as one StorageError that names the file and the fix; with
+        `keep_missing`, a missing file stays FileNotFoundError for the caller to expect."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except Exception as exc:  # s3fs, botocore and aiohttp raise more than OSError
+            if keep_missing and isinstance(exc, FileNotFoundError):
+                raise
+            raise StorageError(
+                f"cannot {action} {self.uri}/{name} ({type(exc).__name__}: {exc}); check "
+                "that the bucket or folder exists, your credentials, and, for S3-compatible "
+                "storage, storage_options.endpoint_url") from exc

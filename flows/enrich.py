@@ -11,6 +11,8 @@ and answers to requests already answered are reused, so a re-run pays only for c
 from __future__ import annotations
 
 import hashlib
+import os
+import shlex
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -22,18 +24,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from openai import OpenAI
 from openai.types import Batch
-from prefect import flow, get_run_logger
+from prefect import Flow, State, flow, get_run_logger, runtime
+from prefect.artifacts import update_progress_artifact
+from prefect.client.schemas.objects import FlowRun
 from prefect.flow_runs import suspend_flow_run
-from prefect.futures import PrefectFuture, as_completed
+from prefect.logging.loggers import flow_run_logger
 from pydantic import Field
 
 from enrichflow.config import JobConfig, load_job
-from enrichflow.errors import ConfigError
+from enrichflow.errors import ConfigError, RowsFailedError
 from enrichflow.provider import describe, open_client, provider_kind
 from enrichflow.storage import Location
 from tasks.budget import TokenBudget
 from tasks.cache import remember_answers
-from tasks.collect import ATTEMPT_RESULTS, collect_results_task
+from tasks.cancel import cancel_run
+from tasks.collect import ATTEMPT_RESULTS, collect_results_task, error_results
 from tasks.load import KEY
 from tasks.merge import merge_results_task
 from tasks.plan import Shard, plan_shards, shard_jsonl
@@ -42,35 +47,54 @@ from tasks.render import CUSTOM_ID
 from tasks.report import publish_estimate, publish_results, start_progress
 from tasks.state import RunState, ShardRecord
 from tasks.submit import submit_shard_task
-from tasks.wait import TERMINAL, look_at_batch_task, poll_delays, poll_retries, wait_for_batch_task
+from tasks.wait import TERMINAL, look_at_batches_task, wait_for_batches_task
 from tasks.write import read_manifest, write_output_task
 
 WaitMode = Literal["poll", "suspend"]
+JOB_PARAMETERS = ("config_path", "output", "limit", "provider", "base_url", "model")
 
 
-@flow(name="enrich", log_prints=True, persist_result=True)
+def cancel_batches_on_cancellation(flow: Flow, flow_run: FlowRun, state: State) -> None:
+    """A run cancelled in Prefect (the UI's Cancel, the API) cancels its batches too:
+    without this, they would go on running, and billed, at the provider."""
+    log = flow_run_logger(flow_run, flow)
+    job = job_from_parameters(flow_run.parameters)
+    stopped, cancelled = cancel_run(Location(job.output, job.storage_options))
+    if stopped is None:
+        log.info("the run was cancelled before it started any batch")
+        return
+    log.warning("the run was cancelled: %s; answers that finished before stay billed and "
+                "are kept, and running the job again sends the rest",
+                ", ".join(cancelled) + " cancelled" if cancelled else "no batch was running")
+
+
+@flow(name="enrich", log_prints=True, persist_result=True,
+      on_cancellation=[cancel_batches_on_cancellation])
 def enrich(
-    config_path: Annotated[str, Field(
-        description="Job YAML file, relative to the repository root, e.g. configs/movies.yaml")],
-    output: Annotated[str | None, Field(
-        description="Output directory (local or s3://); default: the job file's")] = None,
-    limit: Annotated[int | None, Field(
-        gt=0, description="Only the first N rows; default: all")] = None,
-    provider: Annotated[Literal["local", "openai"] | None, Field(
-        description="Default: openai when OPENAI_API_KEY is set, else local")] = None,
-    base_url: Annotated[str | None, Field(
-        description="API base URL, e.g. a running `enrichflow serve`")] = None,
-    model: Annotated[str | None, Field(
-        description="Model; default: the job file's")] = None,
-    wait_mode: Annotated[WaitMode, Field(
-        description="poll: the run waits for its batches; suspend: it suspends itself and "
-                    "the resume-ready deployment resumes it when they are done")] = "poll",
-    force: Annotated[bool, Field(
-        description="Run again even if the output is complete")] = False,
-    use_cache: Annotated[bool, Field(
-        description="Reuse answers to requests answered before")] = True,
+    config_path: str,
+    output: str | None = None,
+    limit: Annotated[int | None, Field(gt=0)] = None,
+    provider: Literal["local", "openai"] | None = None,
+    base_url: str | None = None,
+    model: str | None = None,
+    wait_mode: WaitMode = "poll",
+    force: bool = False,
+    use_cache: bool = True,
 ) -> dict[str, Any]:
-    """Enrich the rows of a job file's dataset through the Batch API; returns the manifest."""
+    """Enrich the rows of a job file's dataset through the Batch API; returns the manifest.
+
+    Args:
+        config_path: Job YAML file, relative to the repository root, e.g. configs/movies.yaml.
+        output: Output directory (local path or s3:// URI); default: the job file's.
+        limit: Only the first N rows; default: all.
+        provider: local or openai; default: openai when OPENAI_API_KEY is set, else local.
+        base_url: Batch API base URL, e.g. a running `enrichflow serve`; default: the job file's.
+        model: Model; default: the job file's.
+        wait_mode: poll: the run waits for its batches; suspend: it suspends itself, freeing
+            the worker, and the resume-ready deployment resumes it when a batch is done.
+        force: Run again even if the output is complete.
+        use_cache: Reuse answers to requests answered before (not paid again).
+    """
     job = resolve_job(config_path, output, limit, provider, base_url, model)
     if wait_mode == "suspend":
         check_can_suspend(job)
@@ -80,15 +104,17 @@ def enrich(
     report_prepared(job, prepared)
 
     done = read_manifest(location)
-    if done and done.get("job_key") == prepared.job_key and not force:
+    if done and done.get("job_key") == prepared.job_key and not done.get("cancelled") \
+            and not force:
         log.info("%s is already complete in %s; nothing sent (use --force to run it again)",
                  job.name, location.uri)
         return done
     check_cost_cap(prepared.estimate, job.max_cost_usd)
 
-    state, resumed = RunState.open(location, prepared.job_key, job.config_hash(),
-                                   prepared.rows.fingerprint, describe(job.provider, location),
-                                   force)
+    state, resumed = RunState.open(
+        location, prepared.job_key, job.config_hash(), prepared.rows.fingerprint,
+        describe(job.provider, location), force, flow_run_id=str(runtime.flow_run.id),
+        resume=resume_command(config_path, location.uri, limit, provider, base_url, model))
     if resumed:
         log.info("resuming run %s from %s/_state", state.run_id, location.uri)
     with open_client(job.provider, location) as client:
@@ -102,10 +128,13 @@ def enrich(
     manifest = build_manifest(job, state, prepared, merged, location)
     write_output_task(location, merged, manifest)
     state.finish()
-    publish_results(manifest, merged)
-    log.info("%s: wrote %s rows to %s (%s); cost %s", job.name, f"{merged.num_rows:,}",
+    publish_results(manifest, merged, job)
+    log.info("%s: wrote %s rows to %s (%s); cost %s%s", job.name, f"{merged.num_rows:,}",
              location.uri, ", ".join(f"{n:,} {s}" for s, n in manifest["rows_by_status"].items()),
-             "unknown" if manifest["cost_usd"] is None else f"${manifest['cost_usd']:,.4f}")
+             "unknown" if manifest["cost_usd"] is None else f"${manifest['cost_usd']:,.4f}",
+             "; the job was cancelled: run it again to send the rest" if manifest["cancelled"]
+             else "")
+    check_failed_share(manifest, merged, job.limits.max_failed_share)
     return manifest
 
 
@@ -116,6 +145,36 @@ def resolve_job(config_path: str, output: str | None = None, limit: int | None =
     return load_job(config_path, output=output, **{
         "dataset.limit": limit, "provider.kind": provider, "provider.base_url": base_url,
         "request.model": model})
+
+
+def job_from_parameters(parameters: dict[str, Any]) -> JobConfig:
+    """The job of an `enrich` flow run, from its parameters (hooks, resume-ready)."""
+    return resolve_job(**{name: parameters.get(name) for name in JOB_PARAMETERS})
+
+
+def resume_command(config_path: str, output: str, limit: int | None, provider: str | None,
+                   base_url: str | None, model: str | None) -> dict[str, str]:
+    """The directory and the `enrichflow run` command that resume this run, for `status`."""
+    options = {"--output": output, "--limit": limit, "--provider": provider,
+               "--base-url": base_url, "--model": model}
+    words = ["enrichflow", "run", config_path]
+    for option, value in options.items():
+        if value is not None:
+            words += [option, str(value)]
+    return {"cwd": os.getcwd(), "command": shlex.join(words)}
+
+
+def check_failed_share(manifest: dict[str, Any], merged: pa.Table, max_share: float) -> None:
+    """Fail the run (Prefect: Failed; CLI: exit 2), its output written, when more rows
+    failed than the job accepts: a run with most rows failed is not a success."""
+    failed = manifest["rows_by_status"].get("failed", 0)
+    if manifest["cancelled"] or not manifest["rows"] or failed / manifest["rows"] <= max_share:
+        return
+    first = merged.filter(pc.equal(merged["_status"], "failed"))["_error"][0].as_py()
+    raise RowsFailedError(
+        f"{failed:,} of {manifest['rows']:,} rows failed, more than limits.max_failed_share "
+        f"({max_share:.0%}); the output is written to {manifest['output']} (see its _error "
+        f"column). First error: {first}")
 
 
 def check_can_suspend(job: JobConfig) -> None:
@@ -180,23 +239,20 @@ class ShardRun:
     shard: Shard
     record: ShardRecord
     custom_ids: list[str]
-    submitted: PrefectFuture | None = None  # its batch id
-    polling: PrefectFuture | None = None  # its batch, once finished (or looked at)
 
 
 def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
                shards: list[Shard], budget: TokenBudget, job: JobConfig, wait_mode: WaitMode,
                progress: UUID) -> pa.Table:
-    """Run one attempt's shards concurrently, starting each only when it fits the
-    enqueued-token budget; a shard refused for `token_limit_exceeded` waits its turn
-    and goes again, under the limit the refusal named. In `suspend` mode the run, rather
-    than waiting, suspends itself until the resume-ready deployment finds a batch done."""
+    """Run one attempt's shards, starting each only when it fits the enqueued-token
+    budget, and collect (and journal) each as soon as its batch is finished. A shard
+    refused for `token_limit_exceeded` waits its turn and goes again, under the limit
+    the refusal named. In `suspend` mode the run, rather than waiting, suspends itself
+    until the resume-ready deployment finds a batch of it finished. After a cancel, no
+    shard is started: their rows are results with the cancel as their error."""
     log = get_run_logger()
     limits = job.limits
-    delays = poll_delays(limits.poll_interval_min, limits.poll_interval_max)
-    wait = look_at_batch_task if wait_mode == "suspend" else wait_for_batch_task.with_options(
-        retries=poll_retries(delays, limits.max_wait_hours), retry_delay_seconds=delays)
-    tables, collecting = [], []
+    tables = []
     queue: deque[ShardRun] = deque()
     for shard in shards:
         record = state.record(attempt, shard.index, shard.rows, shard.bytes,
@@ -206,58 +262,63 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
         else:
             ids = pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()
             queue.append(ShardRun(shard, record, ids))
-    running: list[ShardRun] = []
+    running: dict[str, ShardRun] = {}  # by batch id
     while queue or running:
+        if any(not run.record.batch_id for run in queue) and state.cancel_requested():
+            unsent = [run for run in queue if not run.record.batch_id]
+            log.warning("the job was cancelled: %d shard(s) of attempt %d are not sent",
+                        len(unsent), attempt)
+            tables.extend(error_results(run.custom_ids, None, "cancelled before it was sent",
+                                        True) for run in unsent)
+            queue = deque(run for run in queue if run.record.batch_id)  # re-attach to these
+        starting = []
         while queue and budget.fits(queue[0].shard.tokens):
             run = queue.popleft()
             budget.take(run.shard.tokens)
-            # the JSONL is cut again here rather than kept: only shards in flight hold theirs
-            run.submitted = submit_shard_task.submit(client, state, run.record,
-                                                     shard_jsonl(pending, run.shard),
-                                                     job.request.endpoint)
-            running.append(run)
-        for run in running:
-            if run.polling is None:
-                run.polling = wait.submit(client, state, run.record, progress,
-                                          wait_for=[run.submitted])
-        run, batch = _next_finished(running)
-        if run is None:
-            suspend(state, limits.max_wait_hours)
-        budget.release(run.shard.tokens)
-        refusal = _token_limit_refusal(batch)
-        if refusal and running:
-            limit = budget.learn(refusal)
-            log.warning("%s: batch %s refused (token_limit_exceeded, limit %s); it waits for "
-                        "running batches and goes again", run.record.name, batch.id,
-                        f"{limit:,}" if limit else "unknown")
-            state.update(run.record, batch_id=None, status="uploaded",
-                         submission=run.record.submission + 1)
-            run.submitted = run.polling = None
-            queue.appendleft(run)
+            # the JSONL is cut here rather than kept: only shards being uploaded hold theirs
+            starting.append((run, submit_shard_task.submit(
+                client, state, run.record, shard_jsonl(pending, run.shard),
+                job.request.endpoint)))
+        for run, submitted in starting:
+            running[submitted.result()] = run
+        if not running:
             continue
-        if refusal:
-            budget.learn(refusal)
-        collecting.append((run.record, collect_results_task.submit(
-            client, batch, run.custom_ids, job.request.response_format)))
-    for record, future in collecting:
-        table = future.result()
-        state.save_results(record, table)
-        tables.append(table)
+        if wait_mode == "suspend":
+            batches = look_at_batches_task(client, list(running))
+        else:
+            batches = wait_for_batches_task(client, list(running), limits.poll_interval_min,
+                                            limits.poll_interval_max, limits.max_wait_hours)
+        for batch in batches:
+            counts = batch.request_counts
+            state.update(running[batch.id].record, batch_status=batch.status,
+                         request_counts=counts.model_dump() if counts else None)
+        update_progress_artifact(progress, state.progress(attempt))
+        finished = [batch for batch in batches if batch.status in TERMINAL]
+        if not finished and wait_mode == "suspend":
+            suspend(state, limits.max_wait_hours)
+        for batch in finished:
+            run = running.pop(batch.id)
+            budget.release(run.shard.tokens)
+            refusal = _token_limit_refusal(batch)
+            if refusal and running:
+                limit = budget.learn(refusal)
+                log.warning("%s: batch %s refused (token_limit_exceeded, limit %s); it waits "
+                            "for running batches and goes again", run.record.name, batch.id,
+                            f"{limit:,}" if limit else "unknown")
+                state.update(run.record, batch_id=None, status="uploaded",
+                             submission=run.record.submission + 1)
+                queue.appendleft(run)
+                continue
+            if refusal:
+                budget.learn(refusal)
+            table = collect_results_task(client, batch, run.custom_ids,
+                                         job.request.response_format)
+            state.save_results(run.record, table)
+            tables.append(table)
+            ok = pc.sum(table["_ok"]).as_py() or 0
+            log.info("%s: batch %s is %s; collected %s ok, %s failed", run.record.name,
+                     batch.id, batch.status, f"{ok:,}", f"{table.num_rows - ok:,}")
     return pa.concat_tables(tables)
-
-
-def _next_finished(running: list[ShardRun]) -> tuple[ShardRun | None, Batch | None]:
-    """Take the first run whose batch finishes out of `running`. A poll waits for its
-    batch; a look (suspend mode) returns it at once, finished or not, and is dropped to
-    be made again: (None, None) when no batch has finished."""
-    for future in as_completed([run.polling for run in running]):
-        run = next(r for r in running if r.polling is future)
-        batch = future.result()
-        if batch.status in TERMINAL:
-            running.remove(run)
-            return run, batch
-        run.polling = None
-    return None, None
 
 
 def suspend(state: RunState, max_wait_hours: float) -> NoReturn:
@@ -265,8 +326,10 @@ def suspend(state: RunState, max_wait_hours: float) -> NoReturn:
     is free; a resumed run starts over from the journal, so nothing is submitted twice."""
     state.suspensions += 1
     state.save()
-    get_run_logger().info("no batch is finished yet: suspending the run, which frees the "
-                          "worker; the resume-ready deployment resumes it when one is")
+    running = [r.name for r in state.shards if r.batch_id and r.status != "collected"]
+    get_run_logger().info("waiting for %s: suspending the run, which frees the worker; the "
+                          "resume-ready deployment resumes it when one of them is finished",
+                          ", ".join(running))
     suspend_flow_run(key=f"{state.run_id}-wait-{state.suspensions}",
                      timeout=int(max_wait_hours * 3600))
     raise AssertionError("unreachable: suspend_flow_run ends the run")
@@ -296,6 +359,7 @@ def build_manifest(job: JobConfig, state: RunState, prepared: Prepared, merged: 
         "rows": merged.num_rows,
         "rows_by_status": {s["values"]: s["counts"] for s in statuses},
         "rows_reused": prepared.reused.num_rows,
+        "cancelled": state.cancel_requested(),
         "attempts": max((s.attempt for s in state.shards), default=0),
         "tokens": {"prompt": pc.sum(merged["_prompt_tokens"]).as_py() or 0,
                    "completion": pc.sum(merged["_completion_tokens"]).as_py() or 0},

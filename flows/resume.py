@@ -23,46 +23,72 @@ from prefect.flow_runs import resume_flow_run
 
 from enrichflow.provider import open_client
 from enrichflow.storage import Location
-from flows.enrich import resolve_job
+from flows.enrich import job_from_parameters
 from tasks import as_task
 from tasks.state import RunState
-from tasks.wait import any_batch_finished
-
-JOB_PARAMETERS = ("config_path", "output", "limit", "provider", "base_url", "model")
+from tasks.wait import TERMINAL
 
 
-def ready_to_resume(parameters: dict) -> bool:
-    """Whether the suspended run with these parameters has a finished batch."""
-    job = resolve_job(**{k: parameters.get(k) for k in JOB_PARAMETERS})
+def reasons_to_resume(parameters: dict) -> list[str]:
+    """What a suspended run with these parameters can move on with: its shards whose
+    batch finished since it last collected, or a cancel request; empty if nothing."""
+    job = job_from_parameters(parameters)
     location = Location(job.output, job.storage_options)
     state = RunState.load(location)
     if state is None:
-        return True  # nothing journaled: let the run start over and see for itself
+        return ["nothing is journaled: it starts over and sees for itself"]
+    if state.cancel_requested():
+        return ["it was cancelled"]
+    waiting = [r for r in state.shards if r.batch_id and r.status != "collected"]
     with open_client(job.provider, location) as client:
-        return any_batch_finished(client, state)
+        try:
+            batches = [client.batches.retrieve(r.batch_id) for r in waiting]
+        except Exception as exc:
+            raise RuntimeError(f"the Batch API at {client.base_url} answered "
+                               f"{type(exc).__name__}: {exc}") from exc
+    return [f"{r.name}: batch {b.id} is {b.status}"
+            for r, b in zip(waiting, batches, strict=True) if b.status in TERMINAL]
 
 
-ready_to_resume_task = as_task(ready_to_resume, "check suspended run")
+reasons_to_resume_task = as_task(reasons_to_resume, "check suspended run")
 
 
 @flow(name="resume-ready", log_prints=True)
 def resume_ready(flow_name: str = "enrich") -> list[str]:
-    """Resume the suspended runs of `flow_name` that have a finished batch; their ids."""
+    """Resume the suspended runs of `flow_name` that have a finished batch; their ids.
+
+    Every suspended run is looked at, even when looking at one fails; this run fails at
+    the end if any could not be looked at, naming each.
+
+    Args:
+        flow_name: The flow whose suspended runs to look at.
+    """
     log = get_run_logger()
     with get_client(sync_client=True) as prefect_api:
         suspended = prefect_api.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
                 name=FlowRunFilterStateName(any_=["Suspended"]))))
-    resumed = []
+    resumed, failed = [], []
     for run in suspended:
-        if ready_to_resume_task(run.parameters):
+        try:
+            reasons = reasons_to_resume_task(run.parameters)
+        except Exception as exc:
+            failed.append(f"{run.name} ({run.id}): {exc}")
+            log.error("cannot look at suspended run %s (%s): %s", run.name, run.id, exc)
+            continue
+        if reasons:
             resume_flow_run(run.id)
             resumed.append(str(run.id))
-            log.info("resumed %s (%s): a batch of it is done", run.name, run.id)
+            log.info("resumed %s (%s): %s", run.name, run.id, "; ".join(reasons))
         else:
-            log.info("%s (%s) keeps waiting: none of its batches is done", run.name, run.id)
-    log.info("%d suspended run(s), %d resumed", len(suspended), len(resumed))
+            log.info("%s (%s) keeps waiting: none of its running batches is finished",
+                     run.name, run.id)
+    log.info("%d suspended run(s), %d resumed, %d could not be looked at", len(suspended),
+             len(resumed), len(failed))
+    if failed:
+        raise RuntimeError(f"{len(failed)} suspended run(s) could not be looked at:\n"
+                           + "\n".join(failed))
     return resumed
 
 

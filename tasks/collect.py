@@ -34,22 +34,32 @@ RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled", "request_timeou
 def collect_results(client: OpenAI, batch: Batch, custom_ids: list[str],
                     response_format: ResponseFormat) -> pa.Table:
     """Results for exactly `custom_ids` (the shard's rows), whatever the batch returned."""
-    results: dict[str, dict[str, Any]] = {}
     if batch.status == "failed":
         first = (batch.errors.data or [None])[0] if batch.errors else None
         code = first.code if first else None
         message = f"batch {batch.id} failed validation: {code}: {first.message if first else ''}"
-        for custom_id in custom_ids:
-            results[custom_id] = _error(batch.id, message, code in RETRYABLE_CODES)
-    else:
-        check = _answer_checker(response_format)
-        for line in _lines(client, batch.output_file_id) + _lines(client, batch.error_file_id):
-            results[line["custom_id"]] = _result(batch.id, line, check)
+        return error_results(custom_ids, batch.id, message, code in RETRYABLE_CODES)
+    results: dict[str, dict[str, Any]] = {}
+    check = _answer_checker(response_format)
+    for line in _lines(client, batch.output_file_id) + _lines(client, batch.error_file_id):
+        results[line["custom_id"]] = _result(batch.id, line, check)
     rows = [results.get(cid) or _error(batch.id, f"batch {batch.id} returned no result for "
                                        "this row", True) for cid in custom_ids]
     columns = {name: [row.get(name) for row in rows] for name in RESULTS.names}
     columns["_custom_id"] = custom_ids
     return pa.table(columns, schema=RESULTS)
+
+
+def error_results(custom_ids: list[str], batch_id: str | None, message: str,
+                  retryable: bool) -> pa.Table:
+    """The same error for every row of a shard (a refused batch, a cancel before sending)."""
+    count = len(custom_ids)
+    return pa.table({
+        "_custom_id": custom_ids, "_batch_id": [batch_id] * count, "_ok": [False] * count,
+        "_error": [message] * count, "_retryable": [retryable] * count,
+        "_answer": pa.nulls(count), "_finish_reason": pa.nulls(count),
+        "_prompt_tokens": pa.nulls(count), "_completion_tokens": pa.nulls(count),
+    }, schema=RESULTS)
 
 
 def _lines(client: OpenAI, file_id: str | None) -> list[dict[str, Any]]:

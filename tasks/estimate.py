@@ -201,7 +201,7 @@ class Estimate:
 
     def markdown(self) -> str:
         rows = "\n".join(f"| {label} | {value} |" for label, value in self.lines())
-        return f"| | |\n| --- | --- |\n{rows}\n"
+        return f"| what | estimate |\n| --- | --- |\n{rows}\n"
 
 
 def _money(span: tuple[float, float | None]) -> str:

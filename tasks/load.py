@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +38,12 @@ def load_rows(dataset: DatasetConfig, storage_options: dict[str, Any] | None = N
             raw = handle.read()
     except FileNotFoundError as exc:
         raise InputError(f"dataset.path: {dataset.path} does not exist; check the path "
-                         "(relative paths start from the directory you run in)") from exc
-    except (OSError, ValueError) as exc:
-        raise InputError(f"dataset.path: cannot read {dataset.path}: {exc}") from exc
+                         f"(relative paths start from the directory you run in, "
+                         f"{os.getcwd()})") from exc
+    except Exception as exc:  # s3fs, botocore and aiohttp raise more than OSError
+        raise InputError(f"dataset.path: cannot read {dataset.path} ({type(exc).__name__}: "
+                         f"{exc}); for S3 check the bucket, your credentials and "
+                         "storage_options.endpoint_url") from exc
     table = _parse(raw, dataset.resolved_format, dataset.path)
     if dataset.limit is not None:
         table = table.slice(0, dataset.limit)

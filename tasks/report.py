@@ -1,7 +1,8 @@
 """What the person watching the Prefect UI sees: the run's artifacts.
 
 Every run leaves an estimate (before), a progress bar (during), and a summary, a table of
-the first enriched rows and a link to the output (after).
+the first enriched rows and where the output is (after): one of each per flow run, also
+when a suspended run is resumed and runs its flow function again.
 """
 
 from __future__ import annotations
@@ -9,17 +10,27 @@ from __future__ import annotations
 import os
 import re
 from typing import Any
+from urllib.parse import quote
 from uuid import UUID
 
 import pyarrow as pa
+from prefect import runtime
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
 )
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+)
 
+from enrichflow.config import JobConfig
 from tasks.estimate import Estimate
+from tasks.merge import answer_columns
 
 TABLE_ROWS = 20
 CELL_CHARS = 160
@@ -30,25 +41,39 @@ def artifact_key(job_name: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{job_name}-{what}".lower()).strip("-")
 
 
+def _this_runs(key: str) -> UUID | None:
+    """The id of the artifact `key` that this flow run made before it suspended, if any."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[runtime.flow_run.id]),
+            key=ArtifactFilterKey(any_=[key])), limit=1)
+    return found[0].id if found else None
+
+
 def publish_estimate(job_name: str, estimate: Estimate) -> None:
+    if _this_runs(artifact_key(job_name, "estimate")):
+        return
     create_markdown_artifact(f"# Estimate for {job_name}\n\n{estimate.markdown()}",
                              key=artifact_key(job_name, "estimate"),
                              description="Rows, tokens and cost, before sending")
 
 
 def start_progress(job_name: str) -> UUID:
-    return create_progress_artifact(0.0, key=artifact_key(job_name, "progress"),
-                                    description="Requests finished in the current attempt")
+    """The run's progress artifact: made at its first start, found again after a resume."""
+    key = artifact_key(job_name, "progress")
+    return _this_runs(key) or create_progress_artifact(
+        0.0, key=key, description="Requests finished in the current attempt")
 
 
-def publish_results(manifest: dict[str, Any], merged: pa.Table) -> None:
-    """The summary, the first rows and the output link of a finished run."""
-    job = manifest["job"]
+def publish_results(manifest: dict[str, Any], merged: pa.Table, job: JobConfig) -> None:
+    """The summary, the first rows and the output location of a finished run."""
+    name = manifest["job"]
     started, finished = manifest["started_at"], manifest["finished_at"]
     cost = manifest["cost_usd"]
     rows = "\n".join(f"| {status} | {count:,} |"
                      for status, count in manifest["rows_by_status"].items())
-    summary = f"""# {job}: {manifest['rows']:,} rows enriched
+    title = f"{name}: {manifest['rows']:,} rows enriched"
+    summary = f"""# {title}{' (the job was cancelled)' if manifest['cancelled'] else ''}
 
 | status | rows |
 | --- | --- |
@@ -63,24 +88,44 @@ def publish_results(manifest: dict[str, Any], merged: pa.Table) -> None:
 - from {started} to {finished}
 - output: `{manifest['output']}`
 """
-    create_markdown_artifact(summary, key=artifact_key(job, "summary"),
+    create_markdown_artifact(summary, key=artifact_key(name, "summary"),
                              description="Rows by status, attempts, tokens, cost, duration")
-    shown = [c for c in merged.column_names
-             if c not in ("_custom_id", "_batch_id", "_prompt_tokens", "_completion_tokens")]
-    first = merged.select(shown).slice(0, TABLE_ROWS).to_pylist()
-    create_table_artifact([{k: _cell(v) for k, v in row.items()} for row in first],
-                          key=artifact_key(job, "rows"),
+    create_table_artifact(first_rows(merged, job), key=artifact_key(name, "rows"),
                           description=f"The first {TABLE_ROWS} enriched rows")
-    create_link_artifact(_link(manifest["output"]), link_text=manifest["output"],
-                         key=artifact_key(job, "output"), description="Where the Parquet is")
+    publish_output(name, manifest["output"], job.storage_options)
+
+
+def first_rows(merged: pa.Table, job: JobConfig) -> list[dict[str, Any]]:
+    """The table's first rows led by what a reader looks for: the key, the answer, the
+    status and error, the cost; the input columns after them."""
+    key = job.dataset.id_column or merged.column_names[0]
+    lead = [key, *answer_columns(job.request.response_format), "_status", "_error",
+            "_cost_usd"]
+    rest = [c for c in merged.column_names if c not in lead and not c.startswith("_")]
+    first = merged.select(lead + rest).slice(0, TABLE_ROWS).to_pylist()
+    return [{k: _cell(v) for k, v in row.items()} for row in first]
+
+
+def publish_output(job_name: str, uri: str, storage_options: dict[str, Any]) -> None:
+    """A link where a browser can open the output (the S3 console for AWS); the path as
+    text where none can (local folders, which browsers refuse as file:// links from a
+    web page, and S3-compatible stores)."""
+    key, description = artifact_key(job_name, "output"), "Where the Parquet is"
+    if uri.startswith("s3://") and not storage_options.get("endpoint_url"):
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        console = (f"https://s3.console.aws.amazon.com/s3/buckets/{quote(bucket)}"
+                   f"?prefix={quote(prefix.rstrip('/') + '/')}")
+        create_link_artifact(console, link_text=uri, key=key, description=description)
+        return
+    where = uri if "://" in uri else os.path.abspath(uri)
+    create_markdown_artifact(f"The output is in `{where}`\n\n```python\nimport pandas as pd\n"
+                             f"pd.read_parquet({where!r})\n```\n", key=key,
+                             description=description)
 
 
 def _cell(value: Any) -> Any:
-    text = value if isinstance(value, str) else None
-    if text is not None and len(text) > CELL_CHARS:
-        return text[:CELL_CHARS] + "…"
+    if isinstance(value, float):
+        return round(value, 6)  # money: no float noise such as 0.000017024999999999997
+    if isinstance(value, str) and len(value) > CELL_CHARS:
+        return value[:CELL_CHARS] + "…"
     return value
-
-
-def _link(uri: str) -> str:
-    return uri if "://" in uri else "file://" + os.path.abspath(uri)

@@ -4,6 +4,11 @@ A shard's record says `uploading` before its file goes up, holds the file id aft
 says `creating` before the batch is created and holds the batch id after. A re-run
 reads it and re-attaches to what exists instead of paying for it again. Collected
 results are kept beside it, so a resumed run never needs an expired output file.
+
+A cancel request (`enrichflow cancel`, or the run cancelled in Prefect) is kept beside it
+too, naming the run it is for: it holds while that run suspends, resumes or is restarted
+by Prefect (the same flow run), until the run ends. Starting the job again (another flow
+run) is a new request to run it, which clears the old cancel.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from enrichflow.errors import StorageError
 from enrichflow.storage import Location
 
 STATE_FILE = "_state/run.json"
-CANCEL_FILE = "_state/cancel-requested.json"  # written by `enrichflow cancel`
+CANCEL_FILE = "_state/cancel-requested.json"
 
 
 @dataclass
@@ -55,6 +60,8 @@ class RunState:
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     provider: dict[str, Any] = field(default_factory=dict)
+    flow_run_id: str | None = None  # the Prefect flow run that runs it now
+    resume: dict[str, str] = field(default_factory=dict)  # cwd and command that resume it
     suspensions: int = 0  # times the run suspended itself to wait (wait_mode suspend)
     shards: list[ShardRecord] = field(default_factory=list)
     location: Location | None = field(default=None, repr=False, compare=False)
@@ -71,15 +78,22 @@ class RunState:
 
     @classmethod
     def open(cls, location: Location, job_key: str, config_hash: str, fingerprint: str,
-             provider: dict[str, Any], force: bool) -> tuple[RunState, bool]:
+             provider: dict[str, Any], force: bool, flow_run_id: str | None = None,
+             resume: dict[str, str] | None = None) -> tuple[RunState, bool]:
         """The journal of this job at `location`, to run it: (state, resumed?). A journal
-        of another job (changed config or data), or `force`, starts a fresh run."""
-        location.remove(CANCEL_FILE)  # a new start overrides an earlier cancel
+        of another job (changed config or data), a finished one, or `force`, starts a
+        fresh run."""
         saved = cls.load(location)
-        if saved and saved.job_key == job_key and not force:
+        if saved and saved.job_key == job_key and not force and not saved.finished:
+            if saved.flow_run_id != flow_run_id:  # started again, not resumed
+                location.remove(CANCEL_FILE)
+                saved.flow_run_id, saved.resume = flow_run_id, resume or {}
+                saved.save()
             return saved, True
+        location.remove(CANCEL_FILE)
         state = cls(job_key=job_key, config_hash=config_hash, dataset_fingerprint=fingerprint,
-                    provider=provider, location=location)
+                    provider=provider, flow_run_id=flow_run_id, resume=resume or {},
+                    location=location)
         location.remove("_state/results")
         state.save()
         return state, False
@@ -98,9 +112,15 @@ class RunState:
                        (r.request_counts or {}).get("failed", 0) for r in records)
         return 100.0 * done / total if total else 100.0
 
+    def request_cancel(self) -> None:
+        self.location.write_json(CANCEL_FILE, {"run_id": self.run_id,
+                                               "flow_run_id": self.flow_run_id,
+                                               "requested_at": time.time()})
+
     def cancel_requested(self) -> bool:
-        """Whether `enrichflow cancel` asked this run not to send anything more."""
-        return self.location.exists(CANCEL_FILE)
+        """Whether this run was asked not to send anything more."""
+        request = self.location.read_json(CANCEL_FILE)
+        return bool(request) and request.get("run_id") == self.run_id
 
     def record(self, attempt: int, shard: int, rows: int, size: int, sha256: str) -> ShardRecord:
         """The journal entry of a planned shard; the same plan must map to the same entry."""

@@ -1,78 +1,93 @@
-"""Step 5, wait: look at a batch once; raise while it is not finished, so Prefect retries.
+"""Step 5, wait: watch a run's batches together until one of them is finished.
 
-The waiting itself is the task's retry policy (delays from the job's poll bounds), which
-makes every poll visible in the Prefect UI and survives worker restarts.
+One task looks at every running batch of the run at each poll, so a finished batch is
+noticed within one poll interval, not at the end of its own doubling timer. The task
+sleeps between polls instead of failing and being retried: in the Prefect UI a waiting
+run shows one running task, and its log says what moved, not "Task run failed". It
+takes and returns plain values (batch ids, batches), so it holds no state of the flow.
 """
 
 from __future__ import annotations
 
-from uuid import UUID
+import time
 
 from openai import OpenAI
 from openai.types import Batch
 from prefect import get_run_logger
-from prefect.artifacts import update_progress_artifact
 
+from enrichflow.errors import ProviderError
 from tasks import as_task
 from tasks.api import TRANSIENT, retry_on
-from tasks.state import RunState, ShardRecord
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+REPORT_SECONDS = 600  # hand the request counts back to the flow (journal, UI) this often
+LOG_SECONDS = 60  # log moving request counts at most this often (a new status at once)
+UNREACHABLE_SECONDS = 900  # give up on a provider that does not answer for this long
 
 
-class BatchNotFinished(Exception):
-    """The batch is still running; the task is retried after the next poll delay."""
+def look_at_batches(client: OpenAI, batch_ids: list[str]) -> list[Batch]:
+    """The batches as they are now."""
+    return [client.batches.retrieve(batch_id) for batch_id in batch_ids]
 
 
-def look_at_batch(client: OpenAI, state: RunState, record: ShardRecord,
-                  progress_artifact: UUID | None = None) -> Batch:
-    """The batch as it is now, journaled and logged; moves the run's progress artifact
-    (Prefect UI) with the request counts."""
-    batch = client.batches.retrieve(record.batch_id)
+def wait_for_batches(client: OpenAI, batch_ids: list[str], poll_min: float, poll_max: float,
+                     max_wait_hours: float) -> list[Batch]:
+    """The batches as soon as one of them is finished, or after REPORT_SECONDS: the flow
+    journals their request counts, collects the finished ones and calls again. Polls
+    every `poll_min` seconds at first, backing off to `poll_max`; a batch that runs
+    longer than `max_wait_hours` is given up with an error that says it runs on."""
+    log = get_run_logger()
+    started = time.monotonic()
+    delay, reached, logged = poll_min, started, 0.0
+    last_statuses: list[str] = []
+    last_done: list[int] = []
+    while True:
+        try:
+            batches = look_at_batches(client, batch_ids)
+            reached = time.monotonic()
+        except TRANSIENT as exc:
+            if time.monotonic() - reached > UNREACHABLE_SECONDS:
+                raise ProviderError(
+                    f"the Batch API at {client.base_url} did not answer for "
+                    f"{UNREACHABLE_SECONDS // 60} minutes ({type(exc).__name__}); its batches "
+                    "go on there: run the job again to re-attach to them") from exc
+            log.warning("cannot reach the Batch API (%s); trying again in %.0f s",
+                        type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, poll_max)
+            continue
+        statuses, done = [b.status for b in batches], [_done(b) for b in batches]
+        now = time.monotonic()
+        if statuses != last_statuses or (done != last_done and now - logged >= LOG_SECONDS):
+            log.info("; ".join(f"batch {b.id} is {b.status}, {_progress(b)} requests done"
+                               for b in batches))
+            logged, last_statuses, last_done = now, statuses, done
+        if any(b.status in TERMINAL for b in batches) or now - started >= REPORT_SECONDS:
+            return batches
+        _check_age(batches, max_wait_hours)
+        time.sleep(delay)
+        delay = min(delay * 2, poll_max)
+
+
+def _check_age(batches: list[Batch], max_wait_hours: float) -> None:
+    oldest = min(b.created_at for b in batches)
+    if time.time() - oldest > max_wait_hours * 3600:
+        raise ProviderError(f"batch(es) {', '.join(b.id for b in batches)} still running after "
+                           f"limits.max_wait_hours ({max_wait_hours:g} h); they go on at the "
+                           "provider: run the job again later to collect them")
+
+
+def _done(batch: Batch) -> int:
     counts = batch.request_counts
-    state.update(record, batch_status=batch.status,
-                 request_counts=counts.model_dump() if counts else None)
-    if progress_artifact is not None:
-        update_progress_artifact(progress_artifact, state.progress(record.attempt))
-    done = f"{counts.completed + counts.failed:,}/{counts.total:,}" if counts else "?"
-    get_run_logger().info("%s: batch %s is %s, %s requests done", record.name, batch.id,
-                          batch.status, done)
-    return batch
+    return counts.completed + counts.failed if counts else 0
 
 
-def poll_batch(client: OpenAI, state: RunState, record: ShardRecord,
-               progress_artifact: UUID | None = None) -> Batch:
-    """The batch once finished; raises BatchNotFinished before (so Prefect retries)."""
-    batch = look_at_batch(client, state, record, progress_artifact)
-    if batch.status not in TERMINAL:
-        counts = batch.request_counts
-        raise BatchNotFinished(f"batch {batch.id} is {batch.status} "
-                               f"({counts.completed + counts.failed if counts else 0:,} done)")
-    return batch
+def _progress(batch: Batch) -> str:
+    counts = batch.request_counts
+    return f"{_done(batch):,}/{counts.total:,}" if counts else "?"
 
 
-def any_batch_finished(client: OpenAI, state: RunState) -> bool:
-    """Whether a suspended run has something to do: one of its running batches is done."""
-    running = [r for r in state.shards if r.batch_id and r.status != "collected"]
-    return any(client.batches.retrieve(r.batch_id).status in TERMINAL for r in running)
-
-
-def poll_delays(minimum: float, maximum: float) -> list[float]:
-    """Doubling delays from `minimum` to `maximum` (Prefect repeats the last one)."""
-    delays = [minimum]
-    while delays[-1] < maximum and len(delays) < 50:
-        delays.append(min(delays[-1] * 2, maximum))
-    return delays
-
-
-def poll_retries(delays: list[float], max_wait_hours: float) -> int:
-    """How many polls cover `max_wait_hours` with these delays."""
-    budget = max_wait_hours * 3600 - sum(delays)
-    return len(delays) + max(0, int(budget // delays[-1]) + 1)
-
-
-wait_for_batch_task = as_task(poll_batch, "wait for batch",
-                              retry_condition_fn=retry_on(BatchNotFinished, *TRANSIENT))
-look_at_batch_task = as_task(look_at_batch, "look at batch", retries=3,
-                             retry_delay_seconds=[2, 10, 30],
-                             retry_condition_fn=retry_on(*TRANSIENT))
+wait_for_batches_task = as_task(wait_for_batches, "wait for batches")
+look_at_batches_task = as_task(look_at_batches, "look at batches", retries=3,
+                               retry_delay_seconds=[2, 10, 30],
+                               retry_condition_fn=retry_on(*TRANSIENT))

@@ -58,11 +58,13 @@ def generated_movies(count: int) -> pd.DataFrame:
     })
 
 
-def start_job(command: list[str], prefect_api: str, **popen) -> subprocess.Popen:
+def start_job(command: list[str], prefect_api: str, unset: tuple[str, ...] = (),
+              **popen) -> subprocess.Popen:
     """A job in its own process (`enrichflow ...` or `python -m ...`), on the test's
-    Prefect server, so that the test can kill it."""
+    Prefect server, so that the test can kill it; without the variables in `unset`."""
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    env.pop("OPENAI_API_KEY", None)
+    for name in ("OPENAI_API_KEY", *unset):
+        env.pop(name, None)
     popen.setdefault("stdout", subprocess.DEVNULL)
     popen.setdefault("stderr", subprocess.DEVNULL)
     return subprocess.Popen(command, cwd=REPO, env=env, **popen)

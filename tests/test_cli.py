@@ -45,6 +45,19 @@ def test_errors_are_one_clear_line(prefect_api, tmp_path):
     assert cli("status", str(tmp_path), prefect_api=prefect_api)[0] == 1
 
 
+def test_an_error_inside_the_flow_is_one_line_without_tracebacks(prefect_api, tmp_path):
+    """Found in the flow's first task: Prefect logs it, but not its traceback."""
+    path = job_file(tmp_path, **{"dataset.path": "data/missing.csv"})
+    code, stdout, stderr = cli("run", str(path), prefect_api=prefect_api)
+    assert code == 2
+    assert "Traceback" not in stdout + stderr
+    assert stderr.strip().splitlines()[-1].startswith(
+        "error: dataset.path: data/missing.csv does not exist; check the path (relative "
+        "paths start from the directory you run in, ")
+    code, stdout, stderr = cli("--verbose", "run", str(path), prefect_api=prefect_api)
+    assert code == 1 and "Traceback" in stderr
+
+
 def test_cancel_stops_a_running_job(prefect_api, start_localbatch, tmp_path, capsys):
     server = start_localbatch(Simulation(requests_per_second=10, chunk_size=2))
     path = job_file(tmp_path, generated_movies(200), **{"limits.max_requests_per_shard": 100})
@@ -64,4 +77,15 @@ def test_cancel_stops_a_running_job(prefect_api, start_localbatch, tmp_path, cap
     assert len(data) == 200
     failed = data[data["_status"] == "failed"]
     assert len(failed) > 0 and failed["_error"].str.startswith("batch_cancelled").all()
-    assert {b.status for b in sdk_client(server.base_url).batches.list()} == {"cancelled"}
+    client = sdk_client(server.base_url)
+    assert {b.status for b in client.batches.list()} == {"cancelled"}
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["cancelled"]
+
+    # The rule: running a cancelled job again sends the rows the cancel left unanswered,
+    # and only those (the answers that finished are reused, not paid again).
+    code, stdout, stderr = cli("run", str(path), "--base-url", server.base_url,
+                               prefect_api=prefect_api)
+    assert code == 0, stderr[-2000:]
+    assert "rows:     200 ok" in stdout
+    resent = [b for b in client.batches.list() if b.status == "completed"]
+    assert sum(b.request_counts.total for b in resent) == len(failed)

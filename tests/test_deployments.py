@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,16 +17,17 @@ import httpx
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, free_port, sdk_client
+from conftest import REPO, free_port, job_file, sdk_client
 from prefect import Flow
 from prefect.flows import load_flow_from_entrypoint
 
+from enrichflow.cli import main
 from localbatch import Simulation
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
-def test_every_entrypoint_imports_to_a_flow():
+def test_every_entrypoint_imports_to_a_flow_whose_form_describes_its_parameters():
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     assert {d["name"] for d in deployments} == {"movies", "furniture", "resume-ready"}
     for deployment in deployments:
@@ -33,20 +35,25 @@ def test_every_entrypoint_imports_to_a_flow():
         flow = load_flow_from_entrypoint(f"{REPO / path}:{name}")
         assert isinstance(flow, Flow), deployment["entrypoint"]
         assert set(deployment.get("parameters", {})) <= set(flow.parameters.properties)
+        # the UI's run form shows these (Prefect reads them from the docstring's Args:)
+        for parameter, schema in flow.parameters.properties.items():
+            assert schema.get("description"), f"{deployment['name']}: {parameter}"
+        assert "schedules" in deployment, "without it `prefect deploy` asks in a terminal"
 
 
 @pytest.fixture(scope="module")
 def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """A Prefect server of our own on loopback (SQLite), with the pool, the deployments
-    of prefect.yaml and one worker that runs one flow run at a time."""
+    """A Prefect server of our own on loopback (SQLite) with its scheduler on, the pool,
+    the deployments of prefect.yaml (deployed in a terminal, as a user does, from a
+    process whose PWD is stale) and one worker that runs one flow run at a time."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PWD": str(REPO),
+    env = {**os.environ, "PREFECT_HOME": str(home), "PWD": "/",
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           # the tests trigger every run themselves: a scheduled resume-ready run must not
-           # resume the suspended run at a moment the test does not choose
-           "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false"}
+           "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
@@ -56,11 +63,15 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
         while not _healthy(env["PREFECT_API_URL"]):
             assert server.poll() is None and time.monotonic() < deadline, "no Prefect server"
             time.sleep(0.5)
-        for command in (["work-pool", "create", "enrich-pool", "--type", "process"],
-                        ["--no-prompt", "deploy", "--all"]):
-            done = subprocess.run([PREFECT, *command], env=env, cwd=REPO, capture_output=True,
-                                  text=True, timeout=300)
-            assert done.returncode == 0, done.stdout + done.stderr
+        done = subprocess.run([PREFECT, "work-pool", "create", "enrich-pool", "--type",
+                               "process"], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        # in a terminal (script gives it one) with nothing to answer: a question would fail
+        done = subprocess.run(["script", "-qefc", f"{PREFECT} deploy --all", "/dev/null"],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stdout + done.stderr
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "enrich-pool",
                                    "--limit", "1"], env=env, cwd=REPO,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -106,6 +117,14 @@ class PrefectAPI:
         assert done.returncode == 0, done.stdout + done.stderr
         return re.search(r"UUID: ([0-9a-f-]{36})", done.stdout).group(1)
 
+    def deployment(self, name: str) -> dict:
+        return self.http.get(f"/deployments/name/{name}").json()
+
+    def flow_runs(self, deployment: str, states: list[str]) -> list[dict]:
+        return self.http.post("/flow_runs/filter", json={
+            "deployments": {"id": {"any_": [self.deployment(deployment)["id"]]}},
+            "flow_runs": {"state": {"name": {"any_": states}}}}).json()
+
     def state(self, flow_run_id: str) -> str:
         return self.http.get(f"/flow_runs/{flow_run_id}").json()["state"]["name"]
 
@@ -121,70 +140,184 @@ class PrefectAPI:
         return self.http.post("/artifacts/filter", json={
             "artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
 
+    def task_runs(self, flow_run_id: str) -> list[dict]:
+        return self.http.post("/task_runs/filter", json={
+            "task_runs": {"flow_run_id": {"any_": [flow_run_id]}}}).json()
+
     def logs(self, flow_run_id: str) -> str:
         logs = self.http.post("/logs/filter", json={
             "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}).json()
         return "\n".join(entry["message"] for entry in logs)
 
 
-def test_deploy_registers_the_schedules(prefect_env):
+def eventually(check, timeout: float = 120, every: float = 1):
+    """The first true value of check(), within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{check.__name__} did not happen in {timeout}s"
+        time.sleep(every)
+    return value
+
+
+def test_deploy_registers_the_schedules_and_the_real_directory(prefect_env):
     api = PrefectAPI(prefect_env)
-    schedules = {name: api.http.get(f"/deployments/name/{name}").json()["schedules"]
-                 for name in ("enrich/movies", "enrich/furniture", "resume-ready/resume-ready")}
+    deployments = {name: api.deployment(name)
+                   for name in ("enrich/movies", "enrich/furniture", "resume-ready/resume-ready")}
+    schedules = {name: d["schedules"] for name, d in deployments.items()}
     assert [s["schedule"]["cron"] for s in schedules["enrich/movies"]] == ["0 6 * * *"]
     assert schedules["enrich/furniture"] == []
     assert [s["schedule"]["interval"] for s in schedules["resume-ready/resume-ready"]] == [300]
+    for deployment in deployments.values():  # not the stale PWD ("/") of the deploying process
+        (step,) = deployment["pull_steps"]
+        assert step["prefect.deployments.steps.set_working_directory"] == {
+            "directory": str(REPO)}
+
+
+def test_the_scheduler_creates_runs_and_the_worker_runs_them(prefect_env):
+    api = PrefectAPI(prefect_env)
+    # prefect.yaml's own schedules: the scheduler service fills them ahead
+    assert eventually(lambda: api.flow_runs("enrich/movies", ["Scheduled"]))
+    assert eventually(lambda: api.flow_runs("resume-ready/resume-ready", ["Scheduled"]))
+    # one that is due within seconds, to see the worker pick a scheduled run up
+    resume_ready = api.deployment("resume-ready/resume-ready")["id"]
+    (added,) = api.http.post(f"/deployments/{resume_ready}/schedules", json=[
+        {"schedule": {"interval": 10}, "active": True}]).json()
+    try:
+        def a_scheduled_run_completed():
+            return [r for r in api.flow_runs("resume-ready/resume-ready", ["Completed"])
+                    if r["auto_scheduled"]]
+        (run, *_) = eventually(a_scheduled_run_completed, timeout=180)
+        assert eventually(lambda: "suspended run(s)" in api.logs(run["id"]), 30)
+    finally:
+        api.http.delete(f"/deployments/{resume_ready}/schedules/{added['id']}")
 
 
 def test_a_triggered_deployment_writes_parquet_and_artifacts(prefect_env, start_localbatch,
                                                             tmp_path):
     api = PrefectAPI(prefect_env)
-    server = start_localbatch()
+    server = start_localbatch(Simulation(requests_per_second=4))
     run = api.run_with_cli("enrich/movies", limit=12, output=str(tmp_path / "movies"),
                            base_url=server.base_url)
     api.wait_for(run, {"Completed"})
 
     data = pd.read_parquet(tmp_path / "movies")
     assert len(data) == 12 and (data["_status"] == "ok").all()
-    artifacts = api.artifacts(run)
-    by_key = {a["key"]: a for a in artifacts}
+    artifacts = api.artifacts(run)  # those we made (the server keeps the result as one too)
+    by_key = {a["key"]: a for a in artifacts if a["type"]}
+    assert len(by_key) == len([a for a in artifacts if a["type"]]) == 5
     assert {"movies-estimate", "movies-progress", "movies-summary", "movies-rows",
-            "movies-output"} <= set(by_key)
+            "movies-output"} == set(by_key)
     assert by_key["movies-progress"]["type"] == "progress"
     assert by_key["movies-progress"]["data"] == 100.0
     assert "12 rows enriched" in by_key["movies-summary"]["data"]
-    assert by_key["movies-rows"]["type"] == "table"
-    assert f"file://{tmp_path / 'movies'}" in by_key["movies-output"]["data"]  # a link
     assert "input tokens" in by_key["movies-estimate"]["data"]
+    assert "| what | estimate |" in by_key["movies-estimate"]["data"]
+    assert by_key["movies-rows"]["type"] == "table"
+    first = json.loads(by_key["movies-rows"]["data"])[0]
+    assert list(first)[:5] == ["Series_Title", "categories", "summary", "_status", "_error"]
+    assert first["_cost_usd"] == round(first["_cost_usd"], 6)
+    # a browser refuses file:// links from a web page: the path is shown as text
+    assert by_key["movies-output"]["type"] == "markdown"
+    assert f"`{tmp_path / 'movies'}`" in by_key["movies-output"]["data"]
+    # waiting is not failing: every poll of the 3-second batch passed, none was retried
+    states = {t["state"]["name"] for t in api.task_runs(run)}
+    assert states == {"Completed"}, states
+    assert "Retry" not in api.logs(run)
 
 
-def test_suspend_mode_frees_the_worker_and_resumes_when_batches_are_done(
+def test_suspend_mode_frees_the_worker_and_resume_ready_survives_a_dead_provider(
         prefect_env, start_localbatch, tmp_path):
     api = PrefectAPI(prefect_env)
-    slow = start_localbatch(Simulation(requests_per_second=1))
+    slow = start_localbatch(Simulation(requests_per_second=0.25))
     fast = start_localbatch()
+    doomed = start_localbatch(Simulation(requests_per_second=0.01))
     suspended = api.run_with_cli("enrich/movies", limit=8, output=str(tmp_path / "movies"),
                                  base_url=slow.base_url, wait_mode="suspend")
+    orphan = api.run_with_cli("enrich/movies", limit=2, output=str(tmp_path / "orphan"),
+                              base_url=doomed.base_url, wait_mode="suspend")
     api.wait_for(suspended, {"Suspended"})
+    api.wait_for(orphan, {"Suspended"})
 
     # The worker runs one flow run at a time: this one can only run if it is free.
     other = api.run_with_cli("enrich/furniture", limit=3, output=str(tmp_path / "furniture"),
                              base_url=fast.base_url)
     api.wait_for(other, {"Completed"})
-    assert api.state(suspended) == "Suspended"
-    assert len(pd.read_parquet(tmp_path / "furniture")) == 3
-
     slow_client = sdk_client(slow.base_url)
     (batch,) = slow_client.batches.list().data
-    deadline = time.monotonic() + 60
-    while slow_client.batches.retrieve(batch.id).status != "completed":
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    if slow_client.batches.retrieve(batch.id).status != "completed":
+        assert api.state(suspended) == "Suspended"
+    assert len(pd.read_parquet(tmp_path / "furniture")) == 3
+
+    eventually(lambda: slow_client.batches.retrieve(batch.id).status == "completed", 60)
+    doomed.stop()  # the orphan's provider is gone: looking at it fails
     resumer = api.run_with_cli("resume-ready/resume-ready")
-    api.wait_for(resumer, {"Completed"})
-    api.wait_for(suspended, {"Completed"})
+    assert api.wait_for(resumer, {"Failed", "Completed"}) == "Failed"
+    logs = api.logs(resumer)
+    assert "cannot look at suspended run" in logs and doomed.base_url in logs
+    api.wait_for(suspended, {"Completed"})  # resumed all the same
+    api.http.post(f"/flow_runs/{orphan}/set_state", json={
+        "state": {"type": "CANCELLED"}, "force": True})
 
     data = pd.read_parquet(tmp_path / "movies")
     assert len(data) == 8 and (data["_status"] == "ok").all()
     assert len(slow_client.batches.list().data) == 1, "nothing is submitted twice"
     assert "suspending the run" in api.logs(suspended)
+    keys = [a["key"] for a in api.artifacts(suspended) if a["type"]]
+    assert sorted(keys) == sorted(set(keys)), "one of each artifact, also after a resume"
+
+
+def test_a_suspended_run_collects_each_shard_and_holds_a_cancel(prefect_env, start_localbatch,
+                                                               tmp_path):
+    api = PrefectAPI(prefect_env)
+    server = start_localbatch(Simulation(requests_per_second=0.05))
+    client = sdk_client(server.base_url)
+    job = job_file(tmp_path, **{"limits.max_requests_per_shard": 7})  # shards of 7 and 1
+    out = tmp_path / "out"
+    run = api.run_with_cli("enrich/movies", config_path=job, limit=8, base_url=server.base_url,
+                           wait_mode="suspend")
+    api.wait_for(run, {"Suspended"})
+    journal = out / "_state" / "run.json"
+
+    def batch_of_shard(shard: str):
+        return next(b for b in client.batches.list() if b.metadata["shard"] == shard)
+
+    eventually(lambda: batch_of_shard("1").status == "completed", 60)
+    api.wait_for(api.run_with_cli("resume-ready/resume-ready"), {"Completed"})
+
+    def suspended_again_with_shard_1_collected():
+        shards = json.loads(journal.read_text())["shards"]
+        return api.state(run) == "Suspended" and shards[1]["status"] == "collected"
+    eventually(suspended_again_with_shard_1_collected)
+    moved = f"attempt 1, shard 1: batch {batch_of_shard('1').id} is completed; collected 1 ok"
+    assert eventually(lambda: moved in api.logs(run), 30)
+    assert batch_of_shard("0").status == "in_progress"
+    waiter = api.run_with_cli("resume-ready/resume-ready")
+    api.wait_for(waiter, {"Completed"})
+    assert eventually(lambda: "keeps waiting" in api.logs(waiter), 30)
+    assert api.state(run) == "Suspended"
+
+    # cancelled while suspended: the resumed run honours it instead of sending again
+    assert main(["cancel", str(out)]) == 0
+    api.wait_for(api.run_with_cli("resume-ready/resume-ready"), {"Completed"})
+    api.wait_for(run, {"Completed"})
+    data = pd.read_parquet(out)
+    failed = data[data["_status"] == "failed"]
+    assert len(data) == 8 and 0 < len(failed) < 8
+    assert failed["_error"].str.startswith("batch_cancelled").all()
+    assert json.loads((out / "_manifest.json").read_text())["cancelled"]
+    assert len(client.batches.list().data) == 2, "the cancelled rows were not sent again"
+
+
+def test_cancelling_the_prefect_run_cancels_its_batches(prefect_env, start_localbatch,
+                                                        tmp_path):
+    api = PrefectAPI(prefect_env)
+    server = start_localbatch(Simulation(requests_per_second=0.1))
+    client = sdk_client(server.base_url)
+    run = api.run_with_cli("enrich/movies", limit=5, output=str(tmp_path / "movies"),
+                           base_url=server.base_url)
+    (batch, *_) = eventually(lambda: client.batches.list().data, 120, 0.5)
+    api.http.post(f"/flow_runs/{run}/set_state", json={"state": {"type": "CANCELLING"}})
+    assert eventually(lambda: client.batches.retrieve(batch.id).status in
+                      {"cancelling", "cancelled"}, 120)
+    eventually(lambda: api.state(run) == "Cancelled", 120)
+    assert eventually(lambda: "the run was cancelled" in api.logs(run), 30)

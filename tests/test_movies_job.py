@@ -13,7 +13,8 @@ import pytest
 import yaml
 from conftest import REPO, generated_movies, job_file, python_job, sdk_client, wait_for_batches
 
-from enrichflow.errors import InputError
+from enrichflow.cli import main
+from enrichflow.errors import InputError, RowsFailedError
 from flows.enrich import enrich
 from localbatch import HttpFault, Simulation
 
@@ -96,8 +97,10 @@ def test_unusable_answers_go_round_until_the_attempt_limit(prefect_api, start_lo
     job = yaml.safe_load(path.read_text())
     job["request"]["response_format"]["schema"]["properties"]["summary"]["pattern"] = "^[A-Z]+$"
     path.write_text(yaml.safe_dump(job))
-    enrich(str(path), base_url=server.base_url)
-    data = pd.read_parquet(tmp_path / "out")
+    with pytest.raises(RowsFailedError, match=r"6 of 6 rows failed, more than "
+                                              r"limits.max_failed_share \(50%\)"):
+        enrich(str(path), base_url=server.base_url)
+    data = pd.read_parquet(tmp_path / "out")  # written all the same
     assert (data["_status"] == "failed").all() and (data["_attempts"] == 2).all()
     assert data["_error"].str.contains("does not fit the schema at summary").all()
     assert data["summary"].isna().all()
@@ -132,7 +135,7 @@ def test_bad_input_fails_before_anything_is_uploaded(prefect_api, start_localbat
 
 
 def test_a_killed_run_resumes_without_creating_batches_again(prefect_api, start_localbatch,
-                                                             tmp_path):
+                                                             tmp_path, capsys):
     server = start_localbatch(Simulation(requests_per_second=15, chunk_size=5))
     rows = generated_movies(90)
     path = job_file(tmp_path, rows, **{"limits.max_requests_per_shard": 30})
@@ -145,6 +148,9 @@ def test_a_killed_run_resumes_without_creating_batches_again(prefect_api, start_
     client = sdk_client(server.base_url)
     created = len(client.batches.list().data)
     assert created == 3
+    assert main(["status", str(tmp_path / "out")]) == 0
+    assert (f"enrichflow run {path} --output {tmp_path / 'out'} --base-url {server.base_url}"
+            in capsys.readouterr().out), "status says how to resume, base URL included"
 
     manifest = enrich(str(path), base_url=server.base_url)
     assert len(client.batches.list().data) == created

@@ -5,16 +5,28 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import generated_movies, job_file, python_job, sdk_client, wait_for_batches
+from conftest import (
+    generated_movies,
+    job_file,
+    python_job,
+    sdk_client,
+    start_job,
+    wait_for_batches,
+)
 
 from enrichflow.config import load_job
 from enrichflow.errors import ConfigError, StorageError
 from flows.enrich import enrich
 from localbatch import Simulation
+
+ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 
 
 @pytest.fixture
@@ -83,6 +95,28 @@ def test_a_missing_bucket_fails_before_any_batch(prefect_api, start_localbatch, 
     client = sdk_client(server.base_url)
     assert client.batches.list().data == [] and client.files.list().data == []
     assert not s3.exists("no-such-bucket-here")
+
+
+@pytest.mark.parametrize(("endpoint", "unset", "cause"), [
+    ("http://127.0.0.1:9", (), "EndpointConnectionError: Could not connect to the endpoint"),
+    (None, ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
+     "NoCredentialsError: Unable to locate credentials"),
+])
+def test_storage_errors_are_one_line_and_exit_2(prefect_api, s3_endpoint, tmp_path, endpoint,
+                                                unset, cause):
+    """A wrong endpoint or no credentials: one `error:` line, not pages of tracebacks."""
+    path = job_file(tmp_path, output="s3://some-bucket/movies",
+                    storage_options={"endpoint_url": endpoint or s3_endpoint})
+    run = start_job([ENRICHFLOW, "run", str(path), "--limit", "3"], prefect_api,
+                    unset=(*unset, "AWS_PROFILE"), stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 2
+    assert "Traceback" not in stdout + stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot read s3://some-bucket/movies/") and cause in last
+    assert last.endswith("check that the bucket or folder exists, your credentials, and, "
+                         "for S3-compatible storage, storage_options.endpoint_url")
 
 
 def test_credentials_in_storage_options_are_refused(tmp_path):

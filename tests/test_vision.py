@@ -98,7 +98,9 @@ def test_bad_images_fail_their_row_and_the_job_goes_on(prefect_api, start_localb
                          "primary_image": [str(good), str(tmp_path / "missing.png"),
                                            str(not_image), None]})
     server = start_localbatch()
-    enrich(str(job_file(tmp_path, rows, config="furniture")), base_url=server.base_url)
+    # three of four rows fail: more than the default max_failed_share, which would fail the run
+    path = job_file(tmp_path, rows, config="furniture", **{"limits.max_failed_share": 1.0})
+    enrich(str(path), base_url=server.base_url)
 
     data = pd.read_parquet(tmp_path / "out").set_index("asin")
     assert data["_status"].to_dict() == {"A1": "ok", "A2": "failed", "A3": "failed",

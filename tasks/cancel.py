@@ -1,0 +1,30 @@
+"""Cancel a job: its run sends nothing more, and its unfinished batches are cancelled.
+
+Answers that finished before the cancel stay billed; the run collects and keeps them.
+Used by `enrichflow cancel` and by the flow when its Prefect run is cancelled.
+"""
+
+from __future__ import annotations
+
+from enrichflow.config import ProviderConfig
+from enrichflow.provider import open_client
+from enrichflow.storage import Location
+from tasks.state import RunState
+from tasks.wait import TERMINAL
+
+
+def cancel_run(location: Location) -> tuple[RunState | None, list[str]]:
+    """(the run asked to stop, or None if there is none; the batches cancelled)."""
+    state = RunState.load(location)
+    if state is None or state.finished:
+        return None, []
+    state.request_cancel()
+    cancelled = []
+    with open_client(ProviderConfig(**state.provider), location) as client:
+        for shard in state.shards:
+            if shard.batch_id and shard.status != "collected":
+                batch = client.batches.retrieve(shard.batch_id)
+                if batch.status not in TERMINAL and batch.status != "cancelling":
+                    client.batches.cancel(batch.id)
+                    cancelled.append(f"batch {batch.id} ({shard.name})")
+    return state, cancelled
