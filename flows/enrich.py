@@ -61,7 +61,8 @@ def cancel_batches_on_cancellation(flow: Flow, flow_run: FlowRun, state: State) 
     job = job_from_parameters(flow_run.parameters)
     stopped, cancelled = cancel_run(Location(job.output, job.storage_options))
     if stopped is None:
-        log.info("the run was cancelled before it started any batch")
+        log.info("the run was cancelled; no unfinished run of this job is journaled, so "
+                 "no batch runs on")
         return
     log.warning("the run was cancelled: %s; answers that finished before stay billed and "
                 "are kept, and running the job again sends the rest",
