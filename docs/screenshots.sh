@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Screenshots of the Prefect UI for the README, taken as a user sees it: a real Prefect
+# server with its scheduler, the deployments of prefect.yaml, a worker, one movies run on
+# a local Batch API server, then headless Chromium on the run page, two of its artifacts,
+# the deployment's run form and its upcoming (scheduled) runs. Needs Debian's chromium
+# (apt-get install chromium) and `make install`.
+#   bash docs/screenshots.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=$PWD/.venv/bin
+PORT=${PORT:-4299}
+WORK=$(mktemp -d)
+export PREFECT_HOME=$WORK/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_API_URL=http://127.0.0.1:$PORT/api PREFECT_WORKER_QUERY_SECONDS=2
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$WORK"' EXIT
+
+"$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" > "$WORK/server.log" 2>&1 &
+pids+=($!)
+"$BIN/enrichflow" serve --port 0 --data-dir "$WORK/localbatch" > "$WORK/serve.log" 2>&1 &
+pids+=($!)
+until curl -sf "$PREFECT_API_URL/health" > /dev/null; do sleep 1; done
+BASE_URL=$(until grep -o 'http://[^ ,]*' "$WORK/serve.log"; do sleep 0.5; done)
+
+"$BIN/prefect" work-pool create enrich-pool --type process > /dev/null
+"$BIN/prefect" deploy --all > /dev/null
+"$BIN/prefect" worker start --pool enrich-pool > "$WORK/worker.log" 2>&1 &
+pids+=($!)
+RUN=$("$BIN/prefect" deployment run enrich/movies --param limit=20 \
+      --param "output=$WORK/movies" --param "base_url=$BASE_URL" | grep -o 'UUID: [0-9a-f-]*' | cut -c7-)
+state() { curl -sf "$PREFECT_API_URL/flow_runs/$RUN" | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["state"]["type"])'; }
+until [ "$(state)" = COMPLETED ]; do
+  case "$(state)" in FAILED|CRASHED|CANCELLED) echo "the run ended $(state)" >&2; exit 1;; esac
+  sleep 2
+done
+DEPLOYMENT=$(curl -sf "$PREFECT_API_URL/deployments/name/enrich/movies" | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+
+shot() {  # shot NAME PATH: a 1600x1000 screenshot of the UI page at PATH
+  chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars \
+    --window-size=1600,1000 --virtual-time-budget=20000 \
+    --screenshot="docs/$1.png" "http://127.0.0.1:$PORT$2" 2> /dev/null
+}
+shot run-page "/runs/flow-run/$RUN"
+artifact() {  # the id of this run's artifact with key $1
+  curl -sf -X POST "$PREFECT_API_URL/artifacts/filter" -H 'content-type: application/json' \
+    -d "{\"artifacts\": {\"key\": {\"any_\": [\"$1\"]}, \"flow_run_id\": {\"any_\": [\"$RUN\"]}}}" \
+    | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])'
+}
+shot rows-artifact "/artifacts/artifact/$(artifact movies-rows)"
+shot summary-artifact "/artifacts/artifact/$(artifact movies-summary)"
+shot run-form "/deployments/deployment/$DEPLOYMENT/run"
+shot upcoming-runs "/deployments/deployment/$DEPLOYMENT?tab=Upcoming"
+ls docs/*.png
