@@ -21,7 +21,7 @@ def _run(args: argparse.Namespace) -> int:
     job = resolve_job(args.config, args.output, args.limit, args.provider, args.base_url)
     manifest = enrich(args.config, output=args.output, limit=args.limit,
                       provider=args.provider, base_url=args.base_url, force=args.force,
-                      use_cache=not args.no_cache)
+                      use_cache=not args.no_cache, wait_for_lock=args.wait_for_lock)
     print()
     print(f"output:   {manifest['output']}  (read it with pandas.read_parquet)")
     print("rows:     " + ", ".join(f"{n:,} {s}" for s, n in manifest["rows_by_status"].items()))
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run again even if the output is complete")
     run.add_argument("--no-cache", action="store_true",
                      help="send every row, even those whose request was answered before")
+    run.add_argument("--wait-for-lock", action="store_true",
+                     help="if another run is writing the same output, wait for it to end")
     run.set_defaults(handler=_run)
 
     estimate = commands.add_parser("estimate", help="rows, tokens and cost of a job, before")

@@ -23,3 +23,7 @@ class ProviderError(RuntimeError):
 
 class RowsFailedError(RuntimeError):
     """More rows failed than `limits.max_failed_share` allows; the output is written."""
+
+
+class LeaseError(RuntimeError):
+    """Another run is writing the same output; this one must not send anything."""

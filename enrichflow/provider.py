@@ -47,7 +47,11 @@ def embedded_data_dir(provider: ProviderConfig, output: Location) -> Path:
 
 
 @contextmanager
-def open_client(provider: ProviderConfig, output: Location) -> Iterator[OpenAI]:
+def open_client(provider: ProviderConfig, output: Location,
+                share_running: bool = False) -> Iterator[OpenAI]:
+    """The job's client. An embedded server whose folder a running job serves is shared
+    only with `share_running` (`enrichflow cancel`): a run that used another run's server
+    would lose it, mid-wait, when that run ends."""
     kind = provider_kind(provider)
     if kind == "openai":
         yield OpenAI(api_key=_openai_key(provider), base_url=provider.base_url)
@@ -58,7 +62,11 @@ def open_client(provider: ProviderConfig, output: Location) -> Iterator[OpenAI]:
         data_dir = embedded_data_dir(provider, output)
         try:
             server = LocalBatchServer(data_dir)
-        except RuntimeError:  # a run of this job is serving that folder: share its server
+        except RuntimeError as exc:  # a running job serves that folder
+            if not share_running:
+                raise ConfigError(f"the embedded local server's folder {data_dir} is in use "
+                                  "by another running job; wait for it, or give this job "
+                                  "its own provider.local_data_dir") from exc
             yield OpenAI(base_url=(data_dir / URL_FILE).read_text(), api_key="localbatch")
             return
         with server:

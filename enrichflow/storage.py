@@ -45,7 +45,7 @@ class Location:
 
     def read_json(self, name: str) -> Any | None:
         try:
-            with self._errors("read", name, keep_missing=True), \
+            with self._errors("read", name, expected=FileNotFoundError), \
                     self.fs.open(self.path(name), "rb") as handle:
                 return json.load(handle)
         except FileNotFoundError:
@@ -54,6 +54,20 @@ class Location:
     def read_parquet(self, name: str) -> pa.Table:
         with self._errors("read", name), self.fs.open(self.path(name), "rb") as handle:
             return pq.read_table(handle)
+
+    def create_json(self, name: str, value: Any) -> bool:
+        """Write `name` only if it does not exist (O_EXCL locally, a conditional put on
+        S3), atomically with respect to every other writer; False if it exists."""
+        if self.is_local:
+            with self._errors("write", name):
+                self.fs.makedirs(self.path(name).rsplit("/", 1)[0], exist_ok=True)
+        try:
+            with self._errors("write", name, expected=FileExistsError), \
+                    self.fs.open(self.path(name), "xb") as handle:
+                handle.write(json.dumps(value).encode())
+        except FileExistsError:
+            return False
+        return True
 
     def write_json(self, name: str, value: Any) -> None:
         self.write_bytes(name, json.dumps(value, indent=2, default=str).encode())
@@ -80,15 +94,17 @@ class Location:
                 self.fs.rm(self.path(name), recursive=True)
 
     @contextmanager
-    def _errors(self, action: str, name: str, keep_missing: bool = False) -> Iterator[None]:
-        """Any storage failure as one StorageError that names the file and the fix; with
-        `keep_missing`, a missing file stays FileNotFoundError for the caller to expect."""
+    def _errors(self, action: str, name: str,
+                expected: type[Exception] | None = None) -> Iterator[None]:
+        """Any storage failure as one StorageError that names the file and the fix, but
+        the `expected` one (a missing file when reading, an existing one when creating),
+        which the caller handles."""
         try:
             yield
         except StorageError:
             raise
         except Exception as exc:  # s3fs, botocore and aiohttp raise more than OSError
-            if keep_missing and isinstance(exc, FileNotFoundError):
+            if expected is not None and isinstance(exc, expected):
                 raise
             raise StorageError(
                 f"cannot {action} {self.uri}/{name} ({type(exc).__name__}: {exc}); check "

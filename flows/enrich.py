@@ -39,6 +39,7 @@ from tasks.budget import TokenBudget
 from tasks.cache import remember_answers
 from tasks.cancel import cancel_run
 from tasks.collect import ATTEMPT_RESULTS, collect_results_task, error_results
+from tasks.lease import Lease
 from tasks.load import KEY
 from tasks.merge import merge_results_task
 from tasks.plan import Shard, plan_shards, shard_jsonl
@@ -81,6 +82,7 @@ def enrich(
     wait_mode: WaitMode = "poll",
     force: bool = False,
     use_cache: bool = True,
+    wait_for_lock: bool = False,
 ) -> dict[str, Any]:
     """Enrich the rows of a job file's dataset through the Batch API; returns the manifest.
 
@@ -95,6 +97,8 @@ def enrich(
             the worker, and the resume-ready deployment resumes it when a batch is done.
         force: Run again even if the output is complete.
         use_cache: Reuse answers to requests answered before (not paid again).
+        wait_for_lock: If another run is writing the same output, wait for it to end
+            instead of failing at once (only one run writes an output at a time).
     """
     job = resolve_job(config_path, output, limit, provider, base_url, model)
     if wait_mode == "suspend":
@@ -104,24 +108,36 @@ def enrich(
     prepared = prepare_job_task(job, use_cache)
     report_prepared(job, prepared)
 
-    done = read_manifest(location)
-    if done and done.get("job_key") == prepared.job_key and not done.get("cancelled") \
-            and not force:
-        log.info("%s is already complete in %s; nothing sent (use --force to run it again)",
-                 job.name, location.uri)
-        return done
-    check_cost_cap(prepared.estimate, job.max_cost_usd)
+    run_name = f"flow run {runtime.flow_run.name} ({runtime.flow_run.id})"
+    with Lease.acquire(location, run_name, wait_for_lock, on_wait=log.info) as lease:
+        done = read_manifest(location)
+        if done and done.get("job_key") == prepared.job_key and not done.get("cancelled") \
+                and not force:
+            log.info("%s is already complete in %s; nothing sent (use --force to run it again)",
+                     job.name, location.uri)
+            return done
+        check_cost_cap(prepared.estimate, job.max_cost_usd)
 
-    state, resumed = RunState.open(
-        location, prepared.job_key, job.config_hash(), prepared.rows.fingerprint,
-        describe(job.provider, location), force, flow_run_id=str(runtime.flow_run.id),
-        resume=resume_command(config_path, location.uri, limit, provider, base_url, model))
-    if resumed:
-        log.info("resuming run %s from %s/_state", state.run_id, location.uri)
+        state, resumed = RunState.open(
+            location, prepared.job_key, job.config_hash(), prepared.rows.fingerprint,
+            describe(job.provider, location), force, flow_run_id=str(runtime.flow_run.id),
+            resume=resume_command(config_path, location.uri, limit, provider, base_url, model),
+            lease=lease)
+        if resumed:
+            log.info("resuming run %s from %s/_state", state.run_id, location.uri)
+        manifest, merged = send_and_write(job, location, prepared, state, wait_mode)
+    check_failed_share(manifest, merged, job.limits.max_failed_share)
+    return manifest
+
+
+def send_and_write(job: JobConfig, location: Location, prepared: Prepared, state: RunState,
+                   wait_mode: WaitMode) -> tuple[dict[str, Any], pa.Table]:
+    """Send what is left to send, merge every answer into the rows, write the output and
+    its manifest; (the manifest, the rows written)."""
+    log = get_run_logger()
     with open_client(job.provider, location) as client:
         sent = run_attempts(client, state, prepared, job, wait_mode)
     results = pa.concat_tables([prepared.reused, sent])
-
     merged = merge_results_task(prepared.rows.table, prepared.tag, prepared.rendered.unsent,
                                 results, job.request.response_format, prepared.price)
     if prepared.cache is not None:
@@ -135,8 +151,7 @@ def enrich(
              "unknown" if manifest["cost_usd"] is None else f"${manifest['cost_usd']:,.4f}",
              "; the job was cancelled: run it again to send the rest" if manifest["cancelled"]
              else "")
-    check_failed_share(manifest, merged, job.limits.max_failed_share)
-    return manifest
+    return manifest, merged
 
 
 def resolve_job(config_path: str, output: str | None = None, limit: int | None = None,

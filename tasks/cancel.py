@@ -20,7 +20,8 @@ def cancel_run(location: Location) -> tuple[RunState | None, list[str]]:
         return None, []
     state.request_cancel()
     cancelled = []
-    with open_client(ProviderConfig(**state.provider), location) as client:
+    provider = ProviderConfig(**state.provider)
+    with open_client(provider, location, share_running=True) as client:
         for shard in state.shards:
             if shard.batch_id and shard.status != "collected":
                 batch = client.batches.retrieve(shard.batch_id)

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from enrichflow.errors import StorageError
 from enrichflow.storage import Location
+from tasks.lease import Lease
 
 STATE_FILE = "_state/run.json"
 CANCEL_FILE = "_state/cancel-requested.json"
@@ -65,6 +66,7 @@ class RunState:
     suspensions: int = 0  # times the run suspended itself to wait (wait_mode suspend)
     shards: list[ShardRecord] = field(default_factory=list)
     location: Location | None = field(default=None, repr=False, compare=False)
+    lease: Lease | None = field(default=None, repr=False, compare=False)  # held to save
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @classmethod
@@ -79,12 +81,14 @@ class RunState:
     @classmethod
     def open(cls, location: Location, job_key: str, config_hash: str, fingerprint: str,
              provider: dict[str, Any], force: bool, flow_run_id: str | None = None,
-             resume: dict[str, str] | None = None) -> tuple[RunState, bool]:
+             resume: dict[str, str] | None = None,
+             lease: Lease | None = None) -> tuple[RunState, bool]:
         """The journal of this job at `location`, to run it: (state, resumed?). A journal
         of another job (changed config or data), a finished one, or `force`, starts a
         fresh run."""
         saved = cls.load(location)
         if saved and saved.job_key == job_key and not force and not saved.finished:
+            saved.lease = lease
             if saved.flow_run_id != flow_run_id:  # started again, not resumed
                 location.remove(CANCEL_FILE)
                 saved.flow_run_id, saved.resume = flow_run_id, resume or {}
@@ -93,7 +97,7 @@ class RunState:
         location.remove(CANCEL_FILE)
         state = cls(job_key=job_key, config_hash=config_hash, dataset_fingerprint=fingerprint,
                     provider=provider, flow_run_id=flow_run_id, resume=resume or {},
-                    location=location)
+                    location=location, lease=lease)
         location.remove("_state/results")
         state.save()
         return state, False
@@ -157,7 +161,9 @@ class RunState:
 
     def save(self) -> None:
         with self._lock:
+            if self.lease is not None:
+                self.lease.check()  # a run that lost its lease journals (and sends) no more
             data = {k: v for k, v in vars(self).items()
-                    if k not in ("location", "_lock", "shards")}
+                    if k not in ("location", "lease", "_lock", "shards")}
             data["shards"] = [asdict(s) for s in self.shards]
             self.location.write_json(STATE_FILE, data)

@@ -89,3 +89,28 @@ def test_cancel_stops_a_running_job(prefect_api, start_localbatch, tmp_path, cap
     assert "rows:     200 ok" in stdout
     resent = [b for b in client.batches.list() if b.status == "completed"]
     assert sum(b.request_counts.total for b in resent) == len(failed)
+
+
+def test_two_runs_of_one_output_at_once_pay_once(prefect_api, start_localbatch, tmp_path):
+    server = start_localbatch(Simulation(requests_per_second=1))
+    path = job_file(tmp_path, generated_movies(20))
+    first = start_job([ENRICHFLOW, "run", str(path), "--base-url", server.base_url],
+                      prefect_api, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    journal = tmp_path / "out" / "_state" / "run.json"
+    wait_for_batches(first, lambda: journal.exists() and json.loads(journal.read_text()),
+                     shards=1)
+
+    code, _, stderr = cli("run", str(path), "--base-url", server.base_url,
+                          prefect_api=prefect_api)
+    assert code == 2
+    assert "is being written by another run: flow run " in stderr
+    assert f"process {first.pid} on " in stderr
+    waiting = start_job([ENRICHFLOW, "run", str(path), "--base-url", server.base_url,
+                         "--wait-for-lock"], prefect_api, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True)
+    output, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, output[-2000:]
+    output, _ = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, output[-2000:]
+    assert "waiting for the other run of" in output and "already complete" in output
+    assert len(sdk_client(server.base_url).batches.list().data) == 1, "one batch, paid once"

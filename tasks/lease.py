@@ -1,0 +1,125 @@
+"""One run per output at a time: a lease in `<output>/_state/lease.json`.
+
+Two runs of the same job started together would each create a batch for the same shard
+and pay twice. So a run first creates the lease, exclusively (O_EXCL on local disk, a
+conditional put on S3), and keeps it fresh with a heartbeat; a second run is refused with
+who holds it and since when, or waits for it. A lease whose holder is gone (its process
+is dead on this host, or its heartbeat is older than STALE_SECONDS) is taken over. The
+journal is written only while the lease is held (`RunState.save` checks it).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from enrichflow.errors import LeaseError, StorageError
+from enrichflow.storage import Location
+
+LEASE_FILE = "_state/lease.json"
+HEARTBEAT_SECONDS = 15.0
+STALE_SECONDS = 90.0
+WAIT_SECONDS = 5.0
+
+
+class Lease:
+    """The lease of one run; a context manager that holds it until the run ends."""
+
+    def __init__(self, location: Location, holder: dict[str, Any]):
+        self.location = location
+        self.holder = holder
+        self.lost_to: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._beating = threading.Thread(target=self._beat, name="enrichflow-lease",
+                                         daemon=True)
+        self._beating.start()
+
+    @classmethod
+    def acquire(cls, location: Location, run: str, wait: bool = False,
+                on_wait: Callable[[str], None] | None = None) -> Lease:
+        """The lease of `location` for `run`; raises LeaseError while another live run
+        holds it, or, with `wait`, waits until it is free (telling `on_wait` once)."""
+        holder = {"id": uuid.uuid4().hex, "run": run, "host": socket.gethostname(),
+                  "pid": os.getpid(), "since": time.time()}
+        told = False
+        while True:
+            if location.create_json(LEASE_FILE, {**holder, "heartbeat": time.time()}):
+                return cls(location, holder)
+            current = location.read_json(LEASE_FILE)
+            if current is None:
+                continue  # released between our two looks
+            if _holder_is_gone(current):
+                if location.read_json(LEASE_FILE) == current:  # nobody took it over yet
+                    location.remove(LEASE_FILE)
+                continue
+            if not wait:
+                raise LeaseError(f"{location.uri} is being written by another run: "
+                                 f"{describe(current)}. Wait for it to end, run again with "
+                                 f"--wait-for-lock, or stop it (enrichflow cancel "
+                                 f"{location.uri})")
+            if on_wait and not told:
+                on_wait(f"waiting for the other run of {location.uri} to end: "
+                        f"{describe(current)}")
+                told = True
+            time.sleep(WAIT_SECONDS)
+
+    def check(self) -> None:
+        """Raise LeaseError if another run took the lease over (this one looked dead)."""
+        if self.lost_to is not None:
+            raise LeaseError(f"this run lost its lease on {self.location.uri} to "
+                             f"{describe(self.lost_to)}; it stops before doing anything more")
+
+    def release(self) -> None:
+        self._stop.set()
+        self._beating.join()
+        current = self.location.read_json(LEASE_FILE)
+        if current and current.get("id") == self.holder["id"]:
+            self.location.remove(LEASE_FILE)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                current = self.location.read_json(LEASE_FILE)
+                if not current or current.get("id") != self.holder["id"]:
+                    self.lost_to = current or {"run": "nobody (the lease was removed)"}
+                    return
+                self.location.write_json(LEASE_FILE, {**self.holder,
+                                                      "heartbeat": time.time()})
+            except StorageError:
+                continue  # a storage hiccup: the next beat tries again
+
+
+def _holder_is_gone(lease: dict[str, Any]) -> bool:
+    if time.time() - lease.get("heartbeat", 0) > STALE_SECONDS:
+        return True
+    if lease.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(lease["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def describe(lease: dict[str, Any]) -> str:
+    """Who holds a lease, for messages."""
+    if "pid" not in lease:
+        return lease.get("run", "?")
+    since = datetime.fromtimestamp(lease["since"], UTC).isoformat(timespec="seconds")
+    beat = time.time() - lease["heartbeat"]
+    return (f"{lease['run']}, process {lease['pid']} on {lease['host']}, since {since}, "
+            f"last heartbeat {beat:.0f} s ago")

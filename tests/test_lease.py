@@ -1,0 +1,83 @@
+"""One run per output: the lease on local disk and on a real S3 endpoint (moto server)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from enrichflow.errors import LeaseError
+from enrichflow.storage import Location
+from tasks import lease as lease_module
+from tasks.lease import LEASE_FILE, STALE_SECONDS, Lease
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path) -> Location:
+    if request.param == "local":
+        return Location(str(tmp_path / "out"))
+    s3 = request.getfixturevalue("s3")
+    bucket = f"lease-{uuid.uuid4().hex[:8]}"
+    s3.mkdir(bucket)
+    return Location(f"s3://{bucket}/out",
+                    {"endpoint_url": request.getfixturevalue("s3_endpoint")})
+
+
+def a_dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_second_run_is_refused_with_who_holds_the_lease(location):
+    with Lease.acquire(location, "run one"):
+        with pytest.raises(LeaseError) as refused:
+            Lease.acquire(location, "run two")
+        message = str(refused.value)
+        assert message.startswith(f"{location.uri} is being written by another run: run one, "
+                                  f"process {os.getpid()} on "
+                                  f"{socket.gethostname()}, since ")
+        assert f"run again with --wait-for-lock, or stop it (enrichflow cancel " \
+               f"{location.uri})" in message
+    with Lease.acquire(location, "run two"):  # released at the end of the first
+        pass
+    assert not location.exists(LEASE_FILE)
+
+
+@pytest.mark.parametrize("gone", ["dead process here", "stale heartbeat elsewhere"])
+def test_a_lease_whose_holder_is_gone_is_taken_over(location, gone):
+    now = time.time()
+    held = {"id": "old", "run": "a killed run", "since": now - 1000}
+    if gone == "dead process here":
+        held |= {"host": socket.gethostname(), "pid": a_dead_pid(), "heartbeat": now}
+    else:
+        held |= {"host": "another-host", "pid": 1, "heartbeat": now - STALE_SECONDS - 1}
+    location.create_json(LEASE_FILE, held)
+    with Lease.acquire(location, "the next run") as lease:
+        assert location.read_json(LEASE_FILE)["id"] == lease.holder["id"]
+
+
+def test_a_live_holder_elsewhere_is_waited_for(location):
+    location.create_json(LEASE_FILE, {"id": "x", "run": "a run elsewhere", "host": "another-host",
+                                      "pid": 1, "since": time.time(), "heartbeat": time.time()})
+    with pytest.raises(LeaseError, match="a run elsewhere, process 1 on another-host"):
+        Lease.acquire(location, "this run")
+
+
+def test_a_run_that_lost_its_lease_stops(location, monkeypatch):
+    monkeypatch.setattr(lease_module, "HEARTBEAT_SECONDS", 0.05)
+    lease = Lease.acquire(location, "a slow run")
+    location.write_json(LEASE_FILE, {"id": "other", "run": "the run that took it over"})
+    deadline = time.monotonic() + 10
+    while lease.lost_to is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with pytest.raises(LeaseError, match="lost its lease .* to the run that took it over"):
+        lease.check()
+    lease.release()
+    assert location.read_json(LEASE_FILE)["id"] == "other", "not removed: it is not ours"
