@@ -105,7 +105,7 @@ def enrich(
         check_can_suspend(job)
     log = get_run_logger()
     location = Location(job.output, job.storage_options)
-    prepared = prepare_job_task(job, use_cache)
+    prepared = prepare_job_task(job, use_cache, force)
     report_prepared(job, prepared)
 
     run_name = f"flow run {runtime.flow_run.name} ({runtime.flow_run.id})"

@@ -24,6 +24,7 @@ from tasks.load import Rows, load_rows
 from tasks.merge import check_answer_columns
 from tasks.plan import TOKENS, Shard, plan_shards
 from tasks.render import Rendered, render_requests
+from tasks.state import RunState
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Prepared:
         return self.job_key[:8]
 
 
-def prepare_job(job: JobConfig, use_cache: bool = True) -> Prepared:
+def prepare_job(job: JobConfig, use_cache: bool = True, force: bool = False) -> Prepared:
     rows = load_rows(job.dataset, job.storage_options)
     check_answer_columns(rows.table, job.request.response_format)
     job_key = hashlib.sha256(f"{job.config_hash()}:{rows.fingerprint}".encode()).hexdigest()[:24]
@@ -54,9 +55,13 @@ def prepare_job(job: JobConfig, use_cache: bool = True) -> Prepared:
     hashes = request_hashes(rendered.requests)
     reused, to_send, cache = ATTEMPT_RESULTS.empty_table(), rendered.requests, None
     if use_cache and job.cache.enabled:
-        cache = AnswerCache.open(job.cache.uri, Location(job.output, job.storage_options),
-                                 job.storage_options)
-        reused, to_send = split_reused(rendered.requests, hashes, cache.answers)
+        output = Location(job.output, job.storage_options)
+        cache = AnswerCache.open(job.cache.uri, output, job.storage_options)
+        earlier = cache.answers.filter(pc.invert(pc.is_in(
+            cache.answers["_batch_id"],
+            value_set=pa.array([] if force else unfinished_batches(output, job_key),
+                               pa.string()))))
+        reused, to_send = split_reused(rendered.requests, hashes, earlier)
     to_send = to_send.append_column(TOKENS, pa.array(request_tokens(to_send), pa.int64()))
     budget = job.limits.enqueued_token_budget or default_token_budget(job.request.model)
     shards = plan_shards(to_send, job.limits.max_requests_per_shard,
@@ -70,6 +75,16 @@ def prepare_job(job: JobConfig, use_cache: bool = True) -> Prepared:
         output_ceiling=None if ceiling is None else ceiling * to_send.num_rows, price=price)
     return Prepared(rows, job_key, rendered, hashes, reused, cache, to_send, shards, budget,
                     price, estimate)
+
+
+def unfinished_batches(output: Location, job_key: str) -> list[str]:
+    """The batches of this job's unfinished run. Their answers may be in the cache already
+    (a run killed after it wrote the cache, before its output): they are that run's, to
+    collect and count again as its own, not answers of an earlier run reused for free."""
+    state = RunState.load(output)
+    if state is None or state.finished or state.job_key != job_key:
+        return []
+    return [record.batch_id for record in state.shards if record.batch_id]
 
 
 def check_cost_cap(estimate: Estimate, max_cost_usd: float | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import pandas as pd
 import pytest
@@ -112,6 +113,27 @@ def test_a_rerun_pays_only_for_new_or_changed_requests(prefect_api, start_localb
     enrich(str(job_file(tmp_path, generated_movies(41))), base_url=server.base_url,
            use_cache=False)
     assert client.batches.list().data[0].request_counts.total == 41
+
+
+def test_a_run_killed_after_its_cache_before_its_output_still_counts_what_it_paid(
+        prefect_api, start_localbatch, tmp_path):
+    """The state such a kill leaves: answers in the cache, no data, no manifest, the
+    journal unfinished. The re-run is the same run: it reuses nothing and counts the
+    tokens its own batches used, which the provider billed."""
+    server = start_localbatch()
+    path = job_file(tmp_path, generated_movies(30))
+    paid = enrich(str(path), base_url=server.base_url)
+    out = tmp_path / "out"
+    (out / "part-00000.parquet").unlink()
+    (out / "_manifest.json").unlink()
+    journal = json.loads((out / "_state" / "run.json").read_text())
+    (out / "_state" / "run.json").write_text(json.dumps({**journal, "finished_at": None}))
+
+    again = enrich(str(path), base_url=server.base_url)
+    assert len(sdk_client(server.base_url).batches.list().data) == 1, "nothing paid twice"
+    assert again["rows_reused"] == 0 and again["run_id"] == paid["run_id"]
+    assert again["tokens"] == paid["tokens"] and again["cost_usd"] == paid["cost_usd"]
+    assert not pd.read_parquet(out)["_reused"].any()
 
 
 def test_the_enqueued_token_budget_is_respected_and_learned(prefect_api, start_localbatch,
