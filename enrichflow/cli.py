@@ -64,7 +64,7 @@ def _status(args: argparse.Namespace) -> int:
     if manifest is None and state is None:
         print(f"{args.output}: no enrichflow output or run state here", file=sys.stderr)
         return 1
-    if manifest and (state is None or state.finished):
+    if manifest and (state is None or state.finished or state.run_id == manifest["run_id"]):
         print(f"complete: {manifest['job']} wrote {manifest['rows']:,} rows at "
               f"{manifest['finished_at']}")
         print("rows:     " + ", ".join(f"{n:,} {s}" for s, n in

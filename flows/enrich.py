@@ -115,6 +115,7 @@ def enrich(
                 and not force:
             log.info("%s is already complete in %s; nothing sent (use --force to run it again)",
                      job.name, location.uri)
+            RunState.finish_run(location, done["run_id"])  # if killed before it could
             return done
         check_cost_cap(prepared.estimate, job.max_cost_usd)
 

@@ -154,6 +154,13 @@ class RunState:
     def load_results(self, record: ShardRecord) -> pa.Table:
         return self.location.read_parquet(record.results_name)
 
+    @classmethod
+    def finish_run(cls, location: Location, run_id: str) -> None:
+        """End the journal of run `run_id`, whose output is written, if it is not ended."""
+        saved = cls.load(location)
+        if saved and saved.run_id == run_id and not saved.finished:
+            saved.finish()
+
     def finish(self) -> None:
         with self._lock:
             self.finished_at = time.time()

@@ -1,8 +1,10 @@
 """Step 7b, write: the enriched Parquet and its manifest, whole or not at all.
 
-The Parquet file is staged and moved into place first, `_manifest.json` last: a reader
-that finds the manifest finds the data it describes. The manifest's name starts with `_`
-because Parquet readers (pandas, pyarrow.dataset) skip such names in a dataset folder.
+The old manifest goes first, then the Parquet file is staged and moved into place, and
+`_manifest.json` comes last: a reader (or a re-run) that finds a manifest finds the data
+it describes, never data of one run beside the manifest of another. The manifest's name
+starts with `_` because Parquet readers (pandas, pyarrow.dataset) skip such names in a
+dataset folder.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ MANIFEST = "_manifest.json"
 
 
 def write_output(location: Location, table: pa.Table, manifest: dict[str, Any]) -> None:
-    """Write the dataset, then its manifest."""
+    """Drop the old manifest, write the dataset, then its manifest."""
+    location.remove(MANIFEST)
     location.write_parquet(DATA_FILE, table)
     location.write_json(MANIFEST, manifest)
 

@@ -38,6 +38,17 @@ def test_run_on_the_embedded_server_then_status(prefect_api, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "complete: movies wrote 20 rows" in printed and "20 ok" in printed
 
+    # killed after the manifest, before the journal's end: still complete, and a re-run
+    # ends the journal instead of leaving the run "interrupted" for ever
+    journal = out / "_state" / "run.json"
+    journal.write_text(json.dumps({**json.loads(journal.read_text()), "finished_at": None}))
+    assert main(["status", str(out)]) == 0
+    assert "complete: movies wrote 20 rows" in capsys.readouterr().out
+    code, stdout, stderr = cli("run", "configs/movies.yaml", "--output", str(out),
+                               "--limit", "20", prefect_api=prefect_api)
+    assert code == 0 and "already complete" in stdout + stderr
+    assert json.loads(journal.read_text())["finished_at"] is not None
+
 
 def test_errors_are_one_clear_line(prefect_api, tmp_path):
     code, _, stderr = cli("run", "configs/nope.yaml", prefect_api=prefect_api)
