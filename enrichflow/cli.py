@@ -178,11 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
-    from enrichflow.errors import StorageError
+    import openai
 
-    # ConfigError, InputError and CostLimitError are ValueErrors; ProviderError and
-    # RowsFailedError are RuntimeErrors, and so is a local server's data folder in use
-    expected = (ValueError, StorageError, RuntimeError)
+    from enrichflow.errors import StorageError
+    from tasks.api import describe_api_error
+
+    # ConfigError, InputError and CostLimitError are ValueErrors; ProviderError, LeaseError
+    # and RowsFailedError are RuntimeErrors, and so is a local server's data folder in use;
+    # an openai.APIError is a Batch API call that failed after its retries
+    expected = (ValueError, StorageError, RuntimeError, openai.APIError)
     if not args.verbose:
         _quiet_tracebacks(expected)
     try:
@@ -190,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except expected as exc:
         if args.verbose:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        message = describe_api_error(exc) if isinstance(exc, openai.APIError) else exc
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

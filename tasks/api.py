@@ -1,4 +1,5 @@
-"""What is worth retrying when the API answers badly: one rule for every task."""
+"""What is worth retrying when the API answers badly (one rule for every task), and how
+an error that outlasted its retries is told to the user."""
 
 from __future__ import annotations
 
@@ -23,3 +24,27 @@ def retry_on(*exceptions: type[BaseException]) -> Callable[..., bool]:
         return False
 
     return condition
+
+
+_HINTS = {
+    401: "check the API key: OPENAI_API_KEY, or LOCALBATCH_API_KEY for an `enrichflow serve` "
+         "started with --api-key",
+    403: "the key may not use this model or endpoint",
+    404: "the batch or file is gone: was the job started with another --base-url?",
+    413: "the file is larger than the provider takes: lower limits.max_bytes_per_shard",
+    429: "the provider's rate or quota limit: run the job again later; it re-attaches",
+}
+
+
+def describe_api_error(exc: openai.APIError) -> str:
+    """One line: the call, the HTTP status and the provider's message, and what to do."""
+    request = exc.request
+    call = f"{request.method} {request.url}"
+    if isinstance(exc, openai.APIStatusError):
+        body = exc.body if isinstance(exc.body, dict) else {}
+        message = body.get("message") or exc.message
+        hint = _HINTS.get(exc.status_code, "the provider is in trouble: run the job again "
+                          "later; it re-attaches to what was already created")
+        return f"the Batch API call {call} failed: HTTP {exc.status_code}: {message} ({hint})"
+    return (f"the Batch API call {call} failed: {exc.message} (is the server at that address "
+            "up? running the job again re-attaches to what was already created)")

@@ -69,6 +69,19 @@ def test_an_error_inside_the_flow_is_one_line_without_tracebacks(prefect_api, tm
     assert code == 1 and "Traceback" in stderr
 
 
+def test_a_provider_error_names_the_call_the_status_and_the_fix(prefect_api, start_localbatch,
+                                                                tmp_path):
+    server = start_localbatch(api_key="sk-the-right-one")
+    code, stdout, stderr = cli("run", "configs/movies.yaml", "--output", str(tmp_path / "out"),
+                               "--limit", "3", "--base-url", server.base_url,
+                               prefect_api=prefect_api)
+    assert code == 2 and "Traceback" not in stdout + stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: the Batch API call POST {server.base_url}/files failed: HTTP 401: Incorrect "
+        "API key provided. (check the API key: OPENAI_API_KEY, or LOCALBATCH_API_KEY for an "
+        "`enrichflow serve` started with --api-key)")
+
+
 def test_cancel_stops_a_running_job(prefect_api, start_localbatch, tmp_path, capsys):
     server = start_localbatch(Simulation(requests_per_second=10, chunk_size=2))
     path = job_file(tmp_path, generated_movies(200), **{"limits.max_requests_per_shard": 100})
