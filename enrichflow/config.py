@@ -6,6 +6,7 @@ second, not a batch. Relative paths are relative to the directory the job runs f
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import string
@@ -34,6 +35,17 @@ class DatasetConfig(_Strict):
     id_column: str | None = Field(
         default=None, description="Column whose values identify rows; default: row number.")
     limit: int | None = Field(default=None, gt=0, description="Use only the first N rows.")
+    encoding: str = Field(default="utf-8", description="Text encoding of a CSV or JSONL file, "
+                                                       "e.g. latin-1 or cp1252.")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, encoding: str) -> str:
+        try:
+            return codecs.lookup(encoding).name
+        except LookupError:
+            raise ValueError(f"unknown encoding {encoding!r}; e.g. utf-8, latin-1, "
+                             "cp1252") from None
 
     @property
     def resolved_format(self) -> str:

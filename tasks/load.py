@@ -44,7 +44,10 @@ def load_rows(dataset: DatasetConfig, storage_options: dict[str, Any] | None = N
         raise InputError(f"dataset.path: cannot read {dataset.path} ({type(exc).__name__}: "
                          f"{exc}); for S3 check the bucket, your credentials and "
                          "storage_options.endpoint_url") from exc
-    table = _parse(raw, dataset.resolved_format, dataset.path)
+    fmt = dataset.resolved_format
+    recode = fmt != "parquet" and dataset.encoding != "utf-8"
+    table = _parse(_recode(raw, dataset) if recode else raw, fmt, dataset.path)
+    _check_text(table, fmt, dataset.path)
     if dataset.limit is not None:
         table = table.slice(0, dataset.limit)
     if table.num_rows == 0:
@@ -66,6 +69,45 @@ def _parse(raw: bytes, fmt: str, path: str) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"dataset.path: {path} is not readable as {fmt}: {exc}. Check the "
                          "file, or set dataset.format") from exc
+
+
+def _recode(raw: bytes, dataset: DatasetConfig) -> bytes:
+    try:
+        return raw.decode(dataset.encoding).encode()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"dataset.path: {dataset.path} is not {dataset.encoding} text at byte "
+                         f"{exc.start:,}; set dataset.encoding to the file's encoding") from exc
+
+
+def _check_text(table: pa.Table, fmt: str, path: str) -> None:
+    """Every text column, used by the template or not, holds valid UTF-8, before anything
+    is paid: bytes that are not would be written as a binary column, or break the run
+    after its batches were paid for. (A binary column of a Parquet file is data.)"""
+    for name in table.column_names:
+        column = table[name]
+        if fmt != "parquet" and pa.types.is_binary(column.type):
+            bad = _first_not_utf8(column)
+        elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            try:
+                column.validate(full=True)
+                continue
+            except pa.ArrowInvalid:
+                bad = _first_not_utf8(column.cast(pa.binary()))
+        else:
+            continue
+        raise InputError(f"{path}: column {name!r} is not UTF-8 text (row {bad + 1:,}); set "
+                         "dataset.encoding to the file's encoding (e.g. latin-1 or cp1252), "
+                         "or fix the data")
+
+
+def _first_not_utf8(column: pa.ChunkedArray) -> int:
+    for row, value in enumerate(column.to_pylist()):
+        try:
+            if value is not None:
+                value.decode("utf-8")
+        except UnicodeDecodeError:
+            return row
+    return 0
 
 
 def _keys(table: pa.Table, dataset: DatasetConfig) -> pa.Array:

@@ -55,6 +55,28 @@ def test_load_errors_name_the_file_and_the_fix(tmp_path, content, id_column, exp
 
 # render ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("name", ["rows.csv", "rows.jsonl"])
+def test_text_that_is_not_utf8_is_refused_unless_its_encoding_is_given(tmp_path, name):
+    """Even in a column the template does not use: it would be written as bytes."""
+    path = tmp_path / name
+    rows = [{"title": "Amélie", "note": "déjà vu"}, {"title": "Heat", "note": "café"}]
+    if name.endswith(".csv"):
+        text = "title,note\n" + "".join(f"{r['title']},{r['note']}\n" for r in rows)
+    else:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(InputError, match=rf"{name}: column 'title' is not UTF-8 text \(row 1\);"
+                                         r" set dataset.encoding to the file's encoding"):
+        load_rows(DatasetConfig(path=str(path)))
+    loaded = load_rows(DatasetConfig(path=str(path), encoding="latin-1")).table
+    assert loaded.select(["title", "note"]).to_pylist() == rows
+
+
+def test_an_unknown_encoding_is_a_job_file_error():
+    with pytest.raises(ValueError, match="unknown encoding 'utf-9'"):
+        DatasetConfig(path="rows.csv", encoding="utf-9")
+
+
 def test_render_escapes_text_exactly_as_json_does():
     texts = ['He said "hi"\nthen left', "back\\slash\ttab", "unicode: é 漢字 🎬",
              "control \x01\x1f char", "{braces} and 'quotes'"]
