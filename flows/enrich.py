@@ -31,7 +31,7 @@ from prefect.flow_runs import suspend_flow_run
 from prefect.logging.loggers import flow_run_logger
 from pydantic import Field
 
-from enrichflow.config import JobConfig, load_job
+from enrichflow.config import JobConfig, LimitsConfig, load_job
 from enrichflow.errors import ConfigError, RowsFailedError
 from enrichflow.provider import describe, open_client, provider_kind
 from enrichflow.storage import Location
@@ -42,7 +42,7 @@ from tasks.collect import ATTEMPT_RESULTS, collect_results_task, error_results
 from tasks.lease import Lease
 from tasks.load import KEY
 from tasks.merge import merge_results_task
-from tasks.plan import Shard, plan_shards, shard_jsonl
+from tasks.plan import TOKENS, Shard, plan_shards, shard_jsonl
 from tasks.prepare import Prepared, check_cost_cap, prepare_job_task
 from tasks.render import CUSTOM_ID
 from tasks.report import publish_estimate, publish_results, start_progress
@@ -222,7 +222,7 @@ def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: JobCo
     """Send the rows, then again the ones worth retrying; all results, with `_attempt`."""
     log = get_run_logger()
     limits = job.limits
-    budget = TokenBudget(prepared.token_budget)
+    budget = TokenBudget(state.token_limit or prepared.token_budget)
     progress = start_progress(job.name)
     collected: list[pa.Table] = []
     pending = prepared.to_send
@@ -234,7 +234,7 @@ def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: JobCo
                         f"{pending.num_rows:,}")
             break
         shards = plan_shards(pending, limits.max_requests_per_shard, limits.max_bytes_per_shard,
-                             budget.limit)
+                             state.plan_limit(attempt, budget.plan_limit))
         log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{pending.num_rows:,}",
                  len(shards))
         outcome = run_shards(client, state, attempt, pending, shards, budget, job, wait_mode,
@@ -263,22 +263,18 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
                progress: UUID) -> pa.Table:
     """Run one attempt's shards, starting each only when it fits the enqueued-token
     budget, and collect (and journal) each as soon as its batch is finished. A shard
-    refused for `token_limit_exceeded` waits its turn and goes again, under the limit
-    the refusal named. In `suspend` mode the run, rather than waiting, suspends itself
-    until the resume-ready deployment finds a batch of it finished. After a cancel, no
-    shard is started: their rows are results with the cancel as their error."""
+    refused for `token_limit_exceeded` is cut into smaller shards under the limit the
+    refusal named (or, refused alone, into halves), or waits for running batches and
+    goes again; a refusal is never one of its rows' attempts. In `suspend` mode the run,
+    rather than waiting, suspends itself until the resume-ready deployment finds a batch
+    of it finished. After a cancel, no shard is started: their rows are results with the
+    cancel as their error."""
     log = get_run_logger()
     limits = job.limits
-    tables = []
+    tables: list[pa.Table] = []
     queue: deque[ShardRun] = deque()
     for shard in shards:
-        record = state.record(attempt, shard.index, shard.rows, shard.bytes,
-                              hashlib.sha256(shard_jsonl(pending, shard)).hexdigest())
-        if record.status == "collected":
-            tables.append(state.load_results(record))
-        else:
-            ids = pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()
-            queue.append(ShardRun(shard, record, ids))
+        queue.extend(_still_to_run(state, attempt, pending, shard, tables))
     running: dict[str, ShardRun] = {}  # by batch id
     while queue or running:
         if any(not run.record.batch_id for run in queue) and state.cancel_requested():
@@ -317,17 +313,12 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
             run = running.pop(batch.id)
             budget.release(run.shard.tokens)
             refusal = _token_limit_refusal(batch)
-            if refusal and running:
-                limit = budget.learn(refusal)
-                log.warning("%s: batch %s refused (token_limit_exceeded, limit %s); it waits "
-                            "for running batches and goes again", run.record.name, batch.id,
-                            f"{limit:,}" if limit else "unknown")
-                state.update(run.record, batch_id=None, status="uploaded",
-                             submission=run.record.submission + 1)
-                queue.appendleft(run)
-                continue
             if refusal:
-                budget.learn(refusal)
+                again = _after_refusal(state, attempt, pending, run, batch, refusal, budget,
+                                       limits, others_running=bool(running))
+                if again:
+                    queue.extendleft(reversed(again))
+                    continue
             table = collect_results_task(client, batch, run.custom_ids,
                                          job.request.response_format)
             state.save_results(run.record, table)
@@ -336,6 +327,76 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
             log.info("%s: batch %s is %s; collected %s ok, %s failed", run.record.name,
                      batch.id, batch.status, f"{ok:,}", f"{table.num_rows - ok:,}")
     return pa.concat_tables(tables)
+
+
+def _after_refusal(state: RunState, attempt: int, pending: pa.Table, run: ShardRun,
+                   batch: Batch, refusal: str, budget: TokenBudget, limits: LimitsConfig,
+                   others_running: bool) -> list[ShardRun]:
+    """What goes again after a `token_limit_exceeded`: the shard cut into shards under
+    the limit the refusal named (or in halves, if it was refused alone although it fits:
+    the provider counts more than our estimate), or the shard itself once running
+    batches are done; nothing when a single row was refused alone (it fails)."""
+    log = get_run_logger()
+    state.learn_token_limit(budget.learn(refusal) or budget.limit)
+    cap = budget.plan_limit
+    too_big = cap is not None and run.shard.tokens > cap
+    if run.shard.rows > 1 and (too_big or not others_running):
+        pieces = _split(state, attempt, pending, run,
+                        cap if too_big else run.shard.tokens // 2, limits)
+        log.warning("%s: batch %s refused (token_limit_exceeded, limit %s): its rows go on "
+                    "as %d smaller shards", run.record.name, batch.id,
+                    f"{budget.limit:,}" if budget.limit else "unknown", len(pieces))
+        return pieces
+    if others_running:
+        log.warning("%s: batch %s refused (token_limit_exceeded); it waits for running "
+                    "batches and goes again", run.record.name, batch.id)
+        state.update(run.record, batch_id=None, status="uploaded",
+                     submission=run.record.submission + 1)
+        return [run]
+    return []
+
+
+def _still_to_run(state: RunState, attempt: int, pending: pa.Table, shard: Shard,
+                  tables: list[pa.Table]) -> list[ShardRun]:
+    """What a planned shard still needs: nothing if collected (its results go to
+    `tables`), the pieces it was cut into if it was split, else itself."""
+    record = state.record(attempt, shard.index, shard.rows, shard.bytes,
+                          hashlib.sha256(shard_jsonl(pending, shard)).hexdigest())
+    if record.status == "collected":
+        tables.append(state.load_results(record))
+        return []
+    if record.status == "split":
+        return [run for piece in state.pieces(record)
+                for run in _still_to_run(state, attempt, pending,
+                                         _shard_of(pending, piece), tables)]
+    ids = pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()
+    return [ShardRun(shard, record, ids)]
+
+
+def _shard_of(pending: pa.Table, piece: ShardRecord) -> Shard:
+    tokens = pc.sum(pending[TOKENS].slice(piece.start, piece.rows)).as_py() or 0
+    return Shard(piece.shard, piece.start, piece.start + piece.rows, piece.bytes, tokens)
+
+
+def _split(state: RunState, attempt: int, pending: pa.Table, run: ShardRun, cap: int,
+           limits: LimitsConfig) -> list[ShardRun]:
+    """Cut a refused shard into shards of at most `cap` estimated tokens, journaled
+    before the refused one is marked split, so a kill in between loses no row."""
+    part = pending.slice(run.shard.start, run.shard.rows)
+    cap = max(cap, pc.max(part[TOKENS]).as_py())  # a row is never cut
+    first = state.next_shard(attempt)
+    runs = []
+    for i, cut in enumerate(plan_shards(part, limits.max_requests_per_shard,
+                                        limits.max_bytes_per_shard, cap)):
+        shard = Shard(first + i, run.shard.start + cut.start, run.shard.start + cut.end,
+                      cut.bytes, cut.tokens)
+        record = state.record(attempt, shard.index, shard.rows, shard.bytes,
+                              hashlib.sha256(shard_jsonl(pending, shard)).hexdigest(),
+                              start=shard.start, parent=run.record.shard)
+        runs.append(ShardRun(shard, record,
+                             pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()))
+    state.update(run.record, status="split", batch_id=None)
+    return runs
 
 
 def suspend(state: RunState, max_wait_hours: float) -> NoReturn:

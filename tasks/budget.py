@@ -2,8 +2,9 @@
 
 OpenAI counts the prompt tokens of every batch of a model that is not finished against
 an organisation-wide limit, and fails a batch that would pass it at validation. So
-shards are started only while they fit, and a `token_limit_exceeded` teaches the budget
-the real limit, which the error message names.
+shards are planned and started only while they fit under the limit less a margin (the
+provider counts a request's tokens a little differently, and more, than our estimate),
+and a `token_limit_exceeded` teaches the budget the real limit, which the error names.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import re
 
 _LIMIT = re.compile(r"Limit: ([\d,]+) enqueued tokens")
+MARGIN = 0.1
 
 
 class TokenBudget:
@@ -18,10 +20,15 @@ class TokenBudget:
         self.limit = limit
         self.in_flight = 0
 
+    @property
+    def plan_limit(self) -> int | None:
+        """The estimated prompt tokens that shards in flight may hold together."""
+        return None if self.limit is None else int(self.limit * (1 - MARGIN))
+
     def fits(self, tokens: int) -> bool:
         """Whether a shard of `tokens` may start now (alone, it always may)."""
-        return self.limit is None or self.in_flight == 0 or \
-            self.in_flight + tokens <= self.limit
+        return self.plan_limit is None or self.in_flight == 0 or \
+            self.in_flight + tokens <= self.plan_limit
 
     def take(self, tokens: int) -> None:
         self.in_flight += tokens

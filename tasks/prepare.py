@@ -17,6 +17,7 @@ from enrichflow.config import JobConfig
 from enrichflow.errors import CostLimitError
 from enrichflow.storage import Location
 from tasks import as_task
+from tasks.budget import TokenBudget
 from tasks.cache import AnswerCache, request_hashes, split_reused
 from tasks.collect import ATTEMPT_RESULTS
 from tasks.estimate import Estimate, Price, default_token_budget, price_for, request_tokens
@@ -65,7 +66,7 @@ def prepare_job(job: JobConfig, use_cache: bool = True, force: bool = False) -> 
     to_send = to_send.append_column(TOKENS, pa.array(request_tokens(to_send), pa.int64()))
     budget = job.limits.enqueued_token_budget or default_token_budget(job.request.model)
     shards = plan_shards(to_send, job.limits.max_requests_per_shard,
-                         job.limits.max_bytes_per_shard, budget)
+                         job.limits.max_bytes_per_shard, TokenBudget(budget).plan_limit)
     ceiling = job.request.max_completion_tokens or job.request.max_tokens
     price = price_for(job.request.model, job.price)
     estimate = Estimate(

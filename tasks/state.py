@@ -36,12 +36,15 @@ class ShardRecord:
     rows: int
     bytes: int
     sha256: str
-    status: str = "planned"  # planned, uploading, uploaded, creating, submitted, collected
+    status: str = "planned"  # planned, uploading, uploaded, creating, submitted, collected;
+    # or split: refused for token_limit_exceeded, its rows went on as smaller shards
     submission: int = 1  # goes up when a batch is created again after token_limit_exceeded
     file_id: str | None = None
     batch_id: str | None = None
     batch_status: str | None = None
     request_counts: dict[str, int] | None = None
+    start: int | None = None  # a piece of a split shard: its first row in the attempt
+    parent: int | None = None  # a piece of a split shard: the shard it was cut from
 
     @property
     def name(self) -> str:
@@ -64,6 +67,8 @@ class RunState:
     flow_run_id: str | None = None  # the Prefect flow run that runs it now
     resume: dict[str, str] = field(default_factory=dict)  # cwd and command that resume it
     suspensions: int = 0  # times the run suspended itself to wait (wait_mode suspend)
+    token_limit: int | None = None  # the enqueued-token limit a refusal named
+    plan_limits: dict[str, int | None] = field(default_factory=dict)  # by attempt
     shards: list[ShardRecord] = field(default_factory=list)
     location: Location | None = field(default=None, repr=False, compare=False)
     lease: Lease | None = field(default=None, repr=False, compare=False)  # held to save
@@ -109,7 +114,7 @@ class RunState:
     def progress(self, attempt: int) -> float:
         """Percent of the attempt's requests that are finished, as the batches report."""
         with self._lock:
-            records = [r for r in self.shards if r.attempt == attempt]
+            records = [r for r in self.shards if r.attempt == attempt and r.status != "split"]
             total = sum(r.rows for r in records)
             done = sum(r.rows if r.status == "collected" else
                        (r.request_counts or {}).get("completed", 0) +
@@ -126,7 +131,30 @@ class RunState:
         request = self.location.read_json(CANCEL_FILE)
         return bool(request) and request.get("run_id") == self.run_id
 
-    def record(self, attempt: int, shard: int, rows: int, size: int, sha256: str) -> ShardRecord:
+    def plan_limit(self, attempt: int, limit: int | None) -> int | None:
+        """The token limit that `attempt` is planned under: the one it was first planned
+        under, so that a resumed run plans the very same shards."""
+        with self._lock:
+            if str(attempt) not in self.plan_limits:
+                self.plan_limits[str(attempt)] = limit
+                self.save()
+            return self.plan_limits[str(attempt)]
+
+    def learn_token_limit(self, limit: int | None) -> None:
+        with self._lock:
+            self.token_limit = limit
+            self.save()
+
+    def pieces(self, record: ShardRecord) -> list[ShardRecord]:
+        """The shards a split shard was cut into."""
+        return [r for r in self.shards if r.attempt == record.attempt and
+                r.parent == record.shard]
+
+    def next_shard(self, attempt: int) -> int:
+        return 1 + max((r.shard for r in self.shards if r.attempt == attempt), default=-1)
+
+    def record(self, attempt: int, shard: int, rows: int, size: int, sha256: str,
+               start: int | None = None, parent: int | None = None) -> ShardRecord:
         """The journal entry of a planned shard; the same plan must map to the same entry."""
         with self._lock:
             for existing in self.shards:
@@ -136,7 +164,8 @@ class RunState:
                             f"{self.location.uri}: the saved run planned {existing.name} "
                             "differently (limits changed?); run again with --force")
                     return existing
-            record = ShardRecord(attempt, shard, rows, size, sha256)
+            record = ShardRecord(attempt, shard, rows, size, sha256, start=start,
+                                 parent=parent)
             self.shards.append(record)
             self.save()
             return record

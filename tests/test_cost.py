@@ -154,3 +154,33 @@ def test_the_enqueued_token_budget_is_respected_and_learned(prefect_api, start_l
     assert refused and all(b.errors.data[0].code == "token_limit_exceeded" for b in refused)
     assert sum(b.request_counts.completed for b in batches) == 120
     assert manifest["attempts"] == 1
+
+
+def test_a_tight_token_limit_cuts_shards_smaller_instead_of_failing_rows(
+        prefect_api, start_localbatch, tmp_path):
+    """3,000 rows under a 30,000-token limit that the provider counts a little differently
+    than our estimate: refused shards are cut smaller, no row fails, no attempt is spent."""
+    server = start_localbatch(Simulation(enqueued_token_limits={"gpt-4o-mini": 30_000}))
+    path = job_file(tmp_path, generated_movies(3_000), **{"limits.max_attempts": 1})
+    manifest = enrich(str(path), base_url=server.base_url)
+
+    data = pd.read_parquet(tmp_path / "out")
+    assert len(data) == 3_000 and (data["_status"] == "ok").all()
+    assert (data["_attempts"] == 1).all() and manifest["attempts"] == 1
+    batches = list(sdk_client(server.base_url).batches.list(limit=100))
+    done = [b for b in batches if b.status == "completed"]
+    assert sum(b.request_counts.completed for b in done) == 3_000, "every row sent once"
+    refused = [b for b in batches if b.status == "failed"]
+    assert all(b.errors.data[0].code == "token_limit_exceeded" for b in refused)
+    assert len(refused) <= 2, "the limit is learned from the first refusal"
+
+    # resumed from its journal (killed before its output), the run finds the cut shards
+    out = tmp_path / "out"
+    (out / "part-00000.parquet").unlink()
+    (out / "_manifest.json").unlink()
+    journal = json.loads((out / "_state" / "run.json").read_text())
+    assert any(s["status"] == "split" for s in journal["shards"])
+    (out / "_state" / "run.json").write_text(json.dumps({**journal, "finished_at": None}))
+    again = enrich(str(path), base_url=server.base_url)
+    assert len(list(sdk_client(server.base_url).batches.list(limit=100))) == len(batches)
+    assert again["rows_by_status"] == {"ok": 3_000} and again["tokens"] == manifest["tokens"]
