@@ -24,6 +24,7 @@ from localbatch.simulation import Dice
 from localbatch.store import new_id
 
 UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data"})
+MAX_FILE_BYTES = 512 * 1024 * 1024  # OpenAI's limit for a file of any purpose
 
 
 class CreateBatch(BaseModel):
@@ -86,6 +87,10 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/files")
     async def upload_file(request: Request):
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_FILE_BYTES + 1024 * 1024:
+            raise APIError(413, f"The request is {int(declared):,} bytes; a file may be at "
+                           f"most {MAX_FILE_BYTES:,} bytes.", param="file")  # before reading it
         form = await request.form(max_files=1)
         upload, purpose = form.get("file"), form.get("purpose")
         if upload is None or isinstance(upload, str):
@@ -103,6 +108,9 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
         if purpose == "batch" and size > sim.max_file_bytes:
             raise APIError(413, f"File is {size:,} bytes; a batch input may be at most "
                            f"{sim.max_file_bytes:,} bytes.", param="file")
+        if size > MAX_FILE_BYTES:
+            raise APIError(413, f"File is {size:,} bytes; a file may be at most "
+                           f"{MAX_FILE_BYTES:,} bytes.", param="file")
         return await run_in_threadpool(_save_upload, upload.file, filename, purpose, ttl)
 
     def _save_upload(source, filename: str, purpose: str, ttl: int | None) -> dict:

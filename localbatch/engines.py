@@ -61,12 +61,20 @@ class MockEngine:
         return [self.answer(url, body) for url, body in requests]
 
     def answer(self, url: str, body: dict[str, Any]) -> Result:
+        """The answer to one request; a malformed body is a 400 of that request alone,
+        never an exception that would stall its batch."""
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return 400, error_body("you must provide a model parameter", param="model")
-        if url == CHAT_URL:
-            return self._chat(body)
-        if url == EMBEDDINGS_URL:
-            return self._embeddings(body)
+        problem = _check_types(body)
+        if problem:
+            return 400, problem
+        try:
+            if url == CHAT_URL:
+                return self._chat(body)
+            if url == EMBEDDINGS_URL:
+                return self._embeddings(body)
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+            return 400, error_body(f"Invalid request body: {type(exc).__name__}: {exc}")
         return 400, error_body(f"the mock engine does not serve {url}", param="url",
                                code="unsupported_endpoint")
 
@@ -150,6 +158,29 @@ class MockEngine:
         tokens = prompt_tokens(EMBEDDINGS_URL, body)
         return 200, {"object": "list", "data": data, "model": body["model"],
                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+_TYPED = {"max_tokens": int, "max_completion_tokens": int, "n": int, "seed": int,
+          "dimensions": int, "response_format": dict, "messages": list,
+          "temperature": (int, float), "top_p": (int, float)}
+MAX_DIMENSIONS = 3072  # text-embedding-3-large, the widest OpenAI embedding
+
+
+def _check_types(body: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's 400 for a parameter of the wrong type (e.g. max_tokens "10") or size."""
+    for name, kind in _TYPED.items():
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            expected = {int: "an integer", dict: "an object", list: "an array"}.get(
+                kind, "a number")
+            return error_body(f"Invalid type for '{name}': expected {expected}, but got "
+                              f"{type(value).__name__} instead.", param=name,
+                              code="invalid_type")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and not 1 <= dimensions <= MAX_DIMENSIONS:
+        return error_body(f"Invalid 'dimensions': {dimensions}; it must be from 1 to "
+                          f"{MAX_DIMENSIONS}.", param="dimensions", code="invalid_value")
+    return None
 
 
 def _check_image(part: dict[str, Any]) -> str | None:

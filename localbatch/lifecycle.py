@@ -96,13 +96,25 @@ class Lifecycle:
     # the worker ---------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Move every unfinished batch one step; never lets one batch's bug stop the rest."""
+        """Move every unfinished batch one step. A step that fails ends its batch as
+        `failed` with an error the client can read (logged once): retrying the same step
+        would fail the same way, for ever, holding the batch's enqueued tokens."""
         for batch_id in self.store.active_batch_ids():
             try:
                 with self._lock:
                     self._step(batch_id)
-            except Exception:
-                log.exception("batch %s: step failed; it will be tried again", batch_id)
+            except Exception as exc:
+                log.exception("batch %s: step failed; the batch fails", batch_id)
+                with self._lock:
+                    self._fail(batch_id, exc)
+
+    def _fail(self, batch_id: str, exc: Exception) -> None:
+        batch, work = self.store.get_batch(batch_id), self.store.get_work(batch_id)
+        batch.update(status="failed", failed_at=now(), errors={"object": "list", "data": [
+            _batch_error("server_error", f"localbatch could not process this batch "
+                                         f"({type(exc).__name__}: {exc}).")]})
+        self.store.save_batch(batch, work)
+        self._lines.pop(batch_id, None)
 
     def _step(self, batch_id: str) -> None:
         batch = self.store.get_batch(batch_id)
@@ -182,6 +194,11 @@ class Lifecycle:
                 errors.append(_batch_error("missing_required_parameter",
                                            f"Missing required parameter: '{missing[0]}'.",
                                            line=number, param=missing[0]))
+                continue
+            if not isinstance(request["custom_id"], str) or not request["custom_id"]:
+                errors.append(_batch_error("invalid_custom_id",
+                                           "The custom_id must be a non-empty string.",
+                                           line=number, param="custom_id"))
                 continue
             if request["custom_id"] in seen:
                 errors.append(_batch_error(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -151,6 +152,8 @@ def test_failed_requests_go_to_the_error_file(start_localbatch):
     ([chat_line("a", "x"), chat_line("b", "y").replace("/v1/chat/completions", "/v1/embeddings")],
      "url_mismatch", 2),
     ([chat_line("a", "x"), chat_line("b", "y", model="gpt-4o")], "model_mismatch", 2),
+    ([chat_line("a", "x"), json.dumps({**json.loads(chat_line("b", "y")), "custom_id": {"k": 1}})],
+     "invalid_custom_id", 2),
     ([""], "empty_file", None),
     ([chat_line(f"r{i}", "x") for i in range(4)], "too_many_tasks", None),
 ])
@@ -340,3 +343,58 @@ def test_killed_server_resumes_its_batches(tmp_path):
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=15)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"response_format": "json"},
+     "Invalid type for 'response_format': expected an object, but got str instead."),
+    ({"max_tokens": "10"},
+     "Invalid type for 'max_tokens': expected an integer, but got str instead."),
+])
+def test_a_bad_line_fails_that_line_never_the_batch(start_localbatch, body, message):
+    """Such a line kept its batch in_progress at 0 until the window ended."""
+    server = start_localbatch()
+    client = sdk_client(server.base_url)
+    batch = wait_until(client, submit(client, [chat_line("bad", "x", **body),
+                                               chat_line("good", "y")]).id)
+    assert batch.status == "completed"
+    assert batch.request_counts.completed == 1 and batch.request_counts.failed == 1
+    (failed,) = read_jsonl(client, batch.error_file_id)
+    assert failed["custom_id"] == "bad" and failed["response"]["status_code"] == 400
+    assert failed["response"]["body"]["error"]["message"] == message
+    # the synchronous route answers the same, an OpenAI 400, not a plain-text 500
+    with pytest.raises(openai.BadRequestError, match="expected an integer|expected an object"):
+        client.chat.completions.create(model="gpt-4o-mini", messages=[
+            {"role": "user", "content": "hi"}], **body)
+
+
+def test_a_batch_whose_step_fails_ends_failed_and_frees_its_tokens(start_localbatch):
+    """Whatever goes wrong while a batch moves on, it reaches a terminal state."""
+    server = start_localbatch()
+    client = sdk_client(server.base_url)
+    uploaded = client.files.create(file=("in.jsonl", chat_line("a", "x").encode()),
+                                   purpose="batch")
+    server.store.file_path(uploaded.id).unlink()  # its input is gone from disk
+    batch = wait_until(client, client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+        completion_window="24h").id)
+    assert batch.status == "failed" and batch.errors.data[0].code == "server_error"
+    assert "localbatch could not process this batch" in batch.errors.data[0].message
+
+
+def test_sizes_are_refused_before_the_body_is_read(start_localbatch):
+    server = start_localbatch()
+    host, port = server.base_url.split("//")[1].split("/")[0].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.putrequest("POST", "/v1/files")
+    connection.putheader("Authorization", "Bearer test-key")
+    connection.putheader("Content-Type", "multipart/form-data; boundary=x")
+    connection.putheader("Content-Length", str(600 * 1024 * 1024))
+    connection.endheaders()  # and not one byte of the 600 MB it announces
+    response = connection.getresponse()
+    assert response.status == 413
+    assert "a file may be at most 536,870,912 bytes" in json.loads(response.read())["error"][
+        "message"]
+    with pytest.raises(openai.BadRequestError, match="'dimensions'"):
+        sdk_client(server.base_url).embeddings.create(model="text-embedding-3-small",
+                                                      input="x", dimensions=5_000_000)
