@@ -16,6 +16,7 @@ def _run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from flows.enrich import enrich, resolve_job
+    from tasks.estimate import usd
     from tasks.merge import answer_columns
 
     job = resolve_job(args.config, args.output, args.limit, args.provider, args.base_url)
@@ -31,7 +32,7 @@ def _run(args: argparse.Namespace) -> int:
     cost = manifest["cost_usd"]
     print(f"tokens:   {manifest['tokens']['prompt']:,} prompt, "
           f"{manifest['tokens']['completion']:,} completion; cost: "
-          + ("unknown (no price for the model)" if cost is None else f"${cost:,.4f}"))
+          + ("unknown (no price for the model)" if cost is None else usd(cost)))
     if manifest["cancelled"]:
         print("cancelled: rows not answered are failed; run the job again to send them")
     data = pd.read_parquet(manifest["output"], storage_options=job.storage_options or None)
@@ -44,12 +45,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _estimate(args: argparse.Namespace) -> int:
     from flows.enrich import resolve_job
+    from tasks.estimate import usd
     from tasks.prepare import prepare_job
 
     job = resolve_job(args.config, args.output, args.limit)
     print(prepare_job(job, use_cache=not args.no_cache).estimate.text())
     if job.max_cost_usd is not None:
-        print(f"max_cost_usd:             ${job.max_cost_usd:,.4f}")
+        print(f"max_cost_usd:             {usd(job.max_cost_usd)}")
     return 0
 
 
@@ -116,6 +118,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of rows, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from localbatch import DEFAULT_PORT
 
@@ -144,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run a job file and write enriched Parquet")
     run.add_argument("config", help="job YAML file, e.g. configs/movies.yaml")
     run.add_argument("--output", help="output directory URI (overrides the job's output)")
-    run.add_argument("--limit", type=int, help="only the first N rows")
+    run.add_argument("--limit", type=_positive, help="only the first N rows")
     run.add_argument("--provider", choices=["local", "openai"],
                      help="default: openai when OPENAI_API_KEY is set, else local")
     run.add_argument("--base-url", help="API base URL (a running `enrichflow serve`, ...)")
@@ -159,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate = commands.add_parser("estimate", help="rows, tokens and cost of a job, before")
     estimate.add_argument("config", help="job YAML file")
     estimate.add_argument("--output", help="output directory URI (where its cache is)")
-    estimate.add_argument("--limit", type=int, help="only the first N rows")
+    estimate.add_argument("--limit", type=_positive, help="only the first N rows")
     estimate.add_argument("--no-cache", action="store_true",
                           help="count every row, even those answered before")
     estimate.set_defaults(handler=_estimate)

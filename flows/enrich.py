@@ -39,6 +39,7 @@ from tasks.budget import TokenBudget
 from tasks.cache import remember_answers
 from tasks.cancel import cancel_run
 from tasks.collect import ATTEMPT_RESULTS, collect_results_task, error_results
+from tasks.estimate import usd
 from tasks.lease import Lease
 from tasks.load import KEY
 from tasks.merge import merge_results_task
@@ -149,7 +150,7 @@ def send_and_write(job: JobConfig, location: Location, prepared: Prepared, state
     publish_results(manifest, merged, job)
     log.info("%s: wrote %s rows to %s (%s); cost %s%s", job.name, f"{merged.num_rows:,}",
              location.uri, ", ".join(f"{n:,} {s}" for s, n in manifest["rows_by_status"].items()),
-             "unknown" if manifest["cost_usd"] is None else f"${manifest['cost_usd']:,.4f}",
+             "unknown" if manifest["cost_usd"] is None else usd(manifest["cost_usd"]),
              "; the job was cancelled: run it again to send the rest" if manifest["cancelled"]
              else "")
     return manifest, merged

@@ -219,8 +219,11 @@ def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
     return _resolve(target, root)
 
 
+MAX_FILL_DEPTH = 4  # past it, arrays get their fewest items: a recursive schema ends
+
+
 def _fill(node: dict[str, Any], root: dict[str, Any], text: str, words: list[str],
-          index: int = 0) -> Any:
+          index: int = 0, depth: int = 0) -> Any:
     """A value valid against the JSON-schema `node`, derived from the request text."""
     node = _resolve(node, root)
     if "const" in node:
@@ -231,20 +234,22 @@ def _fill(node: dict[str, Any], root: dict[str, Any], text: str, words: list[str
     for key in ("anyOf", "oneOf", "allOf"):
         options = [o for o in node.get(key, []) if _resolve(o, root).get("type") != "null"]
         if options:
-            return _fill(options[0], root, text, words, index)
+            return _fill(options[0], root, text, words, index, depth)
     kind = node.get("type", "object" if "properties" in node else "string")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object":
-        return {name: _fill(sub, root, text, words, i)
+        return {name: _fill(sub, root, text, words, i, depth + 1)
                 for i, (name, sub) in enumerate((node.get("properties") or {}).items())}
     if kind == "array":
         count = max(node.get("minItems", 0), min(3, node.get("maxItems", 3)))
+        if depth >= MAX_FILL_DEPTH:
+            count = node.get("minItems", 0)
         item_schema = node.get("items") or {"type": "string"}
         if _resolve(item_schema, root).get("type", "string") == "string" and \
                 "enum" not in _resolve(item_schema, root):
             return _distinct_words(words, count)
-        return [_fill(item_schema, root, text, words, i) for i in range(count)]
+        return [_fill(item_schema, root, text, words, i, depth + 1) for i in range(count)]
     if kind in ("integer", "number"):
         value = len(words)
         if "minimum" in node:

@@ -206,4 +206,12 @@ class Estimate:
 
 def _money(span: tuple[float, float | None]) -> str:
     low, high = span
-    return f"${low:,.4f} to ${high:,.4f}" if high is not None else f"${low:,.4f} and up"
+    return f"{usd(low)} to {usd(high)}" if high is not None else f"{usd(low)} and up"
+
+
+def usd(amount: float) -> str:
+    """Dollars to four decimals, or to two significant digits below that: a cap of
+    $0.000001 reads as itself, not as $0.0000."""
+    if amount == 0 or abs(amount) >= 0.0001:
+        return f"${amount:,.4f}"
+    return f"${amount:.{1 - math.floor(math.log10(abs(amount)))}f}"

@@ -59,16 +59,37 @@ def load_rows(dataset: DatasetConfig, storage_options: dict[str, Any] | None = N
     return Rows(table=table, fingerprint=hashlib.sha256(raw).hexdigest())
 
 
+BLOCK_BYTES = 64 * 1024 * 1024  # the largest cell or JSON line a file may hold
+
+
 def _parse(raw: bytes, fmt: str, path: str) -> pa.Table:
+    invalid: list[str] = []
+
+    def first_invalid_row(row) -> str:
+        invalid.append(row.text)
+        return "error"
+
     try:
         if fmt == "csv":
-            return pyarrow.csv.read_csv(io.BytesIO(raw))
+            return pyarrow.csv.read_csv(
+                io.BytesIO(raw), read_options=pyarrow.csv.ReadOptions(block_size=BLOCK_BYTES),
+                parse_options=pyarrow.csv.ParseOptions(invalid_row_handler=first_invalid_row))
         if fmt == "parquet":
             return pq.read_table(io.BytesIO(raw))
-        return pyarrow.json.read_json(io.BytesIO(raw))
+        return pyarrow.json.read_json(
+            io.BytesIO(raw), read_options=pyarrow.json.ReadOptions(block_size=BLOCK_BYTES))
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"dataset.path: {path} is not readable as {fmt}: {exc}. Check the "
-                         "file, or set dataset.format") from exc
+        where = f" (line {_line_of(raw, invalid[0])})" if invalid else ""
+        raise InputError(f"dataset.path: {path} is not readable as {fmt}{where}: {exc}. Check "
+                         "the file, or set dataset.format") from exc
+
+
+def _line_of(raw: bytes, text: str) -> str:
+    """The 1-based line of the file that reads `text` (the header is line 1), or '?'."""
+    for number, line in enumerate(raw.decode(errors="replace").splitlines(), start=1):
+        if line == text:
+            return f"{number:,}"
+    return "?"
 
 
 def _recode(raw: bytes, dataset: DatasetConfig) -> bytes:
@@ -116,7 +137,13 @@ def _keys(table: pa.Table, dataset: DatasetConfig) -> pa.Array:
     if dataset.id_column not in table.column_names:
         raise InputError(f"dataset.id_column: {dataset.id_column!r} is not a column of "
                          f"{dataset.path}; columns are {', '.join(table.column_names)}")
-    keys = pc.cast(table[dataset.id_column], pa.string()).combine_chunks()
+    column = table[dataset.id_column]
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            or pa.types.is_integer(column.type)):
+        raise InputError(f"dataset.id_column: {dataset.id_column!r} of {dataset.path} holds "
+                         f"{column.type} values; an id column holds text or integers: choose "
+                         "another column, or leave id_column out to key rows by number")
+    keys = pc.cast(column, pa.string()).combine_chunks()
     missing = pc.or_(pc.is_null(keys), pc.equal(pc.utf8_length(keys), 0))
     if pc.any(missing).as_py():
         row = pc.index(missing, True).as_py()

@@ -96,22 +96,33 @@ def _answer_arrays(raw: list[str | None], response_format: ResponseFormat) -> di
 
 
 def _fit(value: Any, arrow_type: pa.DataType) -> Any:
-    """JSON text for what has no Arrow shape (free-form objects, mixed types)."""
-    if value is None or arrow_type != pa.string() or isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
+    """JSON text for what has no Arrow shape (free-form objects, mixed types, recursive
+    parts), at any depth of the answer."""
+    if value is None:
+        return None
+    if pa.types.is_struct(arrow_type) and isinstance(value, dict):
+        return {field.name: _fit(value.get(field.name), field.type) for field in arrow_type}
+    if pa.types.is_list(arrow_type) and isinstance(value, list):
+        return [_fit(item, arrow_type.value_type) for item in value]
+    if arrow_type == pa.string() and not isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return value
 
 
-def _arrow_type(node: dict, root: dict) -> pa.DataType:
+def _arrow_type(node: dict, root: dict, refs: frozenset[str] = frozenset()) -> pa.DataType:
+    """The Arrow type of a schema node; a recursive part (a `$ref` to a node that holds
+    it) has no fixed shape and is kept as JSON text."""
     ref = node.get("$ref")
     if isinstance(ref, str) and ref.startswith("#/"):
+        if ref in refs:
+            return pa.string()
         target: Any = root
         for key in ref[2:].split("/"):
             target = target.get(key, {})
-        return _arrow_type(target, root)
+        return _arrow_type(target, root, refs | {ref})
     options = [o for o in node.get("anyOf", []) if o.get("type") != "null"]
     if len(options) == 1:
-        return _arrow_type(options[0], root)
+        return _arrow_type(options[0], root, refs)
     kind = node.get("type")
     if isinstance(kind, list):
         kinds = [k for k in kind if k != "null"]
@@ -119,9 +130,9 @@ def _arrow_type(node: dict, root: dict) -> pa.DataType:
     if kind in _SCALARS:
         return _SCALARS[kind]
     if kind == "array":
-        return pa.list_(_arrow_type(node.get("items") or {}, root))
+        return pa.list_(_arrow_type(node.get("items") or {}, root, refs))
     if kind == "object" and node.get("properties"):
-        return pa.struct([(name, _arrow_type(sub, root))
+        return pa.struct([(name, _arrow_type(sub, root, refs))
                           for name, sub in node["properties"].items()])
     return pa.string()
 

@@ -20,7 +20,14 @@ from tasks import as_task
 from tasks.budget import TokenBudget
 from tasks.cache import AnswerCache, request_hashes, split_reused
 from tasks.collect import ATTEMPT_RESULTS
-from tasks.estimate import Estimate, Price, default_token_budget, price_for, request_tokens
+from tasks.estimate import (
+    Estimate,
+    Price,
+    default_token_budget,
+    price_for,
+    request_tokens,
+    usd,
+)
 from tasks.load import Rows, load_rows
 from tasks.merge import check_answer_columns
 from tasks.plan import TOKENS, Shard, plan_shards
@@ -101,8 +108,8 @@ def check_cost_cap(estimate: Estimate, max_cost_usd: float | None) -> None:
         raise CostLimitError("max_cost_usd is set but the output has no ceiling; set "
                              f"request.max_tokens so the cost is bounded.\n{figures}")
     if span[1] > max_cost_usd:
-        raise CostLimitError(f"this job may cost up to ${span[1]:,.4f}, more than "
-                             f"max_cost_usd ${max_cost_usd:,.4f}; nothing was uploaded. "
+        raise CostLimitError(f"this job may cost up to {usd(span[1])}, more than "
+                             f"max_cost_usd {usd(max_cost_usd)}; nothing was uploaded. "
                              f"Lower dataset.limit or max_tokens, or raise the cap.\n{figures}")
 
 

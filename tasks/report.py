@@ -29,7 +29,7 @@ from prefect.client.schemas.filters import (
 )
 
 from enrichflow.config import JobConfig
-from tasks.estimate import Estimate
+from tasks.estimate import Estimate, usd
 from tasks.merge import answer_columns
 
 TABLE_ROWS = 20
@@ -83,7 +83,7 @@ def publish_results(manifest: dict[str, Any], merged: pa.Table, job: JobConfig) 
 - attempts: {manifest['attempts']}, batches: {sum(1 for s in manifest['shards'] if s['batch_id'])}
 - tokens: {manifest['tokens']['prompt']:,} prompt, {manifest['tokens']['completion']:,} completion
 - cost at batch prices: {'unknown (no price for ' + manifest['model'] + ')' if cost is None
-                          else f'${cost:,.4f}'}
+                          else usd(cost)}
 - model: {manifest['model']}, provider: {manifest['provider']['kind']}
 - from {started} to {finished}
 - output: `{manifest['output']}`

@@ -54,6 +54,9 @@ def test_errors_are_one_clear_line(prefect_api, tmp_path):
     code, _, stderr = cli("run", "configs/nope.yaml", prefect_api=prefect_api)
     assert code == 2 and stderr.strip() == "error: configs/nope.yaml: no such job file"
     assert cli("status", str(tmp_path), prefect_api=prefect_api)[0] == 1
+    code, _, stderr = cli("run", "configs/movies.yaml", "--limit", "0", prefect_api=prefect_api)
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        "enrichflow run: error: argument --limit: must be a positive number of rows, not 0")
 
 
 def test_an_error_inside_the_flow_is_one_line_without_tracebacks(prefect_api, tmp_path):

@@ -83,7 +83,8 @@ def test_estimate_command_prints_the_figures(capsys):
 def test_the_cap_stops_a_run_before_any_upload(prefect_api, start_localbatch, tmp_path):
     server = start_localbatch()
     path = job_file(tmp_path, generated_movies(50), max_cost_usd=0.000001)
-    with pytest.raises(CostLimitError, match=r"may cost up to \$.*more than max_cost_usd"):
+    with pytest.raises(CostLimitError, match=r"may cost up to \$.*more than max_cost_usd "
+                                             r"\$0\.0000010; nothing was uploaded"):
         enrich(str(path), base_url=server.base_url)
     client = sdk_client(server.base_url)
     assert client.files.list().data == [] and client.batches.list().data == []

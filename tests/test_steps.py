@@ -9,6 +9,7 @@ import pytest
 
 from enrichflow.config import DatasetConfig, RequestConfig, ResponseFormat
 from enrichflow.errors import InputError
+from localbatch.engines import MockEngine
 from tasks.collect import ATTEMPT_RESULTS
 from tasks.estimate import Price
 from tasks.load import KEY, load_rows
@@ -43,6 +44,8 @@ def test_load_keys_rows_by_id_column_or_row_number(tmp_path):
     ("id,text\n1,a\n1,b\n", "id", r"1 value\(s\) of id column 'id' appear more than once"),
     ("id,text\n1,a\n", "ident", "'ident' is not a column"),
     ("id,_x\n1,a\n", None, "reserved"),
+    ("a,b\n1,2\n3,4,5\n", None, r"not readable as csv \(line 3\): CSV parse error: "
+                                 "Expected 2 columns, got 3"),
 ])
 def test_load_errors_name_the_file_and_the_fix(tmp_path, content, id_column, expected):
     path = tmp_path / "rows.csv"
@@ -75,6 +78,17 @@ def test_text_that_is_not_utf8_is_refused_unless_its_encoding_is_given(tmp_path,
 def test_an_unknown_encoding_is_a_job_file_error():
     with pytest.raises(ValueError, match="unknown encoding 'utf-9'"):
         DatasetConfig(path="rows.csv", encoding="utf-9")
+
+
+def test_a_struct_id_column_and_a_huge_cell_are_named_or_read(tmp_path):
+    nested = tmp_path / "rows.jsonl"
+    nested.write_text('{"id": {"k": 1}, "text": "a"}\n')
+    with pytest.raises(InputError, match=r"dataset.id_column: 'id' of .*rows.jsonl holds "
+                                         r"struct<k: int64> values; an id column holds text"):
+        load_rows(DatasetConfig(path=str(nested), id_column="id"))
+    big = tmp_path / "big.csv"  # a 5 MB cell once failed: "straddles two block boundaries"
+    big.write_text("id,text\n1," + "x" * 5_000_000 + "\n2,short\n")
+    assert load_rows(DatasetConfig(path=str(big), id_column="id")).table.num_rows == 2
 
 
 def test_render_escapes_text_exactly_as_json_does():
@@ -185,6 +199,31 @@ def test_merge_keeps_every_row_once_with_typed_answers():
     assert not any(r["_reused"] for r in data)
     assert data[3]["_custom_id"] is None and data[3]["_attempts"] == 0
     assert data[3]["_error"] == "skipped: column 'x' is empty"
+
+
+def test_a_recursive_schema_keeps_its_recursive_part_as_json_text():
+    """Valid for OpenAI; it once ended in 'maximum recursion depth exceeded'."""
+    node = {"type": "object", "additionalProperties": False, "required": ["name", "children"],
+            "properties": {"name": {"type": "string"},
+                           "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}
+    schema = {"type": "object", "additionalProperties": False, "required": ["tree"],
+              "properties": {"tree": {"$ref": "#/$defs/node"}}, "$defs": {"node": node}}
+    response_format = ResponseFormat(type="json_schema", schema=schema)
+    status, body = MockEngine().answer("/v1/chat/completions", {
+        "model": "m", "messages": [{"role": "user", "content": "oak tree"}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}})
+    answer = body["choices"][0]["message"]["content"]
+    assert status == 200
+    results = pa.Table.from_pylist(schema=ATTEMPT_RESULTS, mapping=[
+        result("t-0", 1, True, answer)])
+    merged = merge_results(table(title=["a"]), "t", pa.table({KEY: pa.array([], pa.string()),
+                           "_status": pa.array([], pa.string()),
+                           "_error": pa.array([], pa.string())}), results, response_format)
+    assert merged.schema.field("tree").type == pa.struct([
+        ("name", pa.string()), ("children", pa.list_(pa.string()))])
+    (tree,) = merged["tree"].to_pylist()
+    assert tree["name"] == "oak tree"
+    assert [json.loads(child)["name"] for child in tree["children"]] == ["oak tree"] * 3
 
 
 def test_merge_of_a_text_answer_is_one_response_column():
