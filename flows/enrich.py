@@ -48,7 +48,7 @@ from tasks.prepare import Prepared, check_cost_cap, prepare_job_task
 from tasks.render import CUSTOM_ID
 from tasks.report import publish_estimate, publish_results, start_progress
 from tasks.state import RunState, ShardRecord
-from tasks.submit import submit_shard_task
+from tasks.submit import create_batch_task, find_batch_task, upload_shard_task
 from tasks.wait import TERMINAL, look_at_batches_task, wait_for_batches_task
 from tasks.write import read_manifest, write_output_task
 
@@ -287,14 +287,10 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
             queue = deque(run for run in queue if run.record.batch_id)  # re-attach to these
         starting = []
         while queue and budget.fits(queue[0].shard.tokens):
-            run = queue.popleft()
-            budget.take(run.shard.tokens)
-            # the JSONL is cut here rather than kept: only shards being uploaded hold theirs
-            starting.append((run, submit_shard_task.submit(
-                client, state, run.record, shard_jsonl(pending, run.shard),
-                job.request.endpoint)))
-        for run, submitted in starting:
-            running[submitted.result()] = run
+            starting.append(queue.popleft())
+            budget.take(starting[-1].shard.tokens)
+        for run in start_shards(client, state, starting, pending, job.request.endpoint):
+            running[run.record.batch_id] = run
         if not running:
             continue
         if wait_mode == "suspend":
@@ -328,6 +324,52 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
             log.info("%s: batch %s is %s; collected %s ok, %s failed", run.record.name,
                      batch.id, batch.status, f"{ok:,}", f"{table.num_rows - ok:,}")
     return pa.concat_tables(tables)
+
+
+def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
+                 pending: pa.Table, endpoint: str) -> list[ShardRun]:
+    """Give each shard of `starting` its batch, exactly once: re-attach to a journaled
+    batch or to one created just before a crash (found by its metadata), else upload and
+    create, concurrently. The tasks get and return values; the flow journals before and
+    after each side effect."""
+    log = get_run_logger()
+    for run in starting:
+        record = run.record
+        if record.batch_id:
+            log.info("%s: re-attaching to batch %s", record.name, record.batch_id)
+        elif record.status == "creating":
+            found = find_batch_task(client, state.batch_metadata(record), state.started_at)
+            if found:
+                log.info("%s: found batch %s created before a crash", record.name, found.id)
+                state.update(record, batch_id=found.id, status="submitted")
+    uploads = []
+    for run in starting:
+        record = run.record
+        if not record.batch_id and not record.file_id:
+            orphans_since = state.started_at if record.status == "uploading" else None
+            state.update(record, status="uploading")
+            # the JSONL is cut here rather than kept: only shards being uploaded hold theirs
+            uploads.append((run, upload_shard_task.submit(
+                client, state.upload_name(record), shard_jsonl(pending, run.shard),
+                orphans_since)))
+    for run, uploaded in uploads:
+        state.update(run.record, file_id=uploaded.result(), status="uploaded")
+        log.info("%s: uploaded %s rows (%s bytes) as %s", run.record.name,
+                 f"{run.record.rows:,}", f"{run.record.bytes:,}", run.record.file_id)
+    creates = []
+    for run in starting:
+        record = run.record
+        if not record.batch_id:
+            state.update(record, status="creating")
+            creates.append((run, create_batch_task.submit(
+                client, record.file_id, endpoint, state.batch_metadata(record),
+                state.started_at)))
+    for run, created in creates:
+        batch = created.result()
+        state.update(run.record, batch_id=batch.id, status="submitted",
+                     batch_status=batch.status)
+        log.info("%s: created batch %s", run.record.name, batch.id)
+    return starting
 
 
 def _after_refusal(state: RunState, attempt: int, pending: pa.Table, run: ShardRun,

@@ -170,6 +170,15 @@ class RunState:
             self.save()
             return record
 
+    def batch_metadata(self, record: ShardRecord) -> dict[str, str]:
+        """What each batch carries, so a run killed just after creating it finds it."""
+        return {"enrichflow_job": self.job_key, "enrichflow_run": self.run_id,
+                "attempt": str(record.attempt), "shard": str(record.shard),
+                "submission": str(record.submission)}
+
+    def upload_name(self, record: ShardRecord) -> str:
+        return f"{self.job_key[:12]}-a{record.attempt}-s{record.shard}.jsonl"
+
     def update(self, record: ShardRecord, **changes: Any) -> None:
         with self._lock:
             for name, value in changes.items():

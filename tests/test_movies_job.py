@@ -6,6 +6,7 @@ import collections
 import json
 import signal
 
+import openai
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -159,3 +160,26 @@ def test_a_killed_run_resumes_without_creating_batches_again(prefect_api, start_
     assert (data["_status"] == "ok").all()
     assert {s["batch_id"] for s in manifest["shards"]} == {s["batch_id"] for s in
                                                            state["shards"]}
+
+
+def test_an_upload_never_journaled_is_deleted_before_the_shard_goes_up_again(
+        prefect_api, start_localbatch, tmp_path):
+    """The state a kill right after an upload leaves: the file is at the provider, the
+    journal still says `uploading`. The re-run deletes that orphan, uploads once more."""
+    server = start_localbatch(Simulation(http_faults=[
+        HttpFault(path="/v1/batches", method="POST", status=400, rate=1.0, times=1)]))
+    path = job_file(tmp_path, generated_movies(5))
+    with pytest.raises(openai.BadRequestError):
+        enrich(str(path), base_url=server.base_url)
+    journal_path = tmp_path / "out" / "_state" / "run.json"
+    journal = json.loads(journal_path.read_text())
+    (shard,) = journal["shards"]
+    orphan = shard["file_id"]
+    shard.update(status="uploading", file_id=None)
+    journal_path.write_text(json.dumps(journal))
+
+    enrich(str(path), base_url=server.base_url)
+    client = sdk_client(server.base_url)
+    uploads = [f.id for f in client.files.list(purpose="batch")]
+    assert orphan not in uploads and len(uploads) == 1
+    assert pd.read_parquet(tmp_path / "out")["_status"].eq("ok").all()
