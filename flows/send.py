@@ -1,0 +1,281 @@
+"""Sending a job's rows: attempts of shards, each shard through upload, batch, wait and
+collect, under the enqueued-token budget, journaled at every step.
+
+An attempt's shards start while they fit the budget, are watched together by one polling
+task, and are collected and journaled one by one as their batches finish. Rows whose
+request failed, expired or gave an unusable answer go round again as the next attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal, NoReturn
+from uuid import UUID
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from openai import OpenAI
+from openai.types import Batch
+from prefect import get_run_logger
+from prefect.artifacts import update_progress_artifact
+from prefect.flow_runs import suspend_flow_run
+
+from enrichflow.config import JobConfig, LimitsConfig
+from tasks.budget import TokenBudget
+from tasks.collect import ATTEMPT_RESULTS, collect_results_task, error_results
+from tasks.plan import TOKENS, Shard, plan_shards, shard_jsonl
+from tasks.prepare import Prepared
+from tasks.render import CUSTOM_ID
+from tasks.report import start_progress
+from tasks.state import RunState, ShardRecord
+from tasks.submit import create_batch_task, find_batch_task, upload_shard_task
+from tasks.wait import TERMINAL, look_at_batches_task, wait_for_batches_task
+
+WaitMode = Literal["poll", "suspend"]
+
+
+def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: JobConfig,
+                 wait_mode: WaitMode = "poll") -> pa.Table:
+    """Send the rows, then again the ones worth retrying; all results, with `_attempt`."""
+    log = get_run_logger()
+    limits = job.limits
+    budget = TokenBudget(state.token_limit or prepared.token_budget)
+    progress = start_progress(job.name)
+    collected: list[pa.Table] = []
+    pending = prepared.to_send
+    for attempt in range(1, limits.max_attempts + 1):
+        if pending.num_rows == 0:
+            break
+        if attempt > 1 and state.cancel_requested():
+            log.warning("the job was cancelled: %s rows are not sent again",
+                        f"{pending.num_rows:,}")
+            break
+        shards = plan_shards(pending, limits.max_requests_per_shard, limits.max_bytes_per_shard,
+                             state.plan_limit(attempt, budget.plan_limit))
+        log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{pending.num_rows:,}",
+                 len(shards))
+        outcome = run_shards(client, state, attempt, pending, shards, budget, job, wait_mode,
+                             progress)
+        collected.append(outcome.append_column(
+            "_attempt", pa.array([attempt] * outcome.num_rows, pa.int64())))
+        retry = outcome.filter(pc.and_(pc.invert(outcome["_ok"]), outcome["_retryable"]))
+        ok = pc.sum(outcome["_ok"]).as_py() or 0
+        log.info("attempt %d: %s ok, %s failed, %s worth another attempt", attempt, f"{ok:,}",
+                 f"{outcome.num_rows - ok:,}", f"{retry.num_rows:,}")
+        pending = pending.filter(pc.is_in(pending[CUSTOM_ID], value_set=retry["_custom_id"]))
+    return pa.concat_tables(collected) if collected else ATTEMPT_RESULTS.empty_table()
+
+
+@dataclass
+class ShardRun:
+    """One shard of an attempt on its way through upload, batch, wait and collect."""
+
+    shard: Shard
+    record: ShardRecord
+    custom_ids: list[str]
+
+
+def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
+               shards: list[Shard], budget: TokenBudget, job: JobConfig, wait_mode: WaitMode,
+               progress: UUID) -> pa.Table:
+    """Run one attempt's shards, starting each only when it fits the enqueued-token
+    budget, and collect (and journal) each as soon as its batch is finished. A shard
+    refused for `token_limit_exceeded` is cut into smaller shards under the limit the
+    refusal named (or, refused alone, into halves), or waits for running batches and
+    goes again; a refusal is never one of its rows' attempts. In `suspend` mode the run,
+    rather than waiting, suspends itself until the resume-ready deployment finds a batch
+    of it finished. After a cancel, no shard is started: their rows are results with the
+    cancel as their error."""
+    log = get_run_logger()
+    limits = job.limits
+    tables: list[pa.Table] = []
+    queue: deque[ShardRun] = deque()
+    for shard in shards:
+        queue.extend(_still_to_run(state, attempt, pending, shard, tables))
+    running: dict[str, ShardRun] = {}  # by batch id
+    while queue or running:
+        if any(not run.record.batch_id for run in queue) and state.cancel_requested():
+            unsent = [run for run in queue if not run.record.batch_id]
+            log.warning("the job was cancelled: %d shard(s) of attempt %d are not sent",
+                        len(unsent), attempt)
+            tables.extend(error_results(run.custom_ids, None, "cancelled before it was sent",
+                                        True) for run in unsent)
+            queue = deque(run for run in queue if run.record.batch_id)  # re-attach to these
+        starting = []
+        while queue and budget.fits(queue[0].shard.tokens):
+            starting.append(queue.popleft())
+            budget.take(starting[-1].shard.tokens)
+        for run in start_shards(client, state, starting, pending, job.request.endpoint):
+            running[run.record.batch_id] = run
+        if not running:
+            continue
+        if wait_mode == "suspend":
+            batches = look_at_batches_task(client, list(running))
+        else:
+            batches = wait_for_batches_task(client, list(running), limits.poll_interval_min,
+                                            limits.poll_interval_max, limits.max_wait_hours)
+        for batch in batches:
+            counts = batch.request_counts
+            state.update(running[batch.id].record, batch_status=batch.status,
+                         request_counts=counts.model_dump() if counts else None)
+        update_progress_artifact(progress, state.progress(attempt))
+        finished = [batch for batch in batches if batch.status in TERMINAL]
+        if not finished and wait_mode == "suspend":
+            suspend(state, limits.max_wait_hours)
+        for batch in finished:
+            run = running.pop(batch.id)
+            budget.release(run.shard.tokens)
+            refusal = _token_limit_refusal(batch)
+            if refusal:
+                again = _after_refusal(state, attempt, pending, run, batch, refusal, budget,
+                                       limits, others_running=bool(running))
+                if again:
+                    queue.extendleft(reversed(again))
+                    continue
+            table = collect_results_task(client, batch, run.custom_ids,
+                                         job.request.response_format)
+            state.save_results(run.record, table)
+            tables.append(table)
+            ok = pc.sum(table["_ok"]).as_py() or 0
+            log.info("%s: batch %s is %s; collected %s ok, %s failed", run.record.name,
+                     batch.id, batch.status, f"{ok:,}", f"{table.num_rows - ok:,}")
+    return pa.concat_tables(tables)
+
+
+def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
+                 pending: pa.Table, endpoint: str) -> list[ShardRun]:
+    """Give each shard of `starting` its batch, exactly once: re-attach to a journaled
+    batch or to one created just before a crash (found by its metadata), else upload and
+    create, concurrently. The tasks get and return values; the flow journals before and
+    after each side effect."""
+    log = get_run_logger()
+    for run in starting:
+        record = run.record
+        if record.batch_id:
+            log.info("%s: re-attaching to batch %s", record.name, record.batch_id)
+        elif record.status == "creating":
+            found = find_batch_task(client, state.batch_metadata(record), state.started_at)
+            if found:
+                log.info("%s: found batch %s created before a crash", record.name, found.id)
+                state.update(record, batch_id=found.id, status="submitted")
+    uploads = []
+    for run in starting:
+        record = run.record
+        if not record.batch_id and not record.file_id:
+            orphans_since = state.started_at if record.status == "uploading" else None
+            state.update(record, status="uploading")
+            # the JSONL is cut here rather than kept: only shards being uploaded hold theirs
+            uploads.append((run, upload_shard_task.submit(
+                client, state.upload_name(record), shard_jsonl(pending, run.shard),
+                orphans_since)))
+    for run, uploaded in uploads:
+        state.update(run.record, file_id=uploaded.result(), status="uploaded")
+        log.info("%s: uploaded %s rows (%s bytes) as %s", run.record.name,
+                 f"{run.record.rows:,}", f"{run.record.bytes:,}", run.record.file_id)
+    creates = []
+    for run in starting:
+        record = run.record
+        if not record.batch_id:
+            state.update(record, status="creating")
+            creates.append((run, create_batch_task.submit(
+                client, record.file_id, endpoint, state.batch_metadata(record),
+                state.started_at)))
+    for run, created in creates:
+        batch = created.result()
+        state.update(run.record, batch_id=batch.id, status="submitted",
+                     batch_status=batch.status)
+        log.info("%s: created batch %s", run.record.name, batch.id)
+    return starting
+
+
+def _after_refusal(state: RunState, attempt: int, pending: pa.Table, run: ShardRun,
+                   batch: Batch, refusal: str, budget: TokenBudget, limits: LimitsConfig,
+                   others_running: bool) -> list[ShardRun]:
+    """What goes again after a `token_limit_exceeded`: the shard cut into shards under
+    the limit the refusal named (or in halves, if it was refused alone although it fits:
+    the provider counts more than our estimate), or the shard itself once running
+    batches are done; nothing when a single row was refused alone (it fails)."""
+    log = get_run_logger()
+    state.learn_token_limit(budget.learn(refusal) or budget.limit)
+    cap = budget.plan_limit
+    too_big = cap is not None and run.shard.tokens > cap
+    if run.shard.rows > 1 and (too_big or not others_running):
+        pieces = _split(state, attempt, pending, run,
+                        cap if too_big else run.shard.tokens // 2, limits)
+        log.warning("%s: batch %s refused (token_limit_exceeded, limit %s): its rows go on "
+                    "as %d smaller shards", run.record.name, batch.id,
+                    f"{budget.limit:,}" if budget.limit else "unknown", len(pieces))
+        return pieces
+    if others_running:
+        log.warning("%s: batch %s refused (token_limit_exceeded); it waits for running "
+                    "batches and goes again", run.record.name, batch.id)
+        state.update(run.record, batch_id=None, status="uploaded",
+                     submission=run.record.submission + 1)
+        return [run]
+    return []
+
+
+def _still_to_run(state: RunState, attempt: int, pending: pa.Table, shard: Shard,
+                  tables: list[pa.Table]) -> list[ShardRun]:
+    """What a planned shard still needs: nothing if collected (its results go to
+    `tables`), the pieces it was cut into if it was split, else itself."""
+    record = state.record(attempt, shard.index, shard.rows, shard.bytes,
+                          hashlib.sha256(shard_jsonl(pending, shard)).hexdigest())
+    if record.status == "collected":
+        tables.append(state.load_results(record))
+        return []
+    if record.status == "split":
+        return [run for piece in state.pieces(record)
+                for run in _still_to_run(state, attempt, pending,
+                                         _shard_of(pending, piece), tables)]
+    ids = pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()
+    return [ShardRun(shard, record, ids)]
+
+
+def _shard_of(pending: pa.Table, piece: ShardRecord) -> Shard:
+    tokens = pc.sum(pending[TOKENS].slice(piece.start, piece.rows)).as_py() or 0
+    return Shard(piece.shard, piece.start, piece.start + piece.rows, piece.bytes, tokens)
+
+
+def _split(state: RunState, attempt: int, pending: pa.Table, run: ShardRun, cap: int,
+           limits: LimitsConfig) -> list[ShardRun]:
+    """Cut a refused shard into shards of at most `cap` estimated tokens, journaled
+    before the refused one is marked split, so a kill in between loses no row."""
+    part = pending.slice(run.shard.start, run.shard.rows)
+    cap = max(cap, pc.max(part[TOKENS]).as_py())  # a row is never cut
+    first = state.next_shard(attempt)
+    runs = []
+    for i, cut in enumerate(plan_shards(part, limits.max_requests_per_shard,
+                                        limits.max_bytes_per_shard, cap)):
+        shard = Shard(first + i, run.shard.start + cut.start, run.shard.start + cut.end,
+                      cut.bytes, cut.tokens)
+        record = state.record(attempt, shard.index, shard.rows, shard.bytes,
+                              hashlib.sha256(shard_jsonl(pending, shard)).hexdigest(),
+                              start=shard.start, parent=run.record.shard)
+        runs.append(ShardRun(shard, record,
+                             pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()))
+    state.update(run.record, status="split", batch_id=None)
+    return runs
+
+
+def suspend(state: RunState, max_wait_hours: float) -> NoReturn:
+    """Suspend the run while its batches run (suspend mode): the process exits, the worker
+    is free; a resumed run starts over from the journal, so nothing is submitted twice."""
+    state.suspensions += 1
+    state.save()
+    running = [r.name for r in state.shards if r.batch_id and r.status != "collected"]
+    get_run_logger().info("waiting for %s: suspending the run, which frees the worker; the "
+                          "resume-ready deployment resumes it when one of them is finished",
+                          ", ".join(running))
+    suspend_flow_run(key=f"{state.run_id}-wait-{state.suspensions}",
+                     timeout=int(max_wait_hours * 3600))
+    raise AssertionError("unreachable: suspend_flow_run ends the run")
+
+
+def _token_limit_refusal(batch: Batch) -> str | None:
+    if batch.status != "failed" or not batch.errors or not batch.errors.data:
+        return None
+    error = batch.errors.data[0]
+    return error.message if error.code == "token_limit_exceeded" else None
