@@ -288,7 +288,10 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such job file") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a job file is a YAML mapping with name, dataset, request "
                           "and output")
@@ -298,7 +301,7 @@ def load_job(path: str | Path, **overrides: Any) -> JobConfig:
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: invalid job file:\n{_describe(exc)}") from exc
+        raise ConfigError(f"{path}: invalid job file: {_describe(exc)}") from exc
 
 
 def set_field(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -310,6 +313,7 @@ def set_field(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _describe(exc: ValidationError) -> str:
+    """Every problem of the file on one line: `field: what is wrong; field: ...`."""
     lines: list[str] = []
     errors = exc.errors()
     for error in errors:
@@ -327,10 +331,10 @@ def _describe(exc: ValidationError) -> str:
             message = f"must be one of {error['ctx']['expected']}"
         elif error["type"] == "union_tag_invalid":
             message = f"type must be one of {error['ctx']['expected_tags']}"
-        line = f"  {field}: {message}"
+        line = f"{field}: {message}"
         if line not in lines:
             lines.append(line)
-    return "\n".join(lines)
+    return "; ".join(lines)
 
 
 def _is_branch(part: object) -> bool:

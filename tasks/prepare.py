@@ -96,21 +96,23 @@ def unfinished_batches(output: Location, job_key: str) -> list[str]:
 
 
 def check_cost_cap(estimate: Estimate, max_cost_usd: float | None) -> None:
-    """Refuse, before anything is uploaded, a job that may cost more than its cap."""
+    """Refuse, before anything is uploaded, a job that may cost more than its cap. The
+    message is one line; the figures behind it are the estimate the run logged just
+    before (and `enrichflow estimate` prints)."""
     if max_cost_usd is None or estimate.requests == 0:
         return
-    figures = "\n".join(f"  {label}: {value}" for label, value in estimate.lines())
     span = estimate.batch_range()
     if span is None:
         raise CostLimitError(f"max_cost_usd is set but the price of {estimate.model} is "
-                             f"unknown; set `price` in the job file.\n{figures}")
+                             "unknown; set `price` in the job file")
     if span[1] is None:
         raise CostLimitError("max_cost_usd is set but the output has no ceiling; set "
-                             f"request.max_tokens so the cost is bounded.\n{figures}")
+                             "request.max_tokens so the cost is bounded")
     if span[1] > max_cost_usd:
-        raise CostLimitError(f"this job may cost up to {usd(span[1])}, more than "
-                             f"max_cost_usd {usd(max_cost_usd)}; nothing was uploaded. "
-                             f"Lower dataset.limit or max_tokens, or raise the cap.\n{figures}")
+        raise CostLimitError(f"this job may cost up to {usd(span[1])} ({estimate.requests:,} "
+                             f"requests), more than max_cost_usd {usd(max_cost_usd)}; nothing "
+                             "was uploaded. Lower dataset.limit or max_tokens, or raise the "
+                             "cap (enrichflow estimate shows the figures)")
 
 
 prepare_job_task = as_task(prepare_job, "prepare requests")

@@ -67,6 +67,7 @@ def test_bad_job_files_name_the_file_and_field(tmp_path, text, expected):
         load_job(path)
     assert str(path) in str(info.value)
     assert expected in str(info.value)
+    assert "\n" not in str(info.value), "one line"
 
 
 def test_missing_job_file():
