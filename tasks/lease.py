@@ -51,11 +51,11 @@ class Lease:
         while True:
             if location.create_json(LEASE_FILE, {**holder, "heartbeat": time.time()}):
                 return cls(location, holder)
-            current = location.read_json(LEASE_FILE)
+            current = _current(location)
             if current is None:
                 continue  # released between our two looks
             if _holder_is_gone(current):
-                if location.read_json(LEASE_FILE) == current:  # nobody took it over yet
+                if _current(location) == current:  # nobody took it over yet
                     location.remove(LEASE_FILE)
                 continue
             if not wait:
@@ -78,7 +78,7 @@ class Lease:
     def release(self) -> None:
         self._stop.set()
         self._beating.join()
-        current = self.location.read_json(LEASE_FILE)
+        current = _current(self.location)
         if current and current.get("id") == self.holder["id"]:
             self.location.remove(LEASE_FILE)
 
@@ -91,7 +91,7 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
-                current = self.location.read_json(LEASE_FILE)
+                current = _current(self.location)
                 if not current or current.get("id") != self.holder["id"]:
                     self.lost_to = current or {"run": "nobody (the lease was removed)"}
                     return
@@ -99,6 +99,16 @@ class Lease:
                                                       "heartbeat": time.time()})
             except StorageError:
                 continue  # a storage hiccup: the next beat tries again
+
+
+def _current(location: Location) -> dict[str, Any] | None:
+    """The lease as it is. One being created is empty for an instant: read it again."""
+    for _ in range(20):
+        try:
+            return location.read_json(LEASE_FILE)
+        except StorageError:
+            time.sleep(0.05)
+    return location.read_json(LEASE_FILE)
 
 
 def _holder_is_gone(lease: dict[str, Any]) -> bool:
