@@ -6,6 +6,7 @@ the bearer token, stamps `x-request-id` and injects the configured HTTP faults.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -25,6 +26,8 @@ from localbatch.store import new_id
 
 UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data"})
 MAX_FILE_BYTES = 512 * 1024 * 1024  # OpenAI's limit for a file of any purpose
+FORM_SLACK = 1024 * 1024  # what the multipart form adds around the file
+PEEK_BYTES = 64 * 1024  # how far into a large upload its purpose is looked for
 
 
 class CreateBatch(BaseModel):
@@ -87,10 +90,17 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/files")
     async def upload_file(request: Request):
+        # sizes are refused before the body is read, not after it was spooled to disk
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_FILE_BYTES + 1024 * 1024:
-            raise APIError(413, f"The request is {int(declared):,} bytes; a file may be at "
-                           f"most {MAX_FILE_BYTES:,} bytes.", param="file")  # before reading it
+        size = int(declared) if declared.isdigit() else 0
+        if size > MAX_FILE_BYTES + FORM_SLACK:
+            raise APIError(413, f"The request is {size:,} bytes; a file may be at most "
+                           f"{MAX_FILE_BYTES:,} bytes.", param="file")
+        if size > sim.max_file_bytes + FORM_SLACK:
+            request, purpose = await _peek_purpose(request)
+            if purpose == "batch":
+                raise APIError(413, f"The request is {size:,} bytes; a batch input may be at "
+                               f"most {sim.max_file_bytes:,} bytes.", param="file")
         form = await request.form(max_files=1)
         upload, purpose = form.get("file"), form.get("purpose")
         if upload is None or isinstance(upload, str):
@@ -185,6 +195,28 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
         return JSONResponse(answer, status_code=status)
 
     return app
+
+
+async def _peek_purpose(request: Request) -> tuple[Request, str | None]:
+    """The upload's purpose, read from the start of its body (clients send the form's
+    fields before its file), and a request that still gives the whole body."""
+    stream = request.stream()
+    head: list[bytes] = []
+    async for chunk in stream:
+        head.append(chunk)
+        if sum(map(len, head)) >= PEEK_BYTES or b'name="file"' in b"".join(head):
+            break
+    found = re.search(rb'name="purpose"\r\n\r\n([^\r]*)\r\n', b"".join(head))
+
+    async def receive() -> dict[str, Any]:
+        if head:
+            return {"type": "http.request", "body": head.pop(0), "more_body": True}
+        try:
+            return {"type": "http.request", "body": await anext(stream), "more_body": True}
+        except StopAsyncIteration:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+    return Request(request.scope, receive), found.group(1).decode() if found else None
 
 
 def _auth_failure(request: Request, api_key: str | None) -> JSONResponse | None:

@@ -398,3 +398,27 @@ def test_sizes_are_refused_before_the_body_is_read(start_localbatch):
     with pytest.raises(openai.BadRequestError, match="'dimensions'"):
         sdk_client(server.base_url).embeddings.create(model="text-embedding-3-small",
                                                       input="x", dimensions=5_000_000)
+
+
+def test_a_batch_upload_too_large_is_refused_from_its_first_bytes(start_localbatch):
+    """The purpose comes before the file in the form: a batch input over the limit is
+    refused before its bytes are read (and spooled to disk); other purposes go through."""
+    server = start_localbatch(Simulation(max_file_bytes=100))
+    host, port = server.base_url.split("//")[1].split("/")[0].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.putrequest("POST", "/v1/files")
+    connection.putheader("Authorization", "Bearer test-key")
+    connection.putheader("Content-Type", "multipart/form-data; boundary=x")
+    connection.putheader("Content-Length", str(50 * 1024 * 1024))
+    connection.endheaders(b'--x\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
+                          b'batch\r\n--x\r\nContent-Disposition: form-data; name="file"; '
+                          b'filename="in.jsonl"\r\n\r\n')  # and none of the 50 MB announced
+    response = connection.getresponse()
+    assert response.status == 413
+    assert "a batch input may be at most 100 bytes" in json.loads(response.read())["error"][
+        "message"]
+
+    client = sdk_client(server.base_url)
+    data = b"y" * (2 * 1024 * 1024)
+    kept = client.files.create(file=("notes.bin", data), purpose="user_data")
+    assert kept.bytes == len(data) and client.files.content(kept.id).content == data
