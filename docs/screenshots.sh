@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/.venv/bin
-PORT=${PORT:-4299}
+PORT=${PORT:-$("$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 WORK=$(mktemp -d)
 export PREFECT_HOME=$WORK/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_API_URL=http://127.0.0.1:$PORT/api PREFECT_WORKER_QUERY_SECONDS=2
@@ -41,6 +41,8 @@ shot() {  # shot NAME PATH: a 1600x1000 screenshot of the UI page at PATH
     --screenshot="docs/$1.png" "http://127.0.0.1:$PORT$2" 2> /dev/null
 }
 shot run-page "/runs/flow-run/$RUN"
+"$BIN/python" docs/click_and_shoot.py "http://127.0.0.1:$PORT/runs/flow-run/$RUN" Artifacts \
+  docs/run-artifacts.png
 artifact() {  # the id of this run's artifact with key $1
   curl -sf -X POST "$PREFECT_API_URL/artifacts/filter" -H 'content-type: application/json' \
     -d "{\"artifacts\": {\"key\": {\"any_\": [\"$1\"]}, \"flow_run_id\": {\"any_\": [\"$RUN\"]}}}" \

@@ -1,0 +1,66 @@
+"""Screenshot a page of the Prefect UI after clicking one of its tabs (headless Chromium
+through its DevTools protocol): the flow run page only opens its Artifacts tab by a click.
+
+    python docs/click_and_shoot.py URL TAB OUT.png
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import websockets
+
+PORT = 9333
+CLICK = """[...document.querySelectorAll('*')]
+  .find(e => e.children.length === 0 && e.textContent.trim() === %s)?.click()"""
+
+
+async def shoot(url: str, tab: str, out: str) -> None:
+    profile = tempfile.mkdtemp()
+    chromium = subprocess.Popen(
+        ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         f"--remote-debugging-port={PORT}", f"--user-data-dir={profile}",
+         "--window-size=1600,1150", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                pages = httpx.get(f"http://127.0.0.1:{PORT}/json").json()
+                page = next(p for p in pages if p["type"] == "page")
+                break
+            except (httpx.HTTPError, StopIteration):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        async with websockets.connect(page["webSocketDebuggerUrl"], max_size=None) as cdp:
+            calls = iter(range(1, 1000))
+
+            async def call(method: str, **params):
+                number = next(calls)
+                await cdp.send(json.dumps({"id": number, "method": method, "params": params}))
+                while True:
+                    answer = json.loads(await cdp.recv())
+                    if answer.get("id") == number:
+                        return answer.get("result", {})
+
+            await asyncio.sleep(8)  # the UI loads the run
+            await call("Runtime.evaluate", expression=CLICK % json.dumps(tab))
+            await asyncio.sleep(4)
+            shot = await call("Page.captureScreenshot", format="png")
+        with open(out, "wb") as handle:
+            handle.write(base64.b64decode(shot["data"]))
+    finally:
+        chromium.terminate()
+        chromium.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(shoot(*sys.argv[1:4]))
