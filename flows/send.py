@@ -107,8 +107,8 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
         while queue and budget.fits(queue[0].shard.tokens):
             starting.append(queue.popleft())
             budget.take(starting[-1].shard.tokens)
-        for run in start_shards(client, state, starting, pending, job.request.endpoint):
-            running[run.record.batch_id] = run
+        start_shards(client, state, starting, pending, job.request.endpoint)
+        running.update({run.record.batch_id: run for run in starting})
         if not running:
             continue
         if wait_mode == "suspend":
@@ -145,7 +145,7 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
 
 
 def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
-                 pending: pa.Table, endpoint: str) -> list[ShardRun]:
+                 pending: pa.Table, endpoint: str) -> None:
     """Give each shard of `starting` its batch, exactly once: re-attach to a journaled
     batch or to one created just before a crash (found by its metadata), else upload and
     create, concurrently. The tasks get and return values; the flow journals before and
@@ -187,7 +187,6 @@ def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
         state.update(run.record, batch_id=batch.id, status="submitted",
                      batch_status=batch.status)
         log.info("%s: created batch %s", run.record.name, batch.id)
-    return starting
 
 
 def _after_refusal(state: RunState, attempt: int, pending: pa.Table, run: ShardRun,
