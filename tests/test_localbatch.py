@@ -382,19 +382,24 @@ def test_a_batch_whose_step_fails_ends_failed_and_frees_its_tokens(start_localba
     assert "localbatch could not process this batch" in batch.errors.data[0].message
 
 
-def test_sizes_are_refused_before_the_body_is_read(start_localbatch):
-    server = start_localbatch()
+def announced_upload(server, size: int, head: bytes = b"") -> tuple[int, str]:
+    """(status, error message) of an upload that announces `size` bytes but sends only
+    `head`: an answer at all proves the server did not wait to read the body."""
     host, port = server.base_url.split("//")[1].split("/")[0].split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
     connection.putrequest("POST", "/v1/files")
     connection.putheader("Authorization", "Bearer test-key")
     connection.putheader("Content-Type", "multipart/form-data; boundary=x")
-    connection.putheader("Content-Length", str(600 * 1024 * 1024))
-    connection.endheaders()  # and not one byte of the 600 MB it announces
+    connection.putheader("Content-Length", str(size))
+    connection.endheaders(head or None)
     response = connection.getresponse()
-    assert response.status == 413
-    assert "a file may be at most 536,870,912 bytes" in json.loads(response.read())["error"][
-        "message"]
+    return response.status, json.loads(response.read())["error"]["message"]
+
+
+def test_sizes_are_refused_before_the_body_is_read(start_localbatch):
+    server = start_localbatch()
+    status, message = announced_upload(server, 600 * 1024 * 1024)
+    assert status == 413 and "a file may be at most 536,870,912 bytes" in message
     with pytest.raises(openai.BadRequestError, match="'dimensions'"):
         sdk_client(server.base_url).embeddings.create(model="text-embedding-3-small",
                                                       input="x", dimensions=5_000_000)
@@ -404,19 +409,11 @@ def test_a_batch_upload_too_large_is_refused_from_its_first_bytes(start_localbat
     """The purpose comes before the file in the form: a batch input over the limit is
     refused before its bytes are read (and spooled to disk); other purposes go through."""
     server = start_localbatch(Simulation(max_file_bytes=100))
-    host, port = server.base_url.split("//")[1].split("/")[0].split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=10)
-    connection.putrequest("POST", "/v1/files")
-    connection.putheader("Authorization", "Bearer test-key")
-    connection.putheader("Content-Type", "multipart/form-data; boundary=x")
-    connection.putheader("Content-Length", str(50 * 1024 * 1024))
-    connection.endheaders(b'--x\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
-                          b'batch\r\n--x\r\nContent-Disposition: form-data; name="file"; '
-                          b'filename="in.jsonl"\r\n\r\n')  # and none of the 50 MB announced
-    response = connection.getresponse()
-    assert response.status == 413
-    assert "a batch input may be at most 100 bytes" in json.loads(response.read())["error"][
-        "message"]
+    status, message = announced_upload(
+        server, 50 * 1024 * 1024,
+        b'--x\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--x\r\n'
+        b'Content-Disposition: form-data; name="file"; filename="in.jsonl"\r\n\r\n')
+    assert status == 413 and "a batch input may be at most 100 bytes" in message
 
     client = sdk_client(server.base_url)
     data = b"y" * (2 * 1024 * 1024)
