@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from pathlib import PurePath
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -109,7 +110,9 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
             raise APIError(400, f"Invalid purpose '{purpose}'. Allowed: "
                            f"{', '.join(sorted(UPLOAD_PURPOSES))}.", param="purpose")
         filename = upload.filename or "upload"
-        if purpose == "batch" and not filename.endswith(".jsonl"):
+        # OpenAI takes a nameless upload (the SDK names raw bytes `upload`) and any case
+        # of .jsonl; it refuses another extension
+        if purpose == "batch" and PurePath(filename).suffix.lower() not in ("", ".jsonl"):
             raise APIError(400, f"Invalid file format for Batch API: '{filename}'. The file "
                            "must be a .jsonl file.", param="file")
         ttl = _expires_after(form.get("expires_after[anchor]"),

@@ -15,6 +15,7 @@ import random
 import re
 import struct
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -114,7 +115,7 @@ class MockEngine:
         prompt = prompt_tokens(CHAT_URL, body)
         completion = text_tokens(content)
         return 200, {
-            "id": "chatcmpl-" + hashlib.sha256(text.encode()).hexdigest()[:24],
+            "id": "chatcmpl-" + uuid.uuid4().hex[:24],  # every completion its own
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body["model"],

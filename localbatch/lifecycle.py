@@ -89,7 +89,8 @@ class Lifecycle:
                 batch.update(status="cancelling", cancelling_at=now())
                 self.store.save_batch(batch, work)
             elif batch["status"] != "cancelling":
-                raise APIError(409, f"Cannot cancel a batch with status '{batch['status']}'.",
+                # 400, not 409: the SDK retries a 409 three times, to the same answer
+                raise APIError(400, f"Cannot cancel a batch with status '{batch['status']}'.",
                                param="batch_id")
             return batch
 

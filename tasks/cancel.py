@@ -6,6 +6,8 @@ Used by `enrichflow cancel` and by the flow when its Prefect run is cancelled.
 
 from __future__ import annotations
 
+import openai
+
 from enrichflow.config import ProviderConfig
 from enrichflow.provider import open_client
 from enrichflow.storage import Location
@@ -26,6 +28,9 @@ def cancel_run(location: Location) -> tuple[RunState | None, list[str]]:
             if shard.batch_id and shard.status != "collected":
                 batch = client.batches.retrieve(shard.batch_id)
                 if batch.status not in TERMINAL and batch.status != "cancelling":
-                    client.batches.cancel(batch.id)
+                    try:
+                        client.batches.cancel(batch.id)
+                    except (openai.BadRequestError, openai.ConflictError):
+                        continue  # it finished between the look and the cancel
                     cancelled.append(f"batch {batch.id} ({shard.name})")
     return state, cancelled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import signal
@@ -80,6 +81,25 @@ def test_upload_rejects_wrong_name_and_oversized_files(start_localbatch):
         client.files.create(file=("big.jsonl", b"x" * 101), purpose="batch")
     assert info.value.status_code == 413
     assert info.value.response.headers["x-request-id"].startswith("req_")
+
+
+@pytest.mark.parametrize("file", [
+    b"{}",  # raw bytes: the SDK names them `upload` (bespokelabs-curator, openai-batch)
+    io.BytesIO(b"{}"),  # an unnamed file object
+    ("INPUT.JSONL", b"{}"),
+])
+def test_batch_uploads_are_accepted_as_openai_accepts_them(start_localbatch, file):
+    client = sdk_client(start_localbatch().base_url)
+    assert client.files.create(file=file, purpose="batch").bytes == 2
+    with pytest.raises(openai.BadRequestError, match="must be a .jsonl file"):
+        client.files.create(file=("notes.txt", b"{}"), purpose="batch")
+
+
+def test_every_completion_has_its_own_id(start_localbatch):
+    client = sdk_client(start_localbatch().base_url)
+    ids = {client.chat.completions.create(model="gpt-4o-mini", messages=[
+        {"role": "user", "content": "the same prompt"}]).id for _ in range(3)}
+    assert len(ids) == 3
 
 
 # the batch lifecycle --------------------------------------------------------------------
@@ -195,8 +215,9 @@ def test_cancel_keeps_finished_results(start_localbatch):
     assert 0 < len(done) < 200 and len(done) + len(failed) == 200
     assert {f["error"]["code"] for f in failed} == {"batch_cancelled"}
     assert all(f["response"] is None for f in failed)
-    with pytest.raises(openai.ConflictError):
-        client.batches.cancel(batch.id)
+    with pytest.raises(openai.BadRequestError, match="Cannot cancel a batch with status "
+                                                     "'cancelled'"):
+        client.with_options(max_retries=3).batches.cancel(batch.id)  # answered at once
 
 
 def test_completion_window_expiry_keeps_partial_results(start_localbatch):
