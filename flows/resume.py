@@ -26,7 +26,7 @@ from enrichflow.storage import Location
 from flows.enrich import job_from_parameters
 from tasks import as_task
 from tasks.state import RunState
-from tasks.wait import TERMINAL
+from tasks.wait import TERMINAL, look_at_batches
 
 
 def reasons_to_resume(parameters: dict) -> list[str]:
@@ -39,10 +39,10 @@ def reasons_to_resume(parameters: dict) -> list[str]:
         return ["nothing is journaled: it starts over and sees for itself"]
     if state.cancel_requested():
         return ["it was cancelled"]
-    waiting = [r for r in state.shards if r.batch_id and r.status != "collected"]
+    waiting = state.awaited()
     with open_client(job.provider, location) as client:
         try:
-            batches = [client.batches.retrieve(r.batch_id) for r in waiting]
+            batches = look_at_batches(client, [r.batch_id for r in waiting])
         except Exception as exc:
             raise RuntimeError(f"the Batch API at {client.base_url} answered "
                                f"{type(exc).__name__}: {exc}") from exc

@@ -76,6 +76,17 @@ class ShardRun:
     record: ShardRecord
     custom_ids: list[str]
 
+    @classmethod
+    def of(cls, state: RunState, attempt: int, pending: pa.Table, shard: Shard,
+           parent: int | None = None) -> ShardRun:
+        """The shard with its journal entry, which its content must match (a resumed run
+        plans the very same shards), and the custom ids of its rows."""
+        record = state.record(attempt, shard.index, shard.rows, shard.bytes,
+                              hashlib.sha256(shard_jsonl(pending, shard)).hexdigest(),
+                              start=None if parent is None else shard.start, parent=parent)
+        ids = pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()
+        return cls(shard, record, ids)
+
 
 def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
                shards: list[Shard], budget: TokenBudget, job: JobConfig, wait_mode: WaitMode,
@@ -220,17 +231,15 @@ def _still_to_run(state: RunState, attempt: int, pending: pa.Table, shard: Shard
                   tables: list[pa.Table]) -> list[ShardRun]:
     """What a planned shard still needs: nothing if collected (its results go to
     `tables`), the pieces it was cut into if it was split, else itself."""
-    record = state.record(attempt, shard.index, shard.rows, shard.bytes,
-                          hashlib.sha256(shard_jsonl(pending, shard)).hexdigest())
-    if record.status == "collected":
-        tables.append(state.load_results(record))
+    run = ShardRun.of(state, attempt, pending, shard)
+    if run.record.status == "collected":
+        tables.append(state.load_results(run.record))
         return []
-    if record.status == "split":
-        return [run for piece in state.pieces(record)
-                for run in _still_to_run(state, attempt, pending,
-                                         _shard_of(pending, piece), tables)]
-    ids = pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()
-    return [ShardRun(shard, record, ids)]
+    if run.record.status == "split":
+        return [again for piece in state.pieces(run.record)
+                for again in _still_to_run(state, attempt, pending,
+                                           _shard_of(pending, piece), tables)]
+    return [run]
 
 
 def _shard_of(pending: pa.Table, piece: ShardRecord) -> Shard:
@@ -245,16 +254,12 @@ def _split(state: RunState, attempt: int, pending: pa.Table, run: ShardRun, cap:
     part = pending.slice(run.shard.start, run.shard.rows)
     cap = max(cap, pc.max(part[TOKENS]).as_py())  # a row is never cut
     first = state.next_shard(attempt)
-    runs = []
-    for i, cut in enumerate(plan_shards(part, limits.max_requests_per_shard,
-                                        limits.max_bytes_per_shard, cap)):
-        shard = Shard(first + i, run.shard.start + cut.start, run.shard.start + cut.end,
-                      cut.bytes, cut.tokens)
-        record = state.record(attempt, shard.index, shard.rows, shard.bytes,
-                              hashlib.sha256(shard_jsonl(pending, shard)).hexdigest(),
-                              start=shard.start, parent=run.record.shard)
-        runs.append(ShardRun(shard, record,
-                             pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()))
+    runs = [ShardRun.of(state, attempt, pending,
+                        Shard(first + i, run.shard.start + cut.start,
+                              run.shard.start + cut.end, cut.bytes, cut.tokens),
+                        parent=run.record.shard)
+            for i, cut in enumerate(plan_shards(part, limits.max_requests_per_shard,
+                                                limits.max_bytes_per_shard, cap))]
     state.update(run.record, status="split", batch_id=None)
     return runs
 
@@ -264,10 +269,9 @@ def suspend(state: RunState, max_wait_hours: float) -> NoReturn:
     is free; a resumed run starts over from the journal, so nothing is submitted twice."""
     state.suspensions += 1
     state.save()
-    running = [r.name for r in state.shards if r.batch_id and r.status != "collected"]
     get_run_logger().info("waiting for %s: suspending the run, which frees the worker; the "
                           "resume-ready deployment resumes it when one of them is finished",
-                          ", ".join(running))
+                          ", ".join(r.name for r in state.awaited()))
     suspend_flow_run(key=f"{state.run_id}-wait-{state.suspensions}",
                      timeout=int(max_wait_hours * 3600))
     raise AssertionError("unreachable: suspend_flow_run ends the run")

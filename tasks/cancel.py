@@ -24,13 +24,12 @@ def cancel_run(location: Location) -> tuple[RunState | None, list[str]]:
     cancelled = []
     provider = ProviderConfig(**state.provider)
     with open_client(provider, location, share_running=True) as client:
-        for shard in state.shards:
-            if shard.batch_id and shard.status != "collected":
-                batch = client.batches.retrieve(shard.batch_id)
-                if batch.status not in TERMINAL and batch.status != "cancelling":
-                    try:
-                        client.batches.cancel(batch.id)
-                    except (openai.BadRequestError, openai.ConflictError):
-                        continue  # it finished between the look and the cancel
-                    cancelled.append(f"batch {batch.id} ({shard.name})")
+        for shard in state.awaited():
+            batch = client.batches.retrieve(shard.batch_id)
+            if batch.status not in TERMINAL and batch.status != "cancelling":
+                try:
+                    client.batches.cancel(batch.id)
+                except (openai.BadRequestError, openai.ConflictError):
+                    continue  # it finished between the look and the cancel
+                cancelled.append(f"batch {batch.id} ({shard.name})")
     return state, cancelled

@@ -145,6 +145,11 @@ class RunState:
             self.token_limit = limit
             self.save()
 
+    def awaited(self) -> list[ShardRecord]:
+        """The shards whose batch is created but not yet collected."""
+        with self._lock:
+            return [r for r in self.shards if r.batch_id and r.status != "collected"]
+
     def pieces(self, record: ShardRecord) -> list[ShardRecord]:
         """The shards a split shard was cut into."""
         return [r for r in self.shards if r.attempt == record.attempt and
