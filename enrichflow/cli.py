@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"tokens:   {manifest['tokens']['prompt']:,} prompt, "
           f"{manifest['tokens']['completion']:,} completion; cost: "
           + ("unknown (no price for the model)" if cost is None else usd(cost)))
-    if manifest["cancelled"]:
+    if manifest.get("cancelled"):  # manifests written before cancels were recorded lack it
         print("cancelled: rows not answered are failed; run the job again to send them")
     data = pd.read_parquet(manifest["output"], storage_options=job.storage_options or None)
     shown = [job.dataset.id_column or data.columns[0],
