@@ -1,15 +1,18 @@
 """Make `data/movies.csv`: fictional movies in the shape of the IMDB top-1000 table.
 
 The titles, people and overviews are invented by this script (nothing is copied), and
-the output is the same on every run, so the file in the repository can be remade:
+the output is the same on every run, so the file in the repository can be remade, and
+any number of rows can be made for benchmarks:
 
-    python data/make_movies.py
+    python data/make_movies.py                      # data/movies.csv, 240 rows
+    python data/make_movies.py 1000000 /tmp/movies-1m.csv
 """
 
 from __future__ import annotations
 
 import csv
 import random
+import sys
 from pathlib import Path
 
 ROWS = 240
@@ -56,19 +59,28 @@ LAST = ["Okafor", "Lindqvist", "Moreau", "Tanaka", "Ibarra", "Novak", "Haddad", 
         "Castell", "Achterberg", "Salgado", "Kowalczyk", "Mensah", "Varga", "Iyer", "Duval"]
 
 
+PEOPLE = [f"{f} {la}" for f in FIRST for la in LAST]
+MISSES_BEFORE_NUMBERING = 100  # titles alone run out after about 5,000 movies
+
+
 def movies(count: int, seed: int = 7) -> list[dict[str, object]]:
+    """`count` movies with unique titles: drawn from the word lists while they last, then
+    numbered (the first thousands are the same whatever the count)."""
     rng = random.Random(seed)
-    rows, titles = [], set()
+    rows, titles, misses = [], set(), 0
     while len(rows) < count:
         title = f"The {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
-        if title in titles:
+        if misses >= MISSES_BEFORE_NUMBERING:
+            title = f"{title} {len(rows) + 1}"
+        elif title in titles:
             title = f"{title} {rng.choice(['II', 'Returns', 'Rising', 'of ' + rng.choice(LAST)])}"
         if title in titles:
+            misses += 1
             continue
         titles.add(title)
         hero, place = rng.choice(HEROES), rng.choice(PLACES)
         overview = (f"In {place}, {hero} {rng.choice(EVENTS)}, {rng.choice(STAKES)}.")
-        people = rng.sample([f"{f} {la}" for f in FIRST for la in LAST], 5)
+        people = rng.sample(PEOPLE, 5)
         rows.append({
             "Series_Title": title,
             "Released_Year": rng.randint(1950, 2024),
@@ -89,9 +101,9 @@ def movies(count: int, seed: int = 7) -> list[dict[str, object]]:
     return rows
 
 
-def main() -> None:
-    rows = movies(ROWS)
-    target = Path(__file__).with_name("movies.csv")
+def main(argv: list[str]) -> None:
+    rows = movies(int(argv[0]) if argv else ROWS)
+    target = Path(argv[1]) if len(argv) > 1 else Path(__file__).with_name("movies.csv")
     with target.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -100,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
