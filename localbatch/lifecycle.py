@@ -11,6 +11,8 @@ import json
 import logging
 import threading
 import time
+from array import array
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ class Lifecycle:
         self.sim = simulation
         self.dice = Dice(simulation.seed)
         self._lock = threading.RLock()
-        self._lines: dict[str, list[bytes]] = {}  # parsed input of running batches
+        self._lines: dict[str, InputLines] = {}  # input of running batches
 
     # requests from clients ----------------------------------------------------------
 
@@ -142,8 +144,7 @@ class Lifecycle:
                 self._finish(batch, work, "cancelled", CANCELLED_MESSAGE, "batch_cancelled")
 
     def _validate(self, batch: dict, work: dict) -> None:
-        raw = self.store.file_path(batch["input_file_id"]).read_bytes()
-        lines = [line for line in raw.split(b"\n") if line.strip()]
+        lines = InputLines(self.store.file_path(batch["input_file_id"]))
         errors, model, tokens = self._check_lines(lines, batch["endpoint"])
         if not errors:
             limit = self.sim.token_limit(model)
@@ -169,7 +170,7 @@ class Lifecycle:
                      request_counts={"total": len(lines), "completed": 0, "failed": 0})
         self.store.save_batch(batch, work)
 
-    def _check_lines(self, lines: list[bytes], endpoint: str) -> tuple[list[dict], str, int]:
+    def _check_lines(self, lines: InputLines, endpoint: str) -> tuple[list[dict], str, int]:
         """Validation errors of an input file as OpenAI reports them, its model, its tokens."""
         if not lines:
             return [_batch_error("empty_file", "The batch input file is empty.")], "", 0
@@ -239,12 +240,12 @@ class Lifecycle:
                 total += self.store.get_work(other_id)["enqueued_tokens"]
         return total
 
-    def _input_lines(self, batch: dict) -> list[bytes]:
-        """The batch's input lines; after a restart, reloaded and partial work files trimmed."""
+    def _input_lines(self, batch: dict) -> InputLines:
+        """The batch's input lines; after a restart, found again and partial work files
+        trimmed."""
         lines = self._lines.get(batch["id"])
         if lines is None:
-            raw = self.store.file_path(batch["input_file_id"]).read_bytes()
-            lines = [line for line in raw.split(b"\n") if line.strip()]
+            lines = InputLines(self.store.file_path(batch["input_file_id"]))
             self._lines[batch["id"]] = lines
             work = self.store.get_work(batch["id"])
             for kind in ("out", "err"):
@@ -296,7 +297,7 @@ class Lifecycle:
         work["next_line"] = start + count
         self.store.save_batch(batch, work)
 
-    def _allowance(self, work: dict, lines: list[bytes]) -> int:
+    def _allowance(self, work: dict, lines: InputLines) -> int:
         """How many requests this tick may run under the configured processing rate."""
         tick = time.time()
         elapsed, work["last_tick"] = tick - work["last_tick"], tick
@@ -354,6 +355,41 @@ class Lifecycle:
         with self._work_file(batch_id, kind).open("ab") as handle:
             handle.write(data)
         return len(data)
+
+
+class InputLines:
+    """The non-blank lines of a batch input file, read from disk as they are needed: a
+    running batch holds where its lines are, not the lines (a few bytes a request)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._starts, self._ends = array("q"), array("q")
+        offset = 0
+        with path.open("rb") as handle:
+            for line in handle:
+                if line.strip():
+                    self._starts.append(offset)
+                    self._ends.append(offset + len(line.rstrip(b"\n")))
+                offset += len(line)
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __iter__(self) -> Iterator[bytes]:
+        with self.path.open("rb") as handle:
+            for line in handle:
+                if line.strip():
+                    yield line.rstrip(b"\n")
+
+    def __getitem__(self, span: slice) -> list[bytes]:
+        starts, ends = self._starts[span], self._ends[span]
+        if not starts:
+            return []
+        with self.path.open("rb") as handle:
+            handle.seek(starts[0])
+            data = handle.read(ends[-1] - starts[0])
+        return [data[start - starts[0]:end - starts[0]]
+                for start, end in zip(starts, ends, strict=True)]
 
 
 def _batch_error(code: str, message: str, line: int | None = None,
