@@ -34,8 +34,9 @@ def wait_for_batches(client: OpenAI, batch_ids: list[str], poll_min: float, poll
                      max_wait_hours: float) -> list[Batch]:
     """The batches as soon as one of them is finished, or after REPORT_SECONDS: the flow
     journals their request counts, collects the finished ones and calls again. Polls
-    every `poll_min` seconds at first, backing off to `poll_max`; a batch that runs
-    longer than `max_wait_hours` is given up with an error that says it runs on."""
+    every `poll_min` seconds while the batches move, backing off to `poll_max` while
+    they do not; a batch that runs longer than `max_wait_hours` is given up with an error
+    that says it runs on."""
     log = get_run_logger()
     started = time.monotonic()
     delay, reached, logged = poll_min, started, 0.0
@@ -58,15 +59,17 @@ def wait_for_batches(client: OpenAI, batch_ids: list[str], poll_min: float, poll
             continue
         statuses, done = [b.status for b in batches], [_done(b) for b in batches]
         now = time.monotonic()
+        moved = statuses != last_statuses or done != last_done
         if statuses != last_statuses or (done != last_done and now - logged >= LOG_SECONDS):
             log.info("; ".join(f"batch {b.id} is {b.status}, {_progress(b)} requests done"
                                for b in batches))
-            logged, last_statuses, last_done = now, statuses, done
+            logged = now
+        last_statuses, last_done = statuses, done
         if any(b.status in TERMINAL for b in batches) or now - started >= REPORT_SECONDS:
             return batches
         _check_age(batches, max_wait_hours)
+        delay = poll_min if moved else min(delay * 2, poll_max)
         time.sleep(delay)
-        delay = min(delay * 2, poll_max)
 
 
 def _check_age(batches: list[Batch], max_wait_hours: float) -> None:
