@@ -16,8 +16,9 @@ def _run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from flows.enrich import enrich, resolve_job
+    from tasks.answers import answer_columns
     from tasks.estimate import usd
-    from tasks.merge import answer_columns
+    from tasks.write import part_name
 
     job = resolve_job(args.config, args.output, args.limit, args.provider, args.base_url)
     manifest = enrich(args.config, output=args.output, limit=args.limit,
@@ -35,11 +36,12 @@ def _run(args: argparse.Namespace) -> int:
           + ("unknown (no price for the model)" if cost is None else usd(cost)))
     if manifest.get("cancelled"):  # manifests written before cancels were recorded lack it
         print("cancelled: rows not answered are failed; run the job again to send them")
-    data = pd.read_parquet(manifest["output"], storage_options=job.storage_options or None)
-    shown = [job.dataset.id_column or data.columns[0],
+    first = pd.read_parquet(f"{manifest['output']}/{part_name(0)}",
+                            storage_options=job.storage_options or None)
+    shown = [job.dataset.id_column or first.columns[0],
              *answer_columns(job.request.response_format), "_status"]
     with pd.option_context("display.max_colwidth", 70, "display.width", 160):
-        print(data[shown].head(5).to_string(index=False))
+        print(first[shown].head(5).to_string(index=False))
     return 0
 
 

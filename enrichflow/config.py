@@ -47,18 +47,6 @@ class DatasetConfig(_Strict):
             raise ValueError(f"unknown encoding {encoding!r}; e.g. utf-8, latin-1, "
                              "cp1252") from None
 
-    @property
-    def resolved_format(self) -> str:
-        if self.format:
-            return self.format
-        suffix = Path(self.path.split("?")[0]).suffix.lower()
-        known = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl",
-                 ".ndjson": "jsonl"}
-        if suffix not in known:
-            raise ConfigError(f"dataset.format: cannot tell the format of {self.path!r} from "
-                              "its extension; set dataset.format to csv, parquet or jsonl")
-        return known[suffix]
-
 
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"] = "text"

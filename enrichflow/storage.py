@@ -51,9 +51,16 @@ class Location:
         except FileNotFoundError:
             return None
 
-    def read_parquet(self, name: str) -> pa.Table:
+    def read_parquet(self, name: str, columns: list[str] | None = None,
+                     filters: Any = None) -> pa.Table:
         with self._errors("read", name), self.fs.open(self.path(name), "rb") as handle:
-            return pq.read_table(handle)
+            return pq.read_table(handle, columns=columns, filters=filters)
+
+    @contextmanager
+    def open(self, name: str) -> Iterator[Any]:
+        """`name` open for reading, for a streamed read."""
+        with self._errors("read", name), self.fs.open(self.path(name), "rb") as handle:
+            yield handle
 
     def create_json(self, name: str, value: Any) -> bool:
         """Write `name` only if it does not exist (O_EXCL locally, a conditional put on
@@ -79,14 +86,28 @@ class Location:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write `name` whole or not at all: staged under `_staging/`, then moved."""
+        with self._staged(name) as staged, self.fs.open(staged, "wb") as handle:
+            handle.write(data)
+
+    def put_file(self, name: str, local_path: str) -> None:
+        """Copy a local file to `name`, whole or not at all."""
+        with self._staged(name) as staged:
+            self.fs.put_file(local_path, staged)
+
+    @contextmanager
+    def _staged(self, name: str) -> Iterator[str]:
         staged = self.path(f"{STAGING}/{uuid.uuid4().hex}-{name.replace('/', '_')}")
         with self._errors("write", name):
             if self.is_local:  # object stores have no folders (and s3fs would make a bucket)
                 self.fs.makedirs(self.path(STAGING), exist_ok=True)
                 self.fs.makedirs(self.path(name).rsplit("/", 1)[0], exist_ok=True)
-            with self.fs.open(staged, "wb") as handle:
-                handle.write(data)
+            yield staged
             self.fs.mv(staged, self.path(name))
+
+    def list(self, pattern: str) -> list[str]:
+        """Names of the files at the top of the location that match a glob `pattern`."""
+        with self._errors("list", pattern):
+            return sorted(path.rsplit("/", 1)[-1] for path in self.fs.glob(self.path(pattern)))
 
     def remove(self, name: str) -> None:
         if self.exists(name):

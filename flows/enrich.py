@@ -1,4 +1,5 @@
-"""The job flow: prepare → (upload → create → wait → collect) per shard → merge → write.
+"""The job flow: prepare → (render → upload → create → wait → collect) per shard → merge
+and write part by part.
 
 Sending (attempts, shards, batches) is `flows.send`; this module is the flow itself, what
 it reports, and the rules around a run: one at a time per output, cancel, failed share.
@@ -19,7 +20,6 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import Flow, State, flow, get_run_logger, runtime
 from prefect.client.schemas.objects import FlowRun
@@ -30,17 +30,16 @@ from enrichflow.config import JobConfig, load_job
 from enrichflow.errors import ConfigError, RowsFailedError
 from enrichflow.provider import describe, open_client, provider_kind
 from enrichflow.storage import Location
+from flows.output import Written, write_parts
 from flows.send import WaitMode, run_attempts
-from tasks.cache import remember_answers
 from tasks.cancel import cancel_run
 from tasks.estimate import usd
 from tasks.lease import Lease
 from tasks.load import KEY
-from tasks.merge import merge_results_task
 from tasks.prepare import Prepared, check_cost_cap, prepare_job_task
 from tasks.report import publish_estimate, publish_results
 from tasks.state import RunState
-from tasks.write import read_manifest, write_output_task
+from tasks.write import finish_output, read_manifest, start_output
 
 JOB_PARAMETERS = ("config_path", "output", "limit", "provider", "base_url", "model")
 
@@ -110,39 +109,36 @@ def enrich(
         check_cost_cap(prepared.estimate, job.max_cost_usd)
 
         state, resumed = RunState.open(
-            location, prepared.job_key, job.config_hash(), prepared.rows.fingerprint,
+            location, prepared.job_key, job.config_hash(), prepared.fingerprint,
             describe(job.provider, location), force, flow_run_id=str(runtime.flow_run.id),
             resume=resume_command(config_path, location.uri, limit, provider, base_url, model),
             lease=lease)
         if resumed:
             log.info("resuming run %s from %s/_state", state.run_id, location.uri)
-        manifest, merged = send_and_write(job, location, prepared, state, wait_mode)
-    check_failed_share(manifest, merged, job.limits.max_failed_share)
+        manifest, written = send_and_write(job, location, prepared, state, wait_mode)
+    check_failed_share(manifest, written.first_error, job.limits.max_failed_share)
     return manifest
 
 
 def send_and_write(job: JobConfig, location: Location, prepared: Prepared, state: RunState,
-                   wait_mode: WaitMode) -> tuple[dict[str, Any], pa.Table]:
+                   wait_mode: WaitMode) -> tuple[dict[str, Any], Written]:
     """Send what is left to send, merge every answer into the rows, write the output and
-    its manifest; (the manifest, the rows written)."""
+    its manifest; (the manifest, what was written)."""
     log = get_run_logger()
     with open_client(job.provider, location) as client:
-        sent = run_attempts(client, state, prepared, job, wait_mode)
-    results = pa.concat_tables([prepared.reused, sent])
-    merged = merge_results_task(prepared.rows.table, prepared.tag, prepared.rendered.unsent,
-                                results, job.request.response_format, prepared.price)
-    if prepared.cache is not None:
-        remember_answers(prepared.cache, prepared.rendered.requests, prepared.hashes, results)
-    manifest = build_manifest(job, state, prepared, merged, location)
-    write_output_task(location, merged, manifest)
+        run_attempts(client, state, prepared, job, wait_mode)
+    start_output(location)
+    written = write_parts(job, location, prepared, state)
+    manifest = build_manifest(job, state, prepared, written, location)
+    finish_output(location, written.parts, manifest)
     state.finish()
-    publish_results(manifest, merged, job)
-    log.info("%s: wrote %s rows to %s (%s); cost %s%s", job.name, f"{merged.num_rows:,}",
+    publish_results(manifest, written.first_rows, job)
+    log.info("%s: wrote %s rows to %s (%s); cost %s%s", job.name, f"{written.rows:,}",
              location.uri, ", ".join(f"{n:,} {s}" for s, n in manifest["rows_by_status"].items()),
              "unknown" if manifest["cost_usd"] is None else usd(manifest["cost_usd"]),
              "; the job was cancelled: run it again to send the rest" if manifest["cancelled"]
              else "")
-    return manifest, merged
+    return manifest, written
 
 
 def resolve_job(config_path: str, output: str | None = None, limit: int | None = None,
@@ -171,17 +167,17 @@ def resume_command(config_path: str, output: str, limit: int | None, provider: s
     return {"cwd": os.getcwd(), "command": shlex.join(words)}
 
 
-def check_failed_share(manifest: dict[str, Any], merged: pa.Table, max_share: float) -> None:
+def check_failed_share(manifest: dict[str, Any], first_error: str | None,
+                       max_share: float) -> None:
     """Fail the run (Prefect: Failed; CLI: exit 2), its output written, when more rows
     failed than the job accepts: a run with most rows failed is not a success."""
     failed = manifest["rows_by_status"].get("failed", 0)
     if manifest["cancelled"] or not manifest["rows"] or failed / manifest["rows"] <= max_share:
         return
-    first = merged.filter(pc.equal(merged["_status"], "failed"))["_error"][0].as_py()
     raise RowsFailedError(
         f"{failed:,} of {manifest['rows']:,} rows failed, more than limits.max_failed_share "
         f"({max_share:.0%}); the output is written to {manifest['output']} (see its _error "
-        f"column). First error: {first}")
+        f"column). First error: {first_error}")
 
 
 def check_can_suspend(job: JobConfig) -> None:
@@ -194,11 +190,10 @@ def check_can_suspend(job: JobConfig) -> None:
 
 def report_prepared(job: JobConfig, prepared: Prepared) -> None:
     log = get_run_logger()
-    unsent = prepared.rendered.unsent
+    unsent = prepared.unsent
     counts = pc.value_counts(unsent["_status"]).to_pylist()
     log.info("%s: %s rows loaded, %s to send, %s answered before (reused)%s", job.name,
-             f"{prepared.rows.table.num_rows:,}", f"{prepared.to_send.num_rows:,}",
-             f"{prepared.reused.num_rows:,}",
+             f"{prepared.rows:,}", f"{prepared.to_send.num_rows:,}", f"{prepared.reused:,}",
              "".join(f", {c['counts']:,} {c['values']} (not sent)" for c in counts))
     for key, error in zip(unsent[KEY].to_pylist()[:5], unsent["_error"].to_pylist()[:5],
                           strict=True):
@@ -207,10 +202,8 @@ def report_prepared(job: JobConfig, prepared: Prepared) -> None:
     publish_estimate(job.name, prepared.estimate)
 
 
-def build_manifest(job: JobConfig, state: RunState, prepared: Prepared, merged: pa.Table,
+def build_manifest(job: JobConfig, state: RunState, prepared: Prepared, written: Written,
                    location: Location) -> dict[str, Any]:
-    statuses = pc.value_counts(merged["_status"]).to_pylist()
-    cost = (pc.sum(merged["_cost_usd"]).as_py() or 0.0) if prepared.price else None
     return {
         "job": job.name,
         "job_key": state.job_key,
@@ -221,14 +214,14 @@ def build_manifest(job: JobConfig, state: RunState, prepared: Prepared, merged: 
         "output": location.uri,
         "model": job.request.model,
         "provider": state.provider,
-        "rows": merged.num_rows,
-        "rows_by_status": {s["values"]: s["counts"] for s in statuses},
-        "rows_reused": prepared.reused.num_rows,
+        "rows": written.rows,
+        "rows_by_status": dict(written.by_status),
+        "rows_reused": prepared.reused,
+        "parts": written.parts,
         "cancelled": state.cancel_requested(),
         "attempts": max((s.attempt for s in state.shards), default=0),
-        "tokens": {"prompt": pc.sum(merged["_prompt_tokens"]).as_py() or 0,
-                   "completion": pc.sum(merged["_completion_tokens"]).as_py() or 0},
-        "cost_usd": cost,
+        "tokens": {"prompt": written.prompt_tokens, "completion": written.completion_tokens},
+        "cost_usd": written.cost_usd if prepared.price else None,
         "price": asdict(prepared.price) if prepared.price else None,
         "estimate": dict(prepared.estimate.lines()),
         "started_at": _iso(state.started_at),

@@ -1,9 +1,12 @@
-"""Sending a job's rows: attempts of shards, each shard through upload, batch, wait and
-collect, under the enqueued-token budget, journaled at every step.
+"""Sending a job's rows: attempts of shards, each shard through render, upload, batch,
+wait and collect, under the enqueued-token budget, journaled at every step.
 
 An attempt's shards start while they fit the budget, are watched together by one polling
 task, and are collected and journaled one by one as their batches finish. Rows whose
 request failed, expired or gave an unusable answer go round again as the next attempt.
+A shard is a range of the attempt's rows to send (row numbers, tokens, bytes): its lines
+are rendered from the dataset when it is uploaded, and only its results are kept, in
+`_state/results/`, so memory holds the shards in flight, not the table.
 """
 
 from __future__ import annotations
@@ -21,29 +24,33 @@ from openai.types import Batch
 from prefect import get_run_logger
 from prefect.artifacts import update_progress_artifact
 from prefect.flow_runs import suspend_flow_run
+from prefect.futures import PrefectFuture
 
 from enrichflow.config import JobConfig, LimitsConfig
+from enrichflow.errors import InputError
 from tasks.budget import TokenBudget
-from tasks.collect import ATTEMPT_RESULTS, collect_results_task, error_results
-from tasks.plan import TOKENS, Shard, plan_shards, shard_jsonl
+from tasks.collect import collect_results_task
+from tasks.load import KEY, ROW, RowReader
+from tasks.plan import BYTES, TOKENS, Shard, jsonl, plan_shards
 from tasks.prepare import Prepared
-from tasks.render import CUSTOM_ID
+from tasks.render import CUSTOM_ID, custom_ids, render_requests
 from tasks.report import start_progress
 from tasks.state import RunState, ShardRecord
 from tasks.submit import create_batch_task, find_batch_task, upload_shard_task
 from tasks.wait import TERMINAL, look_at_batches_task, wait_for_batches_task
 
 WaitMode = Literal["poll", "suspend"]
+UPLOADS_AT_ONCE = 2  # a shard's lines are held from its render until its upload is done
 
 
 def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: JobConfig,
-                 wait_mode: WaitMode = "poll") -> pa.Table:
-    """Send the rows, then again the ones worth retrying; all results, with `_attempt`."""
+                 wait_mode: WaitMode = "poll") -> None:
+    """Send the rows, then again the ones worth retrying; their results are journaled."""
     log = get_run_logger()
     limits = job.limits
     budget = TokenBudget(state.token_limit or prepared.token_budget)
     progress = start_progress(job.name)
-    collected: list[pa.Table] = []
+    lines = ShardLines(prepared, job)
     pending = prepared.to_send
     for attempt in range(1, limits.max_attempts + 1):
         if pending.num_rows == 0:
@@ -56,16 +63,37 @@ def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: JobCo
                              state.plan_limit(attempt, budget.plan_limit))
         log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{pending.num_rows:,}",
                  len(shards))
-        outcome = run_shards(client, state, attempt, pending, shards, budget, job, wait_mode,
-                             progress)
-        collected.append(outcome.append_column(
-            "_attempt", pa.array([attempt] * outcome.num_rows, pa.int64())))
+        run_shards(client, state, attempt, pending, shards, budget, job, wait_mode, progress,
+                   lines)
+        outcome = state.attempt_outcome(attempt)
         retry = outcome.filter(pc.and_(pc.invert(outcome["_ok"]), outcome["_retryable"]))
         ok = pc.sum(outcome["_ok"]).as_py() or 0
         log.info("attempt %d: %s ok, %s failed, %s worth another attempt", attempt, f"{ok:,}",
                  f"{outcome.num_rows - ok:,}", f"{retry.num_rows:,}")
-        pending = pending.filter(pc.is_in(pending[CUSTOM_ID], value_set=retry["_custom_id"]))
-    return pa.concat_tables(collected) if collected else ATTEMPT_RESULTS.empty_table()
+        pending = pending.filter(pc.is_in(pending[ROW], value_set=retry[ROW]))
+
+
+class ShardLines:
+    """The JSONL lines and custom ids of a shard's rows, rendered from the dataset as the
+    shard is sent: reading shards in order reads the dataset once."""
+
+    def __init__(self, prepared: Prepared, job: JobConfig):
+        self.prepared, self.job = prepared, job
+        self.reader = RowReader(prepared.source)
+
+    def requests(self, rows: pa.Array) -> pa.Table:
+        """The rendered requests of `rows`, which prepare found sendable."""
+        job = self.job
+        rendered = render_requests(self.reader.take(rows), job.request, self.prepared.tag,
+                                   job.dataset.path, job.storage_options).requests
+        if rendered.num_rows != len(rows):
+            raise InputError(f"{job.dataset.path}: {len(rows) - rendered.num_rows} row(s) "
+                             "could not be rendered again (an image that was readable is "
+                             "not?); run the job again")
+        return rendered
+
+    def custom_ids(self, rows: pa.Array) -> pa.Array:
+        return custom_ids(self.reader.take(rows)[KEY], self.prepared.tag).combine_chunks()
 
 
 @dataclass
@@ -74,51 +102,49 @@ class ShardRun:
 
     shard: Shard
     record: ShardRecord
-    custom_ids: list[str]
+    rows: pa.Array  # its row numbers
+    custom_ids: pa.Array | None = None  # known once rendered (or read again to collect)
 
     @classmethod
     def of(cls, state: RunState, attempt: int, pending: pa.Table, shard: Shard,
            parent: int | None = None) -> ShardRun:
-        """The shard with its journal entry, which its content must match (a resumed run
-        plans the very same shards), and the custom ids of its rows."""
-        record = state.record(attempt, shard.index, shard.rows, shard.bytes,
-                              hashlib.sha256(shard_jsonl(pending, shard)).hexdigest(),
+        """The shard with its journal entry, which its plan must match (a resumed run
+        plans the very same shards)."""
+        part = pending.slice(shard.start, shard.rows)
+        plan = hashlib.sha256(part[ROW].to_numpy().tobytes() + part[BYTES].to_numpy().tobytes())
+        record = state.record(attempt, shard.index, shard.rows, shard.bytes, plan.hexdigest(),
                               start=None if parent is None else shard.start, parent=parent)
-        ids = pending[CUSTOM_ID].slice(shard.start, shard.rows).to_pylist()
-        return cls(shard, record, ids)
+        return cls(shard, record, part[ROW].combine_chunks())
 
 
 def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
                shards: list[Shard], budget: TokenBudget, job: JobConfig, wait_mode: WaitMode,
-               progress: UUID) -> pa.Table:
+               progress: UUID, lines: ShardLines) -> None:
     """Run one attempt's shards, starting each only when it fits the enqueued-token
     budget, and collect (and journal) each as soon as its batch is finished. A shard
     refused for `token_limit_exceeded` is cut into smaller shards under the limit the
     refusal named (or, refused alone, into halves), or waits for running batches and
     goes again; a refusal is never one of its rows' attempts. In `suspend` mode the run,
     rather than waiting, suspends itself until the resume-ready deployment finds a batch
-    of it finished. After a cancel, no shard is started: their rows are results with the
-    cancel as their error."""
+    of it finished. After a cancel, no shard is started: their rows have no result, which
+    the output shows as cancelled."""
     log = get_run_logger()
     limits = job.limits
-    tables: list[pa.Table] = []
     queue: deque[ShardRun] = deque()
     for shard in shards:
-        queue.extend(_still_to_run(state, attempt, pending, shard, tables))
+        queue.extend(_still_to_run(state, attempt, pending, shard))
     running: dict[str, ShardRun] = {}  # by batch id
     while queue or running:
         if any(not run.record.batch_id for run in queue) and state.cancel_requested():
             unsent = [run for run in queue if not run.record.batch_id]
             log.warning("the job was cancelled: %d shard(s) of attempt %d are not sent",
                         len(unsent), attempt)
-            tables.extend(error_results(run.custom_ids, None, "cancelled before it was sent",
-                                        True) for run in unsent)
             queue = deque(run for run in queue if run.record.batch_id)  # re-attach to these
         starting = []
         while queue and budget.fits(queue[0].shard.tokens):
             starting.append(queue.popleft())
             budget.take(starting[-1].shard.tokens)
-        start_shards(client, state, starting, pending, job.request.endpoint)
+        start_shards(client, state, starting, lines, job.request.endpoint)
         running.update({run.record.batch_id: run for run in starting})
         if not running:
             continue
@@ -145,18 +171,17 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
                 if again:
                     queue.extendleft(reversed(again))
                     continue
-            table = collect_results_task(client, batch, run.custom_ids,
+            ids = run.custom_ids or lines.custom_ids(run.rows)
+            table = collect_results_task(client, batch, run.rows, ids,
                                          job.request.response_format)
             state.save_results(run.record, table)
-            tables.append(table)
             ok = pc.sum(table["_ok"]).as_py() or 0
             log.info("%s: batch %s is %s; collected %s ok, %s failed", run.record.name,
                      batch.id, batch.status, f"{ok:,}", f"{table.num_rows - ok:,}")
-    return pa.concat_tables(tables)
 
 
 def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
-                 pending: pa.Table, endpoint: str) -> None:
+                 lines: ShardLines, endpoint: str) -> None:
     """Give each shard of `starting` its batch, exactly once: re-attach to a journaled
     batch or to one created just before a crash (found by its metadata), else upload and
     create, concurrently. The tasks get and return values; the flow journals before and
@@ -171,20 +196,20 @@ def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
             if found:
                 log.info("%s: found batch %s created before a crash", record.name, found.id)
                 state.update(record, batch_id=found.id, status="submitted")
-    uploads = []
+    uploads: deque[tuple[ShardRun, PrefectFuture]] = deque()
     for run in starting:
         record = run.record
         if not record.batch_id and not record.file_id:
+            if len(uploads) == UPLOADS_AT_ONCE:
+                _uploaded(state, *uploads.popleft())
             orphans_since = state.started_at if record.status == "uploading" else None
+            requests = lines.requests(run.rows)  # rendered here: only shards going up hold lines
+            run.custom_ids = requests[CUSTOM_ID].combine_chunks()
             state.update(record, status="uploading")
-            # the JSONL is cut here rather than kept: only shards being uploaded hold theirs
             uploads.append((run, upload_shard_task.submit(
-                client, state.upload_name(record), shard_jsonl(pending, run.shard),
-                orphans_since)))
-    for run, uploaded in uploads:
-        state.update(run.record, file_id=uploaded.result(), status="uploaded")
-        log.info("%s: uploaded %s rows (%s bytes) as %s", run.record.name,
-                 f"{run.record.rows:,}", f"{run.record.bytes:,}", run.record.file_id)
+                client, state.upload_name(record), jsonl(requests), orphans_since)))
+    while uploads:
+        _uploaded(state, *uploads.popleft())
     creates = []
     for run in starting:
         record = run.record
@@ -198,6 +223,12 @@ def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
         state.update(run.record, batch_id=batch.id, status="submitted",
                      batch_status=batch.status)
         log.info("%s: created batch %s", run.record.name, batch.id)
+
+
+def _uploaded(state: RunState, run: ShardRun, upload: PrefectFuture) -> None:
+    state.update(run.record, file_id=upload.result(), status="uploaded")
+    get_run_logger().info("%s: uploaded %s rows (%s bytes) as %s", run.record.name,
+                          f"{run.record.rows:,}", f"{run.record.bytes:,}", run.record.file_id)
 
 
 def _after_refusal(state: RunState, attempt: int, pending: pa.Table, run: ShardRun,
@@ -227,18 +258,16 @@ def _after_refusal(state: RunState, attempt: int, pending: pa.Table, run: ShardR
     return []
 
 
-def _still_to_run(state: RunState, attempt: int, pending: pa.Table, shard: Shard,
-                  tables: list[pa.Table]) -> list[ShardRun]:
-    """What a planned shard still needs: nothing if collected (its results go to
-    `tables`), the pieces it was cut into if it was split, else itself."""
+def _still_to_run(state: RunState, attempt: int, pending: pa.Table,
+                  shard: Shard) -> list[ShardRun]:
+    """What a planned shard still needs: nothing if collected, the pieces it was cut
+    into if it was split, else itself."""
     run = ShardRun.of(state, attempt, pending, shard)
     if run.record.status == "collected":
-        tables.append(state.load_results(run.record))
         return []
     if run.record.status == "split":
         return [again for piece in state.pieces(run.record)
-                for again in _still_to_run(state, attempt, pending,
-                                           _shard_of(pending, piece), tables)]
+                for again in _still_to_run(state, attempt, pending, _shard_of(pending, piece))]
     return [run]
 
 

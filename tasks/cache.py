@@ -3,20 +3,24 @@
 A request is identified by its body (model, messages, parameters), never by its row or
 `custom_id`, so a re-run over a grown table sends only the new rows, and a changed prompt
 or model sends everything again. Kept answers live in one Parquet file, by default
-`<output>/_cache/answers.parquet`, or at `cache.uri` to share it between outputs.
+`<output>/_cache/answers.parquet`, or at `cache.uri` to share it between outputs. It is
+never held whole: a run reads its hashes, the answers of each part as that part is
+written, and writes the file anew by streaming, the newest answer of a request first.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import os
+import tempfile
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from enrichflow.storage import Location
-from tasks.collect import ATTEMPT_RESULTS
-from tasks.render import CUSTOM_ID, LINE
+from tasks.render import LINE
 
 HASH = "_request_hash"
 DEFAULT_FILE = "_cache/answers.parquet"
@@ -33,59 +37,75 @@ def request_hashes(requests: pa.Table) -> pa.Array:
     return pa.array(hashes, pa.string())
 
 
-@dataclass(frozen=True)
+@dataclass
 class AnswerCache:
-    """Where the kept answers live, and what they were when the run started."""
+    """Where the kept answers live, and which requests they answered when the run started
+    (less the answers of `excluded` batches, which are not reused)."""
 
     location: Location
     name: str
-    answers: pa.Table
+    known: pa.Array
+    excluded: list[str]
+    _fresh: list[pa.Array] = field(default_factory=list, repr=False)
+    _writer: pq.ParquetWriter | None = field(default=None, repr=False)
+    _scratch: str | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, uri: str | None, output: Location,
-             storage_options: dict | None) -> AnswerCache:
+    def open(cls, uri: str | None, output: Location, storage_options: dict | None,
+             excluded: list[str]) -> AnswerCache:
         if uri is None:
             location, name = output, DEFAULT_FILE
         else:
             parent, _, name = uri.rstrip("/").rpartition("/")
             location = Location(parent, storage_options)
-        return cls(location, name, _read(location, name))
+        known = pa.array([], pa.string())
+        if location.exists(name):
+            kept = location.read_parquet(name, columns=[HASH, "_batch_id"])
+            known = kept.filter(pc.invert(pc.is_in(
+                kept["_batch_id"], value_set=pa.array(excluded, pa.string()))))[HASH]
+            known = known.combine_chunks()
+        return cls(location, name, known, excluded)
 
+    def reused(self, hashes: pa.Array) -> pa.Array:
+        """Which of `hashes` have a kept answer."""
+        return pc.is_in(hashes, value_set=self.known)
 
-def _read(location: Location, name: str) -> pa.Table:
-    if not location.exists(name):
-        return CACHED.empty_table()
-    return location.read_parquet(name).select(CACHED.names).cast(CACHED)
+    def answers_for(self, hashes: pa.Array) -> pa.Table:
+        """The kept answer (CACHED columns) of each of `hashes` that has one."""
+        if len(hashes) == 0 or not self.location.exists(self.name):
+            return CACHED.empty_table()
+        kept = self.location.read_parquet(self.name, filters=pc.is_in(
+            pc.field(HASH), value_set=hashes)).select(CACHED.names).cast(CACHED)
+        return kept.filter(pc.invert(pc.is_in(
+            kept["_batch_id"], value_set=pa.array(self.excluded, pa.string()))))
 
+    def add(self, answers: pa.Table) -> None:
+        """Keep this run's new answers (CACHED columns); written by `save`."""
+        if answers.num_rows == 0:
+            return
+        if self._writer is None:
+            handle, self._scratch = tempfile.mkstemp(suffix=".parquet")
+            os.close(handle)
+            self._writer = pq.ParquetWriter(self._scratch, CACHED)
+        self._writer.write_table(answers.select(CACHED.names).cast(CACHED))
+        self._fresh.append(answers[HASH].combine_chunks())
 
-def split_reused(requests: pa.Table, hashes: pa.Array,
-                 answers: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(results for the requests answered before, the requests still to send)."""
-    known = pc.is_in(hashes, value_set=answers[HASH])
-    to_send = requests.filter(pc.invert(known))
-    reused = pa.table({CUSTOM_ID: requests[CUSTOM_ID], HASH: hashes}).filter(known)
-    reused = reused.join(answers, keys=HASH, join_type="inner")
-    count = reused.num_rows
-    results = pa.table({
-        "_custom_id": reused[CUSTOM_ID], "_batch_id": reused["_batch_id"],
-        "_ok": pa.array([True] * count), "_error": pa.nulls(count, pa.string()),
-        "_retryable": pa.array([False] * count), "_answer": reused["_answer"],
-        "_finish_reason": reused["_finish_reason"],
-        "_prompt_tokens": pa.array([0] * count, pa.int64()),  # paid for by an earlier run
-        "_completion_tokens": pa.array([0] * count, pa.int64()),
-        "_attempt": pa.array([0] * count, pa.int64()),
-    }, schema=ATTEMPT_RESULTS)
-    return results, to_send
-
-
-def remember_answers(cache: AnswerCache, requests: pa.Table, hashes: pa.Array,
-                     results: pa.Table) -> None:
-    """Add this run's good answers to the cache."""
-    ok = results.filter(pc.and_(results["_ok"], pc.greater(results["_attempt"], 0)))
-    by_id = pa.table({CUSTOM_ID: requests[CUSTOM_ID], HASH: hashes})
-    fresh = ok.join(by_id, keys="_custom_id", right_keys=CUSTOM_ID, join_type="inner")
-    fresh = fresh.select(CACHED.names).cast(CACHED)
-    kept = _read(cache.location, cache.name)  # as it is now: other outputs may share it
-    merged = pa.concat_tables([kept.filter(pc.invert(pc.is_in(kept[HASH],
-                                                              value_set=fresh[HASH]))), fresh])
-    cache.location.write_parquet(cache.name, merged)
+    def save(self) -> None:
+        """The new answers, then the kept ones of other requests as the file is now
+        (other outputs may share it), as the cache file."""
+        if self._writer is None:
+            return
+        fresh = pa.concat_arrays(self._fresh)
+        if self.location.exists(self.name):
+            with self.location.open(self.name) as handle:
+                kept = pq.ParquetFile(handle)
+                for group in range(kept.num_row_groups):
+                    table = kept.read_row_group(group, columns=CACHED.names).cast(CACHED)
+                    self._writer.write_table(table.filter(pc.invert(pc.is_in(
+                        table[HASH], value_set=fresh))))
+        self._writer.close()
+        try:
+            self.location.put_file(self.name, self._scratch)
+        finally:
+            os.remove(self._scratch)
+            self._writer, self._fresh = None, []

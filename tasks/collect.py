@@ -1,130 +1,204 @@
-"""Step 6, collect: one result per `custom_id` from a finished batch's files.
+"""Step 6, collect: one result per row of a shard from its finished batch's files.
 
-A result is an answer (checked against the job's schema) with its usage, or an error
-classified as worth another attempt or not. A JSON answer that does not parse or does not
-fit the schema is an error of its row, never of the job.
+A result is an answer (checked against the job's schema, as typed values) with its usage,
+or an error classified as worth another attempt or not. A JSON answer that does not parse
+or does not fit the schema is an error of its row, never of the job. The output and error
+files are streamed to a temporary file and read by Arrow's JSON reader, column-wise; only
+each answer's content is parsed in Python, once.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+import orjson
 import pyarrow as pa
-from jsonschema import Draft202012Validator
+import pyarrow.compute as pc
+import pyarrow.json
 from openai import OpenAI
 from openai.types import Batch
 
 from enrichflow.config import ResponseFormat
 from tasks import as_task
+from tasks.answers import answer_reader, answer_type, typed_answers
 from tasks.api import TRANSIENT, retry_on
+from tasks.load import BLOCK_BYTES, ROW
 
-RESULTS = pa.schema([
-    ("_custom_id", pa.string()), ("_batch_id", pa.string()), ("_ok", pa.bool_()),
-    ("_error", pa.string()), ("_retryable", pa.bool_()), ("_answer", pa.string()),
-    ("_finish_reason", pa.string()), ("_prompt_tokens", pa.int64()),
-    ("_completion_tokens", pa.int64()),
-])
-ATTEMPT_RESULTS = RESULTS.append(pa.field("_attempt", pa.int64()))  # results of every attempt
+RESULT_FIELDS = [
+    (ROW, pa.int64()), ("_custom_id", pa.string()), ("_batch_id", pa.string()),
+    ("_ok", pa.bool_()), ("_error", pa.string()), ("_retryable", pa.bool_()),
+    ("_answer", pa.string()), ("_finish_reason", pa.string()),
+    ("_prompt_tokens", pa.int64()), ("_completion_tokens", pa.int64()),
+]
+VALUE = "_value"  # the answer as a struct of its output columns
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled", "request_timeout",
                              "token_limit_exceeded"})
+# The part of a Batch API output or error line that a result needs.
+_MESSAGE = pa.struct([("content", pa.string()), ("refusal", pa.string())])
+_BODY = pa.struct([
+    ("choices", pa.list_(pa.struct([("message", _MESSAGE), ("finish_reason", pa.string())]))),
+    ("usage", pa.struct([("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])),
+    ("error", pa.struct([("message", pa.string())])),
+])
+LINE = pa.schema([
+    ("custom_id", pa.string()),
+    ("response", pa.struct([("status_code", pa.int64()), ("body", _BODY)])),
+    ("error", pa.struct([("code", pa.string()), ("message", pa.string())])),
+])
 
 
-def collect_results(client: OpenAI, batch: Batch, custom_ids: list[str],
+def results_schema(response_format: ResponseFormat) -> pa.Schema:
+    """The results of one shard: RESULT_FIELDS and the typed answer."""
+    return pa.schema([*RESULT_FIELDS, (VALUE, answer_type(response_format))])
+
+
+def collect_results(client: OpenAI, batch: Batch, rows: pa.Array, custom_ids: pa.Array,
                     response_format: ResponseFormat) -> pa.Table:
-    """Results for exactly `custom_ids` (the shard's rows), whatever the batch returned."""
+    """Results for exactly the shard's rows (`rows`, with their `custom_ids`), whatever
+    the batch returned."""
+    schema = results_schema(response_format)
     if batch.status == "failed":
         first = (batch.errors.data or [None])[0] if batch.errors else None
         code = first.code if first else None
         message = f"batch {batch.id} failed validation: {code}: {first.message if first else ''}"
-        return error_results(custom_ids, batch.id, message, code in RETRYABLE_CODES)
-    results: dict[str, dict[str, Any]] = {}
-    check = _answer_checker(response_format)
-    for line in _lines(client, batch.output_file_id) + _lines(client, batch.error_file_id):
-        results[line["custom_id"]] = _result(batch.id, line, check)
-    rows = [results.get(cid) or _error(batch.id, f"batch {batch.id} returned no result for "
-                                       "this row", True) for cid in custom_ids]
-    columns = {name: [row.get(name) for row in rows] for name in RESULTS.names}
-    columns["_custom_id"] = custom_ids
-    return pa.table(columns, schema=RESULTS)
+        return error_results(rows, custom_ids, batch.id, message, code in RETRYABLE_CODES,
+                             schema)
+    lines = pa.concat_tables([_read_lines(client, batch.output_file_id),
+                              _read_lines(client, batch.error_file_id)])
+    found = pc.index_in(custom_ids, value_set=lines["custom_id"])
+    lines = lines.take(found)  # a row per custom id; null where the batch returned none
+    response = lines["response"]
+    body = pc.struct_field(response, "body")
+    usage = pc.struct_field(body, "usage")
+    first = _first_choices(pc.struct_field(body, "choices"))
+    content = pc.struct_field(pc.struct_field(first, "message"), "content")
+    finish_reason = pc.struct_field(first, "finish_reason")
+    status = pc.struct_field(response, "status_code")
+    answered = pc.fill_null(pc.and_(pc.equal(status, 200), pc.is_valid(content)), False)
+
+    read = answer_reader(response_format)
+    values: list[Any] = [None] * len(custom_ids)
+    errors: list[str | None] = [None] * len(custom_ids)
+    retryable: list[bool] = [False] * len(custom_ids)
+    for i, text, reason in zip(np.flatnonzero(answered.to_numpy(zero_copy_only=False)),
+                               content.filter(answered).to_pylist(),
+                               finish_reason.filter(answered).to_pylist(), strict=True):
+        values[i], errors[i] = read(text, reason)
+        retryable[i] = errors[i] is not None
+    failed = np.flatnonzero(pc.invert(answered).to_numpy(zero_copy_only=False))
+    for i, line in zip(failed, lines.take(pa.array(failed, pa.int64())).to_pylist(),
+                       strict=True):
+        errors[i], retryable[i] = _line_error(batch.id, line)
+    ok = pa.array([e is None for e in errors])
+    return pa.Table.from_arrays([
+        rows.cast(pa.int64()), custom_ids.cast(pa.string()),
+        pa.array([batch.id] * len(rows), pa.string()), ok, pa.array(errors, pa.string()),
+        pa.array(retryable), pc.if_else(ok, content, pa.scalar(None, pa.string())),
+        pc.if_else(ok, finish_reason, pa.scalar(None, pa.string())),
+        pc.struct_field(usage, "prompt_tokens"), pc.struct_field(usage, "completion_tokens"),
+        typed_answers(values, schema.field(VALUE).type)], schema=schema)
 
 
-def error_results(custom_ids: list[str], batch_id: str | None, message: str,
-                  retryable: bool) -> pa.Table:
-    """The same error for every row of a shard (a refused batch, a cancel before sending)."""
-    count = len(custom_ids)
-    return pa.table({
-        "_custom_id": custom_ids, "_batch_id": [batch_id] * count, "_ok": [False] * count,
-        "_error": [message] * count, "_retryable": [retryable] * count,
-        "_answer": pa.nulls(count), "_finish_reason": pa.nulls(count),
-        "_prompt_tokens": pa.nulls(count), "_completion_tokens": pa.nulls(count),
-    }, schema=RESULTS)
+def error_results(rows: pa.Array, custom_ids: pa.Array, batch_id: str | None, message: str,
+                  retryable: bool, schema: pa.Schema) -> pa.Table:
+    """The same error for every row of a shard (a refused batch)."""
+    count = len(rows)
+    columns = {ROW: rows.cast(pa.int64()), "_custom_id": custom_ids.cast(pa.string()),
+               "_batch_id": pa.array([batch_id] * count, pa.string()),
+               "_ok": pa.array([False] * count), "_error": pa.array([message] * count),
+               "_retryable": pa.array([retryable] * count)}
+    return pa.table({f.name: columns.get(f.name, pa.nulls(count, f.type)) for f in schema},
+                    schema=schema)
 
 
-def _lines(client: OpenAI, file_id: str | None) -> list[dict[str, Any]]:
-    if not file_id:  # a clean batch may report "" as well as null
-        return []
-    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()
-            if line.strip()]
-
-
-def _error(batch_id: str, message: str, retryable: bool, **usage: Any) -> dict[str, Any]:
-    return {"_batch_id": batch_id, "_ok": False, "_error": message, "_retryable": retryable,
-            **usage}
-
-
-def _result(batch_id: str, line: dict[str, Any], check) -> dict[str, Any]:
-    response = line.get("response")
+def _line_error(batch_id: str, line: dict[str, Any] | None) -> tuple[str, bool]:
+    """The error of a line without a usable answer (None: no line for the row)."""
+    if line is None:
+        return f"batch {batch_id} returned no result for this row", True
+    response = line["response"]
     if not response:
-        error = line.get("error") or {}
-        code = error.get("code")
-        return _error(batch_id, f"{code}: {error.get('message')}", code in RETRYABLE_CODES)
-    status, body = response.get("status_code"), response.get("body") or {}
+        error = line["error"] or {}
+        return f"{error.get('code')}: {error.get('message')}", \
+            error.get("code") in RETRYABLE_CODES
+    status, body = response["status_code"], response["body"] or {}
     if status != 200:
-        message = (body.get("error") or {}).get("message") or json.dumps(body)[:300]
-        return _error(batch_id, f"HTTP {status}: {message}",
-                      status in RETRYABLE_STATUS or status >= 500)
-    usage = body.get("usage") or {}
-    tokens = {"_prompt_tokens": usage.get("prompt_tokens"),
-              "_completion_tokens": usage.get("completion_tokens")}
-    choice = (body.get("choices") or [{}])[0]
+        message = (body.get("error") or {}).get("message") or "no error message"
+        return f"HTTP {status}: {message}", status in RETRYABLE_STATUS or status >= 500
+    choice = (body.get("choices") or [{}])[0] or {}
     message = choice.get("message") or {}
-    finish_reason = choice.get("finish_reason")
-    content = message.get("content")
-    if content is None:
-        reason = message.get("refusal") or f"no content (finish_reason {finish_reason})"
-        return _error(batch_id, f"the model gave no answer: {reason}", True, **tokens)
-    answer, problem = check(content, finish_reason)
-    if problem:
-        return _error(batch_id, problem, True, **tokens)
-    return {"_batch_id": batch_id, "_ok": True, "_retryable": False, "_answer": answer,
-            "_finish_reason": finish_reason, **tokens}
+    reason = message.get("refusal") or f"no content (finish_reason {choice.get('finish_reason')})"
+    return f"the model gave no answer: {reason}", True
 
 
-def _answer_checker(response_format: ResponseFormat):
-    """A function (content, finish_reason) -> (answer, problem) for this job's format."""
-    if response_format.type == "text":
-        return lambda content, _: (content, None)
-    validator = Draft202012Validator(response_format.schema_) if response_format.schema_ else None
+def _first_choices(choices: pa.ChunkedArray) -> pa.Array:
+    """Each line's first choice; null where it has none."""
+    choices = choices.combine_chunks() if isinstance(choices, pa.ChunkedArray) else choices
+    parents = pc.list_parent_indices(choices).to_numpy()
+    flat = pc.list_flatten(choices)
+    first = np.full(len(choices), -1, dtype=np.int64)
+    positions, where = np.unique(parents, return_index=True)
+    first[positions] = where
+    return flat.take(pa.array(first, mask=first < 0))
 
-    def check(content: str, finish_reason: str | None) -> tuple[str | None, str | None]:
+
+def _read_lines(client: OpenAI, file_id: str | None) -> pa.Table:
+    if not file_id:  # a clean batch may report "" as well as null
+        return LINE.empty_table()
+    with _downloaded(client, file_id) as path:
         try:
-            parsed = json.loads(content)
-        except ValueError:
-            hint = " (cut at max_tokens: raise it)" if finish_reason == "length" else ""
-            return None, f"the answer is not valid JSON{hint}: {content[:120]!r}"
-        if validator is None:
-            if not isinstance(parsed, dict):
-                return None, "the answer is not a JSON object"
-        else:
-            error = next(iter(validator.iter_errors(parsed)), None)
-            if error is not None:
-                where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-                return None, f"the answer does not fit the schema at {where}: {error.message}"
-        return json.dumps(parsed, ensure_ascii=False), None
+            return pyarrow.json.read_json(
+                path, read_options=pyarrow.json.ReadOptions(block_size=BLOCK_BYTES),
+                parse_options=pyarrow.json.ParseOptions(
+                    explicit_schema=LINE, unexpected_field_behavior="ignore"))
+        except pa.ArrowInvalid:  # a line of another shape: read line by line instead
+            with open(path, "rb") as handle:
+                return pa.Table.from_pylist([_shaped(orjson.loads(line)) for line in handle
+                                             if line.strip()], schema=LINE)
 
-    return check
+
+@contextmanager
+def _downloaded(client: OpenAI, file_id: str) -> Iterator[str]:
+    """The file's content in a local temporary file, streamed, never whole in memory."""
+    handle, path = tempfile.mkstemp(suffix=".jsonl")
+    os.close(handle)
+    try:
+        with client.files.with_streaming_response.content(file_id) as response:
+            response.stream_to_file(path)
+        yield path
+    finally:
+        os.remove(path)
+
+
+def _shaped(line: dict[str, Any]) -> dict[str, Any]:
+    """A line as LINE, whatever the types of the fields a result does not need."""
+    response = line.get("response") if isinstance(line.get("response"), dict) else None
+    error = line.get("error") if isinstance(line.get("error"), dict) else None
+    if response is not None:
+        body = response.get("body") if isinstance(response.get("body"), dict) else {}
+        body_error = body.get("error")
+        choices = body.get("choices") if isinstance(body.get("choices"), list) else []
+        response = {"status_code": response.get("status_code"), "body": {
+            "choices": [_choice(c) for c in choices[:1] if isinstance(c, dict)],
+            "usage": body.get("usage") if isinstance(body.get("usage"), dict) else None,
+            "error": {"message": str(body_error.get("message") if isinstance(body_error, dict)
+                                     else body_error)} if body_error else None}}
+    return {"custom_id": line.get("custom_id"), "response": response,
+            "error": {"code": error.get("code"), "message": str(error.get("message"))}
+            if error else None}
+
+
+def _choice(choice: dict[str, Any]) -> dict[str, Any]:
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    content = message.get("content")
+    return {"message": {"content": content if isinstance(content, str) else None,
+                        "refusal": message.get("refusal")},
+            "finish_reason": choice.get("finish_reason")}
 
 
 collect_results_task = as_task(collect_results, "collect results", retries=3,

@@ -25,8 +25,8 @@ import pyarrow as pa
 from PIL import Image
 
 import enrichflow
-from enrichflow.config import PriceOverride
-from tasks.render import LINE
+from enrichflow.config import PriceOverride, RequestConfig
+from tasks.render import LINE, USER_TEXT
 
 REMOTE_IMAGE_SIZE = (1024, 1024)
 # (base, per 512-px tile) for models priced by tiles; the first matching prefix wins.
@@ -127,7 +127,7 @@ def _image_size(url: str) -> tuple[int, int]:
 def chat_prompt_tokens(body: dict[str, Any]) -> int:
     """Prompt tokens of one Chat Completions body (see the module's rule)."""
     model = body["model"]
-    encode = _encoding(model).encode
+    encode = _encoding(model).encode_ordinary  # special-token text in a cell is text
     total = 3
     for message in body.get("messages", []):
         total += 3 + len(encode(message.get("role", "")))
@@ -147,10 +147,20 @@ def chat_prompt_tokens(body: dict[str, Any]) -> int:
     return total
 
 
-def request_tokens(requests: pa.Table) -> np.ndarray:
-    """Estimated prompt tokens of each rendered request line."""
-    return np.array([chat_prompt_tokens(json.loads(line)["body"])
-                     for line in requests[LINE].to_pylist()], dtype=np.int64)
+def request_tokens(requests: pa.Table, request: RequestConfig) -> np.ndarray:
+    """Estimated prompt tokens of each rendered request: for a text template, what every
+    request shares (the system prompt, the roles, the overhead) counted once and each
+    row's user message; else each line's whole body. Both count exactly as
+    `chat_prompt_tokens` does."""
+    if USER_TEXT not in requests.column_names:
+        return np.array([chat_prompt_tokens(json.loads(line)["body"])
+                         for line in requests[LINE].to_pylist()], dtype=np.int64)
+    shared = {"model": request.model, "messages": [{"role": "user", "content": ""}]}
+    if request.system:
+        shared["messages"].insert(0, {"role": "system", "content": request.system})
+    encode = _encoding(request.model).encode_ordinary
+    return np.fromiter((len(encode(text)) for text in requests[USER_TEXT].to_pylist()),
+                       dtype=np.int64, count=requests.num_rows) + chat_prompt_tokens(shared)
 
 
 @dataclass(frozen=True)

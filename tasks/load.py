@@ -1,111 +1,306 @@
-"""Step 1, load: read the dataset into Arrow and give each row a stable key.
+"""Step 1, load: stream the dataset in record batches and give each row a stable key.
 
-The key (the configured id column, else the row number) is what ties an answer back to
-its row across shards, attempts and re-runs; it must be unique and never empty.
+A dataset is one file, a folder (hive-partitioned or not) or a glob of CSV, Parquet or
+JSONL files, local or on object storage. It is never read whole: each pass over it
+(prepare, send, merge) streams it in record batches, so memory holds a batch, not the
+table. Rows are numbered in file order (files sorted by path), and the key (the
+configured id column, else the row number) is what ties an answer back to its row across
+shards, attempts and re-runs; it must be unique and never empty.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv
 import pyarrow.json
 import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
 
 from enrichflow.config import DatasetConfig
 from enrichflow.errors import InputError
 
 KEY = "_key"
-
-
-@dataclass(frozen=True)
-class Rows:
-    table: pa.Table  # the dataset's columns plus `_key` (string)
-    fingerprint: str  # sha256 of the bytes read, so a changed dataset is noticed
-
-
-def load_rows(dataset: DatasetConfig, storage_options: dict[str, Any] | None = None) -> Rows:
-    """Read the dataset named by the job; errors name the path and what to do."""
-    try:
-        with fsspec.open(dataset.path, "rb", **(storage_options or {})) as handle:
-            raw = handle.read()
-    except FileNotFoundError as exc:
-        raise InputError(f"dataset.path: {dataset.path} does not exist; check the path "
-                         f"(relative paths start from the directory you run in, "
-                         f"{os.getcwd()})") from exc
-    except Exception as exc:  # s3fs, botocore and aiohttp raise more than OSError
-        raise InputError(f"dataset.path: cannot read {dataset.path} ({type(exc).__name__}: "
-                         f"{exc}); for S3 check the bucket, your credentials and "
-                         "storage_options.endpoint_url") from exc
-    fmt = dataset.resolved_format
-    recode = fmt != "parquet" and dataset.encoding != "utf-8"
-    table = _parse(_recode(raw, dataset) if recode else raw, fmt, dataset.path)
-    _check_text(table, fmt, dataset.path)
-    if dataset.limit is not None:
-        table = table.slice(0, dataset.limit)
-    if table.num_rows == 0:
-        raise InputError(f"dataset.path: {dataset.path} has no rows; nothing to enrich")
-    if any(c.startswith("_") for c in table.column_names):  # `_key` and every output `_…`
-        raise InputError(f"{dataset.path}: column names starting with '_' are reserved for "
-                         "enrichflow's own columns; rename them")
-    table = table.append_column(KEY, _keys(table, dataset))
-    return Rows(table=table, fingerprint=hashlib.sha256(raw).hexdigest())
-
-
+ROW = "_row"  # the row's number in the dataset, from 0
 BLOCK_BYTES = 64 * 1024 * 1024  # the largest cell or JSON line a file may hold
+BATCH_ROWS = 16_384  # rows a pass works on at once
+FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl",
+           ".ndjson": "jsonl"}
 
 
-def _parse(raw: bytes, fmt: str, path: str) -> pa.Table:
-    invalid: list[str] = []
+@dataclass
+class Source:
+    """The dataset of a job: its files, in order, and how to read them. Small and plain,
+    so a task on another process or host can open it again."""
 
-    def first_invalid_row(row) -> str:
-        invalid.append(row.text)
-        return "error"
+    dataset: DatasetConfig
+    storage_options: dict[str, Any]
+    files: list[str]  # full paths, sorted
+    format: str
+    root: str  # hive partitions are read from the path below it
+    _fs: Any = field(default=None, repr=False, compare=False)
 
-    try:
-        if fmt == "csv":
-            return pyarrow.csv.read_csv(
-                io.BytesIO(raw), read_options=pyarrow.csv.ReadOptions(block_size=BLOCK_BYTES),
+    @classmethod
+    def open(cls, dataset: DatasetConfig, storage_options: dict[str, Any] | None = None
+             ) -> Source:
+        """The dataset's files; errors name the path and what to do."""
+        options = storage_options or {}
+        try:
+            fs, path = url_to_fs(dataset.path, **options)
+            if any(c in path for c in "*?["):
+                files, root = sorted(fs.glob(path)), path.split("*")[0].rsplit("/", 1)[0]
+            elif fs.isdir(path):
+                files, root = sorted(f for f in fs.find(path) if _is_data(f)), path
+            elif fs.exists(path):
+                files, root = [path], path.rsplit("/", 1)[0]
+            else:
+                raise FileNotFoundError(path)
+        except FileNotFoundError as exc:
+            raise InputError(f"dataset.path: {dataset.path} does not exist; check the path "
+                             "(relative paths start from the directory you run in, "
+                             f"{os.getcwd()})") from exc
+        except Exception as exc:  # s3fs, botocore and aiohttp raise more than OSError
+            raise InputError(f"dataset.path: cannot read {dataset.path} ({type(exc).__name__}: "
+                             f"{exc}); for S3 check the bucket, your credentials and "
+                             "storage_options.endpoint_url") from exc
+        if not files:
+            raise InputError(f"dataset.path: {dataset.path} matches no CSV, Parquet or JSONL "
+                             "file; check the path, or the files' extensions")
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        full = [f if protocol == "file" else f"{protocol}://{f}" for f in files]
+        return cls(dataset, options, full, _format(dataset, files), root, fs)
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            self._fs = url_to_fs(self.files[0], **self.storage_options)[0]
+        return self._fs
+
+    def fingerprint(self) -> str:
+        """sha256 of the files' bytes, so a changed dataset is noticed."""
+        digest = hashlib.sha256()
+        for path in self.files:
+            with self.fs.open(path, "rb") as handle:
+                while chunk := handle.read(8 * 1024 * 1024):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+    def batches(self, start: int = 0, stop: int | None = None) -> Iterator[pa.RecordBatch]:
+        """Rows [start, stop) (all by default, up to dataset.limit), checked, with `_key`
+        and `_row`, in record batches of at most BATCH_ROWS rows."""
+        limit = self.dataset.limit
+        stop = limit if stop is None else stop if limit is None else min(stop, limit)
+        offset, seen = 0, False
+        for path in self.files:
+            for batch in self._read_file(path):
+                seen = seen or batch.num_rows > 0
+                end = offset + batch.num_rows
+                if end > start and (stop is None or offset < stop):
+                    cut = batch.slice(max(start - offset, 0))
+                    if stop is not None:
+                        cut = cut.slice(0, stop - max(start, offset))
+                    if cut.num_rows:
+                        yield from self._with_keys(cut, max(start, offset))
+                offset = end
+                if stop is not None and offset >= stop:
+                    return
+        if not seen:
+            raise InputError(f"dataset.path: {self.dataset.path} has no rows; nothing to enrich")
+
+    def read(self, start: int = 0, stop: int | None = None) -> pa.Table:
+        """Rows [start, stop) as one table (tests, and the few rows a retry needs)."""
+        batches = list(self.batches(start, stop))
+        return pa.Table.from_batches(batches) if batches else pa.table({})
+
+    def _with_keys(self, batch: pa.RecordBatch, first_row: int) -> Iterator[pa.RecordBatch]:
+        if any(c.startswith("_") for c in batch.schema.names):  # `_key`, every output `_…`
+            raise InputError(f"{self.dataset.path}: column names starting with '_' are "
+                             "reserved for enrichflow's own columns; rename them")
+        for begin in range(0, batch.num_rows, BATCH_ROWS):
+            part = batch.slice(begin, BATCH_ROWS)
+            rows = pa.array(range(first_row + begin, first_row + begin + part.num_rows),
+                            pa.int64())
+            yield part.append_column(KEY, self._keys(part, first_row + begin)) \
+                .append_column(ROW, rows)
+
+    def _read_file(self, path: str) -> Iterator[pa.RecordBatch]:
+        partitions = _hive_partitions(path, self.root)
+        try:
+            with self.fs.open(path, "rb") as handle:
+                first_row = 0
+                for batch in self._parse(handle, path):
+                    _check_text(batch, self.format, path, first_row)
+                    first_row += batch.num_rows
+                    for name, value in partitions.items():
+                        batch = batch.append_column(name, pa.array([value] * batch.num_rows))
+                    yield batch
+        except InputError:
+            raise
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"dataset.path: {path} is not readable as {self.format}: {exc}. "
+                             "Check the file, or set dataset.format") from exc
+
+    def _parse(self, handle, path: str) -> Iterator[pa.RecordBatch]:
+        if self.format == "parquet":
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=BATCH_ROWS)
+            return
+        encoding = self.dataset.encoding
+        if self.format == "jsonl":
+            stream = pa.PythonFile(handle, mode="r")
+            if encoding != "utf-8":
+                stream = pa.transcoding_input_stream(stream, encoding, "utf-8")
+            yield from pyarrow.json.open_json(
+                stream, read_options=pyarrow.json.ReadOptions(block_size=BLOCK_BYTES))
+            return
+        invalid: list[Any] = []
+
+        def first_invalid_row(row) -> str:
+            invalid.append(row)
+            return "error"
+
+        try:
+            yield from pyarrow.csv.open_csv(
+                handle, read_options=pyarrow.csv.ReadOptions(
+                    block_size=BLOCK_BYTES, encoding=encoding, use_threads=False),
                 parse_options=pyarrow.csv.ParseOptions(invalid_row_handler=first_invalid_row))
-        if fmt == "parquet":
-            return pq.read_table(io.BytesIO(raw))
-        return pyarrow.json.read_json(
-            io.BytesIO(raw), read_options=pyarrow.json.ReadOptions(block_size=BLOCK_BYTES))
-    except (pa.ArrowInvalid, OSError) as exc:
-        where = f" (line {_line_of(raw, invalid[0])})" if invalid else ""
-        raise InputError(f"dataset.path: {path} is not readable as {fmt}{where}: {exc}. Check "
-                         "the file, or set dataset.format") from exc
+        except pa.ArrowInvalid as exc:
+            if not invalid:
+                raise
+            raise InputError(f"dataset.path: {path} is not readable as csv (line "
+                             f"{self._line_of(path, invalid[0])}): {exc}. Check the file, or "
+                             "set dataset.format") from exc
+
+    def _line_of(self, path: str, row) -> str:
+        """The 1-based line of the file that reads `row` (the header is line 1), or '?'."""
+        if row.number is not None and row.number > 0:
+            return f"{row.number:,}"
+        with self.fs.open(path, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.decode(self.dataset.encoding, "replace").rstrip("\r\n") == row.text:
+                    return f"{number:,}"
+        return "?"
+
+    def _keys(self, batch: pa.RecordBatch, first_row: int) -> pa.Array:
+        dataset = self.dataset
+        if dataset.id_column is None:
+            return pc.cast(pa.array(range(first_row, first_row + batch.num_rows), pa.int64()),
+                           pa.string())
+        if dataset.id_column not in batch.schema.names:
+            raise InputError(f"dataset.id_column: {dataset.id_column!r} is not a column of "
+                             f"{dataset.path}; columns are {', '.join(batch.schema.names)}")
+        column = batch.column(dataset.id_column)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+                or pa.types.is_integer(column.type)):
+            raise InputError(f"dataset.id_column: {dataset.id_column!r} of {dataset.path} holds "
+                             f"{column.type} values; an id column holds text or integers: "
+                             "choose another column, or leave id_column out to key rows by "
+                             "number")
+        keys = pc.cast(column, pa.string())
+        missing = pc.or_(pc.is_null(keys), pc.equal(pc.utf8_length(keys), 0))
+        if pc.any(missing).as_py():
+            row = first_row + pc.index(missing, True).as_py()
+            raise InputError(f"{dataset.path}: row {row + 1} has an empty id in "
+                             f"{dataset.id_column!r}; every row needs an id")
+        return keys
 
 
-def _line_of(raw: bytes, text: str) -> str:
-    """The 1-based line of the file that reads `text` (the header is line 1), or '?'."""
-    for number, line in enumerate(raw.decode(errors="replace").splitlines(), start=1):
-        if line == text:
-            return f"{number:,}"
-    return "?"
+def check_unique_keys(keys: pa.ChunkedArray, dataset: DatasetConfig) -> None:
+    """Ids must be unique over the whole dataset (row numbers are)."""
+    if dataset.id_column is None:
+        return
+    counts = pc.value_counts(keys)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        example = repeated[0]["values"].as_py()
+        raise InputError(f"{dataset.path}: {len(repeated)} value(s) of id column "
+                         f"{dataset.id_column!r} appear more than once (e.g. {example!r}); "
+                         "ids must be unique: fix the data or choose another id_column")
 
 
-def _recode(raw: bytes, dataset: DatasetConfig) -> bytes:
-    try:
-        return raw.decode(dataset.encoding).encode()
-    except UnicodeDecodeError as exc:
-        raise InputError(f"dataset.path: {dataset.path} is not {dataset.encoding} text at byte "
-                         f"{exc.start:,}; set dataset.encoding to the file's encoding") from exc
+class RowReader:
+    """Reads rows of a source by ascending ranges in one forward pass: each range takes
+    up where the last one ended, so reading a dataset's shards in order reads it once.
+    A range before the last starts a new pass."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self._batches: Iterator[pa.RecordBatch] | None = None
+        self._position = 0  # global row number of `_pending`'s first row
+        self._pending: pa.RecordBatch | None = None
+
+    def read(self, start: int, stop: int) -> pa.Table:
+        if self._batches is None or start < self._position:
+            self._batches, self._position, self._pending = self.source.batches(start), start, None
+        taken: list[pa.RecordBatch] = []
+        while self._position < stop:
+            if self._pending is None or self._pending.num_rows == 0:
+                self._pending = next(self._batches, None)
+                if self._pending is None:
+                    break
+            skip = max(start - self._position, 0)
+            if skip >= self._pending.num_rows:
+                self._position += self._pending.num_rows
+                self._pending = None
+                continue
+            take = min(self._pending.num_rows - skip, stop - self._position - skip)
+            taken.append(self._pending.slice(skip, take))
+            self._pending = self._pending.slice(skip + take)
+            self._position += skip + take
+        return pa.Table.from_batches(taken) if taken else pa.table({})
+
+    def take(self, rows: list[int] | pa.Array) -> pa.Table:
+        """The given rows (ascending row numbers), reading only the span they cover."""
+        rows = pa.array(rows, pa.int64())
+        if len(rows) == 0:
+            return pa.table({})
+        first, last = rows[0].as_py(), rows[-1].as_py() + 1
+        parts = []
+        for begin in range(first, last, BATCH_ROWS * 4):
+            end = min(begin + BATCH_ROWS * 4, last)
+            wanted = rows.filter(pc.and_(pc.greater_equal(rows, begin), pc.less(rows, end)))
+            if len(wanted):
+                parts.append(self.read(begin, end).take(pc.subtract(wanted, begin)))
+        return pa.concat_tables(parts)
 
 
-def _check_text(table: pa.Table, fmt: str, path: str) -> None:
+def _is_data(path: str) -> bool:
+    """A data file of a dataset folder: not hidden, no `_` name (Parquet writers' and our
+    own `_manifest.json`, `_state/`), of a known format."""
+    parts = PurePosixPath(path).parts
+    return not any(p.startswith(("_", ".")) for p in parts[-1:]) and \
+        PurePosixPath(path).suffix.lower() in FORMATS
+
+
+def _format(dataset: DatasetConfig, files: list[str]) -> str:
+    if dataset.format:
+        return dataset.format
+    found = {FORMATS.get(PurePosixPath(f.split("?")[0]).suffix.lower()) for f in files}
+    if len(found) != 1 or None in found:
+        raise InputError(f"dataset.format: cannot tell the format of {dataset.path!r} from "
+                         "its files' extensions; set dataset.format to csv, parquet or jsonl")
+    return found.pop()
+
+
+def _hive_partitions(path: str, root: str) -> dict[str, str]:
+    """`name=value` folders between the dataset's root and the file, as columns."""
+    relative = path.split("://", 1)[-1][len(root.rstrip("/")) + 1:]
+    folders = PurePosixPath(relative).parts[:-1]
+    return dict(part.split("=", 1) for part in folders if "=" in part)
+
+
+def _check_text(batch: pa.RecordBatch, fmt: str, path: str, first_row: int) -> None:
     """Every text column, used by the template or not, holds valid UTF-8, before anything
     is paid: bytes that are not would be written as a binary column, or break the run
     after its batches were paid for. (A binary column of a Parquet file is data.)"""
-    for name in table.column_names:
-        column = table[name]
+    for name in batch.schema.names:
+        column = batch.column(name)
         if fmt != "parquet" and pa.types.is_binary(column.type):
             bad = _first_not_utf8(column)
         elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
@@ -116,12 +311,13 @@ def _check_text(table: pa.Table, fmt: str, path: str) -> None:
                 bad = _first_not_utf8(column.cast(pa.binary()))
         else:
             continue
-        raise InputError(f"{path}: column {name!r} is not UTF-8 text (row {bad + 1:,}); set "
+        raise InputError(f"{path}: column {name!r} is not UTF-8 text (row "
+                         f"{first_row + bad + 1:,}); set "
                          "dataset.encoding to the file's encoding (e.g. latin-1 or cp1252), "
                          "or fix the data")
 
 
-def _first_not_utf8(column: pa.ChunkedArray) -> int:
+def _first_not_utf8(column: pa.Array) -> int:
     for row, value in enumerate(column.to_pylist()):
         try:
             if value is not None:
@@ -129,32 +325,3 @@ def _first_not_utf8(column: pa.ChunkedArray) -> int:
         except UnicodeDecodeError:
             return row
     return 0
-
-
-def _keys(table: pa.Table, dataset: DatasetConfig) -> pa.Array:
-    if dataset.id_column is None:
-        return pa.array([str(i) for i in range(table.num_rows)], pa.string())
-    if dataset.id_column not in table.column_names:
-        raise InputError(f"dataset.id_column: {dataset.id_column!r} is not a column of "
-                         f"{dataset.path}; columns are {', '.join(table.column_names)}")
-    column = table[dataset.id_column]
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
-            or pa.types.is_integer(column.type)):
-        raise InputError(f"dataset.id_column: {dataset.id_column!r} of {dataset.path} holds "
-                         f"{column.type} values; an id column holds text or integers: choose "
-                         "another column, or leave id_column out to key rows by number")
-    keys = pc.cast(column, pa.string()).combine_chunks()
-    missing = pc.or_(pc.is_null(keys), pc.equal(pc.utf8_length(keys), 0))
-    if pc.any(missing).as_py():
-        row = pc.index(missing, True).as_py()
-        raise InputError(f"{dataset.path}: row {row + 1} has an empty id in "
-                         f"{dataset.id_column!r}; every row needs an id")
-    counts = pc.value_counts(keys)
-    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(repeated):
-        example = repeated[0]["values"].as_py()
-        raise InputError(f"{dataset.path}: {len(repeated)} value(s) of id column "
-                         f"{dataset.id_column!r} appear more than once (e.g. {example!r}); "
-                         "ids must be unique: fix the data or choose another id_column")
-    return keys
-

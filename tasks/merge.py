@@ -1,140 +1,119 @@
-"""Step 7a, merge: every input row exactly once, with its answer as typed columns.
+"""Step 7a, merge: each input row of a part exactly once, with its answer as typed columns.
 
-Results of all attempts are reduced in Arrow (the last attempt of each row wins; tokens
-add up over attempts, since every answered attempt is billed) and joined to the rows.
+The results of all attempts of the part's rows are reduced in Arrow (the last attempt of
+a row wins; tokens add up over attempts, since every answered attempt is billed), put in
+the rows' order by row number, and the answer's struct becomes the answer columns.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from enrichflow.config import ResponseFormat
-from enrichflow.errors import InputError
 from tasks import as_task
+from tasks.answers import answer_reader, answer_type, typed_answers
+from tasks.collect import VALUE, results_schema
 from tasks.estimate import Price
-from tasks.load import KEY
-from tasks.render import CUSTOM_ID, custom_ids
+from tasks.load import KEY, ROW
+from tasks.render import custom_ids
+from tasks.state import ATTEMPT
 
-TEXT_COLUMN = "response"
-_SCALARS = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(),
-            "boolean": pa.bool_()}
-
-
-def answer_columns(response_format: ResponseFormat) -> dict[str, tuple[pa.DataType, dict]]:
-    """Output column name -> (Arrow type, JSON schema) for the job's answers."""
-    schema = response_format.schema_
-    if response_format.type != "json_schema" or not schema:
-        return {TEXT_COLUMN: (pa.string(), {"type": "string"})}
-    return {name: (_arrow_type(node, schema), node)
-            for name, node in schema["properties"].items()}
+NOT_SENT = "cancelled before it was sent"
 
 
-def check_answer_columns(table: pa.Table, response_format: ResponseFormat) -> None:
-    clash = [c for c in answer_columns(response_format) if c in table.column_names]
-    if clash:
-        raise InputError(f"the answer field(s) {', '.join(clash)} have the name of input "
-                         "column(s); rename the schema properties or the columns")
+def attempt_results_schema(response_format: ResponseFormat) -> pa.Schema:
+    """Results as journaled: with the attempt that got them (0: reused from the cache)."""
+    return results_schema(response_format).append(pa.field(ATTEMPT, pa.int64()))
 
 
-def merge_results(table: pa.Table, job_tag: str, unsent: pa.Table, results: pa.Table,
-                  response_format: ResponseFormat, price: Price | None = None) -> pa.Table:
-    """`table` (with `_key`) joined with `results` (all attempts, with `_attempt`; 0 for an
-    answer reused from the cache) and `unsent` (rows render did not send, with their
-    `_status` and `_error`). `_cost_usd` is priced at batch prices, null if unknown."""
-    per_row = results.group_by(CUSTOM_ID).aggregate([
-        ("_attempt", "max"), ("_attempt", "count"), ("_prompt_tokens", "sum"),
-        ("_completion_tokens", "sum")])
-    last = results.join(per_row, keys=[CUSTOM_ID, "_attempt"],
-                        right_keys=[CUSTOM_ID, "_attempt_max"], join_type="inner")
-    rows = pa.table({"_row": pa.array(range(table.num_rows), pa.int64()), KEY: table[KEY],
-                     "_sent_id": custom_ids(table[KEY], job_tag)})
-    joined = (rows.join(last, keys="_sent_id", right_keys=CUSTOM_ID, join_type="left outer")
-              .join(unsent.rename_columns([KEY, "_unsent_status", "_unsent_error"]), keys=KEY,
-                    join_type="left outer")
-              .sort_by("_row"))
+def reused_results(reused: pa.Table, response_format: ResponseFormat) -> pa.Table:
+    """Answers kept from earlier runs (`_row`, `_answer`, `_finish_reason`, `_batch_id`)
+    as results of attempt 0: answered, and not paid again."""
+    read = answer_reader(response_format)
+    values = [read(answer, reason)[0] for answer, reason in
+              zip(reused["_answer"].to_pylist(), reused["_finish_reason"].to_pylist(),
+                  strict=True)]
+    count = reused.num_rows
+    columns = {ROW: reused[ROW], "_batch_id": reused["_batch_id"],
+               "_ok": pa.array([True] * count), "_retryable": pa.array([False] * count),
+               "_answer": reused["_answer"], "_finish_reason": reused["_finish_reason"],
+               "_prompt_tokens": pa.array([0] * count, pa.int64()),
+               "_completion_tokens": pa.array([0] * count, pa.int64()),
+               VALUE: typed_answers(values, answer_type(response_format)),
+               ATTEMPT: pa.array([0] * count, pa.int64())}
+    schema = attempt_results_schema(response_format)
+    return pa.table({f.name: columns.get(f.name, pa.nulls(count, f.type)) for f in schema},
+                    schema=schema)
 
-    ok = pc.fill_null(joined["_ok"], False)
-    sent = pc.is_null(joined["_unsent_status"])
-    reused = pc.fill_null(pc.equal(joined["_attempt"], 0), False)
-    prompt, completion = joined["_prompt_tokens_sum"], joined["_completion_tokens_sum"]
+
+def merge_part(table: pa.Table, job_tag: str, results: pa.Table, unsent: pa.Table,
+               response_format: ResponseFormat, price: Price | None = None) -> pa.Table:
+    """The part's rows (`table`, with `_key` and `_row`) with their `results` (all
+    attempts and reused answers, `attempt_results_schema`) and the rows render did not
+    send (`unsent`: `_row`, `_status`, `_error`). A row sent without a result is one a
+    cancel kept from being sent. `_cost_usd` is at batch prices, null if unknown."""
+    count, first = table.num_rows, (table[ROW][0].as_py() if table.num_rows else 0)
+    ordered = results.sort_by([(ROW, "ascending"), (ATTEMPT, "ascending")])
+    rows = ordered[ROW].to_numpy()
+    last = np.flatnonzero(np.r_[rows[1:] != rows[:-1], True]) if len(rows) else rows
+    starts = np.r_[0, last[:-1] + 1] if len(rows) else rows
+    final = ordered.take(pa.array(last, pa.int64()))
+    at_row = _placed(final[ROW], first, count)
+    final = final.take(at_row)
+    unsent = unsent.take(_placed(unsent[ROW], first, count))
+
+    ok = pc.fill_null(final["_ok"], False)
+    sent = pc.is_null(unsent["_status"])
+    reused = pc.fill_null(pc.equal(final[ATTEMPT], 0), False)
+    attempts = pa.array(last - starts + 1 if len(rows) else [], pa.int64()).take(at_row)
+    prompt = _sums(ordered["_prompt_tokens"], starts).take(at_row)
+    completion = _sums(ordered["_completion_tokens"], starts).take(at_row)
     if price is None:
-        cost = pa.nulls(joined.num_rows, pa.float64())
+        cost = pa.nulls(count, pa.float64())
     else:
         cost = pc.divide(pc.add(pc.multiply(pc.cast(prompt, pa.float64()), price.batch_input),
                                 pc.multiply(pc.cast(completion, pa.float64()),
                                             price.batch_output)), 1e6)
+    no_text = pa.scalar(None, pa.string())
     meta = {
-        "_status": pc.if_else(ok, "ok", pc.coalesce(joined["_unsent_status"], "failed")),
-        "_error": pc.if_else(sent, pc.if_else(ok, pa.scalar(None, pa.string()), joined["_error"]),
-                             joined["_unsent_error"]),
-        "_attempts": pc.if_else(reused, 0, pc.fill_null(joined["_attempt_count"], 0)),
+        "_status": pc.if_else(ok, "ok", pc.coalesce(unsent["_status"], "failed")),
+        "_error": pc.if_else(sent, pc.if_else(ok, no_text, pc.coalesce(final["_error"],
+                                                                        NOT_SENT)),
+                             unsent["_error"]),
+        "_attempts": pc.if_else(reused, 0, pc.fill_null(attempts, 0)),
         "_reused": reused,
-        "_custom_id": pc.if_else(sent, joined["_sent_id"], pa.scalar(None, pa.string())),
-        "_batch_id": joined["_batch_id"],
+        "_custom_id": pc.if_else(sent, custom_ids(table[KEY], job_tag), no_text),
+        "_batch_id": final["_batch_id"],
         "_prompt_tokens": prompt,
         "_completion_tokens": completion,
         "_cost_usd": cost,
     }
-    answers = _answer_arrays(joined["_answer"].to_pylist(), response_format)
-    output = table.drop_columns([KEY])
-    for name, column in {**answers, **meta}.items():
+    answers = final[VALUE].combine_chunks().flatten()
+    output = table.drop_columns([KEY, ROW])
+    for field, column in zip(answer_type(response_format), answers, strict=True):
+        output = output.append_column(field.name, column)
+    for name, column in meta.items():
         output = output.append_column(name, column)
     return output
 
 
-def _answer_arrays(raw: list[str | None], response_format: ResponseFormat) -> dict[str, pa.Array]:
-    columns = answer_columns(response_format)
-    if response_format.type != "json_schema":
-        return {TEXT_COLUMN: pa.array(raw, pa.string())}
-    parsed = [json.loads(value) if value is not None else {} for value in raw]
-    return {name: pa.array([_fit(p.get(name), arrow_type) for p in parsed], type=arrow_type)
-            for name, (arrow_type, _) in columns.items()}
+def _placed(rows: pa.ChunkedArray, first: int, count: int) -> pa.Array:
+    """Indices that put a table of distinct `rows` in the order of rows [first,
+    first + count); null where a row has none."""
+    where = np.full(count, -1, dtype=np.int64)
+    where[rows.to_numpy() - first] = np.arange(len(rows))
+    return pa.array(where, mask=where < 0)
 
 
-def _fit(value: Any, arrow_type: pa.DataType) -> Any:
-    """JSON text for what has no Arrow shape (free-form objects, mixed types, recursive
-    parts), at any depth of the answer."""
-    if value is None:
-        return None
-    if pa.types.is_struct(arrow_type) and isinstance(value, dict):
-        return {field.name: _fit(value.get(field.name), field.type) for field in arrow_type}
-    if pa.types.is_list(arrow_type) and isinstance(value, list):
-        return [_fit(item, arrow_type.value_type) for item in value]
-    if arrow_type == pa.string() and not isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    return value
+def _sums(values: pa.ChunkedArray, starts: np.ndarray) -> pa.Array:
+    """Sums of the groups that begin at `starts`; null for a group of nulls only."""
+    if not len(starts):
+        return pa.array([], pa.int64())
+    valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
+    sums = np.add.reduceat(pc.fill_null(values, 0).to_numpy(), starts)
+    return pa.array(sums, mask=np.add.reduceat(valid, starts) == 0)
 
 
-def _arrow_type(node: dict, root: dict, refs: frozenset[str] = frozenset()) -> pa.DataType:
-    """The Arrow type of a schema node; a recursive part (a `$ref` to a node that holds
-    it) has no fixed shape and is kept as JSON text."""
-    ref = node.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        if ref in refs:
-            return pa.string()
-        target: Any = root
-        for key in ref[2:].split("/"):
-            target = target.get(key, {})
-        return _arrow_type(target, root, refs | {ref})
-    options = [o for o in node.get("anyOf", []) if o.get("type") != "null"]
-    if len(options) == 1:
-        return _arrow_type(options[0], root, refs)
-    kind = node.get("type")
-    if isinstance(kind, list):
-        kinds = [k for k in kind if k != "null"]
-        kind = kinds[0] if len(kinds) == 1 else None
-    if kind in _SCALARS:
-        return _SCALARS[kind]
-    if kind == "array":
-        return pa.list_(_arrow_type(node.get("items") or {}, root, refs))
-    if kind == "object" and node.get("properties"):
-        return pa.struct([(name, _arrow_type(sub, root, refs))
-                          for name, sub in node["properties"].items()])
-    return pa.string()
-
-
-merge_results_task = as_task(merge_results, "merge answers into rows")
+merge_part_task = as_task(merge_part, "merge answers into rows")

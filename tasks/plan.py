@@ -1,8 +1,9 @@
-"""Step 2, plan: split the rendered lines into shards within the provider's limits.
+"""Step 2, plan: split the requests to send into shards within the provider's limits.
 
 A shard is one batch input file: at most `max_requests` lines, `max_bytes` bytes
 (each line's real UTF-8 bytes and its newline) and, under an enqueued-token budget,
-`max_tokens` estimated prompt tokens, so that a shard can always run on its own.
+`max_tokens` estimated prompt tokens, so that a shard can always run on its own. Planning
+needs only each request's size: the lines themselves are rendered when a shard is sent.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from enrichflow.errors import InputError
 from tasks.load import KEY
 from tasks.render import LINE
 
-TOKENS = "_tokens"
+TOKENS = "_tokens"  # estimated prompt tokens of a request
+BYTES = "_bytes"  # bytes of its JSONL line, newline included
 
 
 @dataclass(frozen=True)
 class Shard:
     index: int
-    start: int  # row range [start, end) of the requests table
+    start: int  # range [start, end) of the attempt's requests
     end: int
     bytes: int
     tokens: int  # estimated prompt tokens, for the enqueued-token budget
@@ -35,21 +37,16 @@ class Shard:
 
 def plan_shards(requests: pa.Table, max_requests: int, max_bytes: int,
                 max_tokens: int | None = None) -> list[Shard]:
-    """Consecutive shards within the request, byte and (if given) token limits; the
-    requests' estimated prompt tokens are their `_tokens` column."""
-    sizes = pc.binary_length(requests[LINE]).to_numpy(zero_copy_only=False).astype(np.int64) + 1
-    tokens = requests[TOKENS].to_numpy()
-    _check_rows_fit(requests, sizes, max_bytes, " bytes", "limits.max_bytes_per_shard")
-    byte_ends = np.cumsum(sizes)
-    token_ends = np.cumsum(tokens)
-    if max_tokens is not None:
-        _check_rows_fit(requests, tokens, max_tokens, " prompt tokens",
-                        "the enqueued-token budget (limits.enqueued_token_budget)")
+    """Consecutive shards within the request, byte and (if given) token limits; each
+    request's size is its `_bytes` and `_tokens` (a single one fits: `check_rows_fit`)."""
+    byte_ends = np.cumsum(requests[BYTES].to_numpy())
+    token_ends = np.cumsum(requests[TOKENS].to_numpy())
     shards, start = [], 0
-    while start < len(sizes):
-        end = min(start + max_requests, len(sizes), _end_within(byte_ends, start, max_bytes))
+    while start < requests.num_rows:
+        end = min(start + max_requests, requests.num_rows,
+                  max(_end_within(byte_ends, start, max_bytes), start + 1))
         if max_tokens is not None:
-            end = min(end, _end_within(token_ends, start, max_tokens))
+            end = min(end, max(_end_within(token_ends, start, max_tokens), start + 1))
         shards.append(Shard(len(shards), start, end, _span(byte_ends, start, end),
                             _span(token_ends, start, end)))
         start = end
@@ -65,19 +62,32 @@ def _span(ends: np.ndarray, start: int, end: int) -> int:
     return int(ends[end - 1] - (ends[start - 1] if start else 0))
 
 
-def _check_rows_fit(requests: pa.Table, sizes: np.ndarray, limit: int, unit: str,
-                    setting: str) -> None:
-    too_big = np.flatnonzero(sizes > limit)
-    if too_big.size:
-        row = int(too_big[0])
-        raise InputError(f"row {requests[KEY][row].as_py()!r} renders to {sizes[row]:,}{unit}, "
-                         f"more than {setting} ({limit:,}); shorten it or raise the limit")
+def line_bytes(requests: pa.Table) -> pa.Array:
+    """Each rendered line's UTF-8 bytes and its newline."""
+    return pc.add(pc.binary_length(requests[LINE]), 1).cast(pa.int64())
 
 
-def shard_jsonl(requests: pa.Table, shard: Shard) -> bytes:
-    """The shard's JSONL file, cut straight from the Arrow string buffer."""
-    lines = pc.binary_join_element_wise(requests[LINE].slice(shard.start, shard.rows),
-                                        pa.scalar("\n"), "")
+def check_rows_fit(requests: pa.Table, max_bytes: int, max_tokens: int | None) -> None:
+    """A request that cannot fit any shard is bad input, named before anything is sent."""
+    _check(requests, requests[BYTES], max_bytes, " bytes", "limits.max_bytes_per_shard")
+    if max_tokens is not None:
+        _check(requests, requests[TOKENS], max_tokens, " prompt tokens",
+               "the enqueued-token budget (limits.enqueued_token_budget)")
+
+
+def _check(requests: pa.Table, sizes: pa.ChunkedArray, limit: int, unit: str,
+           setting: str) -> None:
+    too_big = pc.greater(sizes, limit)
+    if pc.any(too_big).as_py():
+        row = pc.index(too_big, True).as_py()
+        raise InputError(f"row {requests[KEY][row].as_py()!r} renders to {sizes[row].as_py():,}"
+                         f"{unit}, more than {setting} ({limit:,}); shorten it or raise the "
+                         "limit")
+
+
+def jsonl(requests: pa.Table) -> bytes:
+    """The requests' JSONL file, cut straight from the Arrow string buffer."""
+    lines = pc.binary_join_element_wise(requests[LINE], pa.scalar("\n"), "")
     lines = pc.cast(lines, pa.large_string()).combine_chunks()
     _, offsets, data = lines.buffers()
     bounds = np.frombuffer(offsets, dtype=np.int64)[lines.offset:lines.offset + len(lines) + 1]

@@ -1,8 +1,10 @@
-"""Steps 1 to 3 as one unit: everything known before the first upload.
+"""Steps 1 to 3 as one pass: everything known before the first upload.
 
-Load and render the rows, set aside the requests answered by earlier runs, count the
-tokens of the rest, plan the first shards and price the job. The flow runs it as a
-task; `enrichflow estimate` runs the very same function without Prefect.
+Stream the dataset, render each batch of rows, set aside the requests answered by earlier
+runs, count the tokens and bytes of the rest, plan the first shards and price the job.
+What is kept is a few numbers per row (which rows to send, their tokens and bytes), never
+the rows or their lines: each shard renders its own lines again when it is sent. The
+flow runs it as a task; `enrichflow estimate` runs the very same function without Prefect.
 """
 
 from __future__ import annotations
@@ -15,35 +17,33 @@ import pyarrow.compute as pc
 
 from enrichflow.config import JobConfig
 from enrichflow.errors import CostLimitError
+from enrichflow.provider import provider_kind
 from enrichflow.storage import Location
 from tasks import as_task
+from tasks.answers import check_answer_columns
 from tasks.budget import TokenBudget
-from tasks.cache import AnswerCache, request_hashes, split_reused
-from tasks.collect import ATTEMPT_RESULTS
-from tasks.estimate import (
-    Estimate,
-    Price,
-    default_token_budget,
-    price_for,
-    request_tokens,
-    usd,
-)
-from tasks.load import Rows, load_rows
-from tasks.merge import check_answer_columns
-from tasks.plan import TOKENS, Shard, plan_shards
-from tasks.render import Rendered, render_requests
+from tasks.cache import AnswerCache, request_hashes
+from tasks.estimate import Estimate, Price, default_token_budget, price_for, request_tokens, usd
+from tasks.load import KEY, ROW, Source, check_unique_keys
+from tasks.plan import BYTES, TOKENS, Shard, check_rows_fit, line_bytes, plan_shards
+from tasks.render import render_requests
 from tasks.state import RunState
+
+UNSENT = pa.schema([(ROW, pa.int64()), (KEY, pa.string()), ("_status", pa.string()),
+                    ("_error", pa.string())])
+TO_SEND = pa.schema([(ROW, pa.int64()), (TOKENS, pa.int64()), (BYTES, pa.int64())])
 
 
 @dataclass(frozen=True)
 class Prepared:
-    rows: Rows
+    source: Source
+    fingerprint: str  # of the dataset's bytes
     job_key: str  # config and data: the same key means the same job
-    rendered: Rendered
-    hashes: pa.Array  # request hash of each of rendered.requests
-    reused: pa.Table  # results taken from the cache (`_attempt` 0)
+    rows: int
+    to_send: pa.Table  # TO_SEND: the requests still to send, in row order
+    unsent: pa.Table  # UNSENT: rows not sent (skipped, or their input is unusable)
+    reused: int  # rows whose request was answered before (not paid again)
     cache: AnswerCache | None  # None when the cache is off
-    to_send: pa.Table  # requests still to send, with their `_tokens`
     shards: list[Shard]  # the first attempt's plan
     token_budget: int | None
     price: Price | None
@@ -55,34 +55,52 @@ class Prepared:
 
 
 def prepare_job(job: JobConfig, use_cache: bool = True, force: bool = False) -> Prepared:
-    rows = load_rows(job.dataset, job.storage_options)
-    check_answer_columns(rows.table, job.request.response_format)
-    job_key = hashlib.sha256(f"{job.config_hash()}:{rows.fingerprint}".encode()).hexdigest()[:24]
-    rendered = render_requests(rows.table, job.request, job_key[:8], job.dataset.path,
-                               job.storage_options)
-    hashes = request_hashes(rendered.requests)
-    reused, to_send, cache = ATTEMPT_RESULTS.empty_table(), rendered.requests, None
+    source = Source.open(job.dataset, job.storage_options)
+    fingerprint = source.fingerprint()
+    job_key = hashlib.sha256(f"{job.config_hash()}:{fingerprint}".encode()).hexdigest()[:24]
+    cache = None
     if use_cache and job.cache.enabled:
         output = Location(job.output, job.storage_options)
-        cache = AnswerCache.open(job.cache.uri, output, job.storage_options)
-        earlier = cache.answers.filter(pc.invert(pc.is_in(
-            cache.answers["_batch_id"],
-            value_set=pa.array([] if force else unfinished_batches(output, job_key),
-                               pa.string()))))
-        reused, to_send = split_reused(rendered.requests, hashes, earlier)
-    to_send = to_send.append_column(TOKENS, pa.array(request_tokens(to_send), pa.int64()))
-    budget = job.limits.enqueued_token_budget or default_token_budget(job.request.model)
+        cache = AnswerCache.open(job.cache.uri, output, job.storage_options,
+                                 [] if force else unfinished_batches(output, job_key))
+    budget = job.limits.enqueued_token_budget or (
+        default_token_budget(job.request.model) if provider_kind(job.provider) == "openai"
+        else None)
+    plan_limit = TokenBudget(budget).plan_limit
+    keys, to_send, unsent, reused = [], [], [], 0
+    for batch in source.batches():
+        table = pa.Table.from_batches([batch])
+        if not keys:
+            check_answer_columns(table, job.request.response_format)
+        keys.append(batch.column(KEY))
+        rendered = render_requests(table, job.request, job_key[:8], job.dataset.path,
+                                   job.storage_options)
+        requests = rendered.requests
+        if cache is not None:
+            known = cache.reused(request_hashes(requests))
+            reused += pc.sum(known).as_py() or 0
+            requests = requests.filter(pc.invert(known))
+        requests = requests.append_column(
+            TOKENS, pa.array(request_tokens(requests, job.request), pa.int64())
+        ).append_column(BYTES, line_bytes(requests))
+        check_rows_fit(requests, job.limits.max_bytes_per_shard, plan_limit)
+        to_send.append(requests.select(TO_SEND.names))
+        unsent.append(rendered.unsent.cast(UNSENT))
+    check_unique_keys(pa.chunked_array(keys, pa.string()), job.dataset)
+    rows = sum(len(k) for k in keys)
+    to_send = pa.concat_tables(to_send).combine_chunks()
+    unsent = pa.concat_tables(unsent).combine_chunks()
     shards = plan_shards(to_send, job.limits.max_requests_per_shard,
-                         job.limits.max_bytes_per_shard, TokenBudget(budget).plan_limit)
+                         job.limits.max_bytes_per_shard, plan_limit)
     ceiling = job.request.max_completion_tokens or job.request.max_tokens
     price = price_for(job.request.model, job.price)
     estimate = Estimate(
-        model=job.request.model, rows=rows.table.num_rows, not_sent=rendered.unsent.num_rows,
-        reused=reused.num_rows, requests=to_send.num_rows, shards=len(shards),
+        model=job.request.model, rows=rows, not_sent=unsent.num_rows, reused=reused,
+        requests=to_send.num_rows, shards=len(shards),
         input_tokens=int(pc.sum(to_send[TOKENS]).as_py() or 0),
         output_ceiling=None if ceiling is None else ceiling * to_send.num_rows, price=price)
-    return Prepared(rows, job_key, rendered, hashes, reused, cache, to_send, shards, budget,
-                    price, estimate)
+    return Prepared(source, fingerprint, job_key, rows, to_send, unsent, reused, cache, shards,
+                    budget, price, estimate)
 
 
 def unfinished_batches(output: Location, job_key: str) -> list[str]:

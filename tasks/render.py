@@ -19,10 +19,11 @@ import pyarrow.compute as pc
 from enrichflow.config import RequestConfig, TextPart
 from enrichflow.errors import InputError
 from tasks.images import image_parts_json
-from tasks.load import KEY
+from tasks.load import KEY, ROW
 
 CUSTOM_ID = "_custom_id"
 LINE = "_line"
+USER_TEXT = "_user_text"  # the user message as the model reads it (text templates only)
 _USER_SLOT = "@@enrichflow:user@@"
 _ID_SLOT = "@@enrichflow:custom_id@@"
 _SIMPLE_ESCAPES = [("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"),
@@ -32,8 +33,10 @@ _OTHER_CONTROLS = [chr(c) for c in range(0x20) if chr(c) not in "\n\r\t\b\f"]
 
 @dataclass(frozen=True)
 class Rendered:
-    requests: pa.Table  # `_key`, `_custom_id`, `_line` of the rows to send
-    unsent: pa.Table  # `_key`, `_status` (skipped or failed), `_error` of the rows not sent
+    requests: pa.Table  # `_row`, `_key`, `_custom_id`, `_line` (and `_user_text`) of the
+    # rows to send
+    unsent: pa.Table  # `_row`, `_key`, `_status` (skipped or failed), `_error` of the rows
+    # not sent
 
 
 def custom_ids(keys: pa.Array | pa.ChunkedArray, job_tag: str) -> pa.Array:
@@ -47,7 +50,7 @@ def render_requests(table: pa.Table, request: RequestConfig, job_tag: str,
     """Rows with an empty text column are skipped; rows with an unusable image fail."""
     missing = [c for c in request.columns() if c not in table.column_names]
     if missing:
-        available = ", ".join(c for c in table.column_names if c != KEY)
+        available = ", ".join(c for c in table.column_names if c not in (KEY, ROW))
         raise InputError(f"request.user uses column(s) {', '.join(missing)} that "
                          f"{dataset_name} does not have; its columns are: {available}")
     texts = {c: _as_text(table[c], c, dataset_name) for c in request.text_columns()}
@@ -58,8 +61,10 @@ def render_requests(table: pa.Table, request: RequestConfig, job_tag: str,
                                  pa.scalar(f"skipped: column {column!r} is empty"), skip_reason)
 
     fail_reason = no_reason
+    columns = {}
     if isinstance(request.user, str):
         content = ['"', *_template_pieces(request.user, texts), '"']
+        columns[USER_TEXT] = _join(_template_pieces(request.user, texts, escape=False))
     else:
         content = ["["]
         keys = table[KEY].to_pylist()
@@ -76,34 +81,39 @@ def render_requests(table: pa.Table, request: RequestConfig, job_tag: str,
         content.append("]")
 
     ids = custom_ids(table[KEY], job_tag)
-    pieces: list = []
     before_user, after_user = _skeleton(request).split('"' + _USER_SLOT + '"')
     before_id, after_id = before_user.split('"' + _ID_SLOT + '"')
-    for piece in [before_id, '"', escape_json(ids), '"', after_id, *content, after_user]:
-        pieces.append(pa.scalar(piece) if isinstance(piece, str) else piece)
-    lines = pc.binary_join_element_wise(*pieces, "")
+    lines = _join([before_id, '"', escape_json(ids), '"', after_id, *content, after_user])
 
     skipped = pc.is_valid(skip_reason)
     failed = pc.and_(pc.invert(skipped), pc.is_valid(fail_reason))
     unsent = pc.or_(skipped, failed)
-    requests = pa.table({KEY: table[KEY], CUSTOM_ID: ids, LINE: lines})
+    requests = pa.table({ROW: table[ROW], KEY: table[KEY], CUSTOM_ID: ids, LINE: lines,
+                         **columns})
     if pc.any(unsent).as_py():  # filtering copies every line: only when some are left out
         requests = requests.filter(pc.invert(unsent))
     status = pc.if_else(skipped, "skipped", "failed")
     reason = pc.if_else(skipped, skip_reason, fail_reason)
     return Rendered(requests=requests, unsent=pa.table(
-        {KEY: table[KEY], "_status": status, "_error": reason}).filter(unsent))
+        {ROW: table[ROW], KEY: table[KEY], "_status": status, "_error": reason}).filter(unsent))
 
 
-def _template_pieces(template: str, texts: dict[str, pa.ChunkedArray]) -> list:
-    """A template as JSON-escaped literals and columns, for string concatenation."""
+def _template_pieces(template: str, texts: dict[str, pa.ChunkedArray],
+                     escape: bool = True) -> list:
+    """A template as (JSON-escaped) literals and columns, for string concatenation."""
     pieces: list = []
     for literal, field, _, _ in string.Formatter().parse(template):
         if literal:
-            pieces.append(_escape_literal(literal))
+            pieces.append(_escape_literal(literal) if escape else literal)
         if field is not None:
-            pieces.append(escape_json(texts[field]))
+            pieces.append(escape_json(texts[field]) if escape else texts[field])
     return pieces
+
+
+def _join(pieces: list) -> pa.ChunkedArray:
+    """Literals and columns concatenated row by row; null where a column is null."""
+    return pc.binary_join_element_wise(
+        *[pa.scalar(p) if isinstance(p, str) else p for p in pieces], "")
 
 
 def _skeleton(request: RequestConfig) -> str:

@@ -29,8 +29,8 @@ from prefect.client.schemas.filters import (
 )
 
 from enrichflow.config import JobConfig
+from tasks.answers import answer_columns
 from tasks.estimate import Estimate, usd
-from tasks.merge import answer_columns
 
 TABLE_ROWS = 20
 CELL_CHARS = 160
@@ -65,7 +65,7 @@ def start_progress(job_name: str) -> UUID:
         0.0, key=key, description="Requests finished in the current attempt")
 
 
-def publish_results(manifest: dict[str, Any], merged: pa.Table, job: JobConfig) -> None:
+def publish_results(manifest: dict[str, Any], first: pa.Table, job: JobConfig) -> None:
     """The summary, the first rows and the output location of a finished run."""
     name = manifest["job"]
     started, finished = manifest["started_at"], manifest["finished_at"]
@@ -90,20 +90,20 @@ def publish_results(manifest: dict[str, Any], merged: pa.Table, job: JobConfig) 
 """
     create_markdown_artifact(summary, key=artifact_key(name, "summary"),
                              description="Rows by status, attempts, tokens, cost, duration")
-    create_table_artifact(first_rows(merged, job), key=artifact_key(name, "rows"),
+    create_table_artifact(first_rows(first, job), key=artifact_key(name, "rows"),
                           description=f"The first {TABLE_ROWS} enriched rows")
     publish_output(name, manifest["output"], job.storage_options)
 
 
-def first_rows(merged: pa.Table, job: JobConfig) -> list[dict[str, Any]]:
-    """The table's first rows led by what a reader looks for: the key, the answer, the
+def first_rows(first: pa.Table, job: JobConfig) -> list[dict[str, Any]]:
+    """The output's first rows led by what a reader looks for: the key, the answer, the
     status and error, the cost; the input columns after them."""
-    key = job.dataset.id_column or merged.column_names[0]
+    key = job.dataset.id_column or first.column_names[0]
     lead = [key, *answer_columns(job.request.response_format), "_status", "_error",
             "_cost_usd"]
-    rest = [c for c in merged.column_names if c not in lead and not c.startswith("_")]
-    first = merged.select(lead + rest).slice(0, TABLE_ROWS).to_pylist()
-    return [{k: _cell(v) for k, v in row.items()} for row in first]
+    rest = [c for c in first.column_names if c not in lead and not c.startswith("_")]
+    rows = first.select(lead + rest).slice(0, TABLE_ROWS).to_pylist()
+    return [{k: _cell(v) for k, v in row.items()} for row in rows]
 
 
 def publish_output(job_name: str, uri: str, storage_options: dict[str, Any]) -> None:

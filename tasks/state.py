@@ -20,13 +20,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from enrichflow.errors import StorageError
 from enrichflow.storage import Location
 from tasks.lease import Lease
+from tasks.load import ROW
 
 STATE_FILE = "_state/run.json"
 CANCEL_FILE = "_state/cancel-requested.json"
+ATTEMPT = "_attempt"  # of a result: its attempt
 
 
 @dataclass
@@ -191,11 +195,33 @@ class RunState:
             self.save()
 
     def save_results(self, record: ShardRecord, results: pa.Table) -> None:
-        self.location.write_parquet(record.results_name, results)
+        attempt = pa.array([record.attempt] * results.num_rows, pa.int64())
+        self.location.write_parquet(record.results_name,
+                                    results.append_column(ATTEMPT, attempt))
         self.update(record, status="collected")
 
-    def load_results(self, record: ShardRecord) -> pa.Table:
-        return self.location.read_parquet(record.results_name)
+    def collected(self, attempt: int | None = None) -> list[ShardRecord]:
+        with self._lock:
+            return [r for r in self.shards if r.status == "collected" and
+                    attempt in (None, r.attempt)]
+
+    def attempt_outcome(self, attempt: int) -> pa.Table:
+        """`_row`, `_ok` and `_retryable` of each row the attempt collected."""
+        tables = [self.location.read_parquet(r.results_name, columns=[ROW, "_ok", "_retryable"])
+                  for r in self.collected(attempt)]
+        return pa.concat_tables(tables) if tables else pa.table(
+            {ROW: pa.array([], pa.int64()), "_ok": pa.array([], pa.bool_()),
+             "_retryable": pa.array([], pa.bool_())})
+
+    def results_for(self, start: int, stop: int) -> pa.Table | None:
+        """Every collected result, of every attempt, of rows [start, stop); None if none
+        (read through the files' row statistics: a shard's rows are ascending)."""
+        names = [self.location.path(r.results_name) for r in self.collected()]
+        if not names:
+            return None
+        found = ds.dataset(names, filesystem=self.location.fs, format="parquet").to_table(
+            filter=(pc.field(ROW) >= start) & (pc.field(ROW) < stop))
+        return found if found.num_rows else None
 
     @classmethod
     def finish_run(cls, location: Location, run_id: str) -> None:

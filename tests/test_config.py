@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from enrichflow.config import load_job
-from enrichflow.errors import ConfigError
+from enrichflow.errors import ConfigError, InputError
+from tasks.load import Source
 
 VALID = """
 name: movies
@@ -76,6 +77,8 @@ def test_missing_job_file():
 
 
 def test_format_comes_from_the_extension(tmp_path):
-    job = load_job(write(tmp_path, VALID.replace("data/movies.csv", "rows.unknown")))
-    with pytest.raises(ConfigError, match="set dataset.format"):
-        assert job.dataset.resolved_format is None
+    (tmp_path / "rows.unknown").write_text("a\n1\n")
+    job = load_job(write(tmp_path, VALID.replace("data/movies.csv",
+                                                 str(tmp_path / "rows.unknown"))))
+    with pytest.raises(InputError, match="cannot tell the format of .* set dataset.format"):
+        Source.open(job.dataset)

@@ -1,4 +1,4 @@
-"""The steps as plain functions, without Prefect: load, render, plan, merge."""
+"""The steps as plain functions, without Prefect: load, render, count, plan, answers, merge."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import json
 
 import pyarrow as pa
 import pytest
+from jsonschema import Draft202012Validator
 
 from enrichflow.config import DatasetConfig, RequestConfig, ResponseFormat
 from enrichflow.errors import InputError
 from localbatch.engines import MockEngine
-from tasks.collect import ATTEMPT_RESULTS
-from tasks.estimate import Price
-from tasks.load import KEY, load_rows
-from tasks.merge import merge_results
-from tasks.plan import TOKENS, plan_shards, shard_jsonl
+from tasks import load
+from tasks.answers import answer_reader
+from tasks.estimate import Price, chat_prompt_tokens, request_tokens
+from tasks.load import KEY, ROW, RowReader, Source, check_unique_keys
+from tasks.merge import attempt_results_schema, merge_part
+from tasks.plan import BYTES, TOKENS, check_rows_fit, jsonl, line_bytes, plan_shards
 from tasks.render import render_requests
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["tags", "score"],
@@ -24,7 +26,15 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["tags", 
 
 def table(**columns) -> pa.Table:
     first = next(iter(columns.values()))
-    return pa.table({**columns, KEY: [str(i) for i in range(len(first))]})
+    return pa.table({**columns, KEY: [str(i) for i in range(len(first))],
+                     ROW: pa.array(range(len(first)), pa.int64())})
+
+
+def load_rows(dataset: DatasetConfig) -> pa.Table:
+    """The whole dataset, checked as a run checks it."""
+    rows = Source.open(dataset).read()
+    check_unique_keys(rows[KEY], dataset)
+    return rows
 
 
 # load -----------------------------------------------------------------------------------
@@ -33,9 +43,53 @@ def test_load_keys_rows_by_id_column_or_row_number(tmp_path):
     path = tmp_path / "rows.csv"
     path.write_text("id,text\nb,hello\na,world\n")
     by_id = load_rows(DatasetConfig(path=str(path), id_column="id"))
-    assert by_id.table[KEY].to_pylist() == ["b", "a"]
+    assert by_id[KEY].to_pylist() == ["b", "a"] and by_id[ROW].to_pylist() == [0, 1]
     by_row = load_rows(DatasetConfig(path=str(path), limit=1))
-    assert by_row.table[KEY].to_pylist() == ["0"] and len(by_row.fingerprint) == 64
+    assert by_row[KEY].to_pylist() == ["0"]
+    assert len(Source.open(DatasetConfig(path=str(path))).fingerprint()) == 64
+
+
+@pytest.mark.parametrize("layout", ["folder", "glob", "hive"])
+def test_a_dataset_can_be_a_folder_a_glob_or_hive_partitions(tmp_path, layout):
+    """Files are read in path order; `key=value` folders become columns; files whose
+    name starts with `_` or `.` (a manifest, a journal) are not data."""
+    root = tmp_path / "rows"
+    names = {"folder": ["a.csv", "b.csv"], "glob": ["a.csv", "b.csv"],
+             "hive": ["year=2001/a.csv", "year=2002/b.csv"]}[layout]
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(f"text\nrow {2 * i}\nrow {2 * i + 1}\n")
+    (root / "_manifest.json").write_text("{}")
+    path = str(root / "*.csv") if layout == "glob" else str(root)
+    rows = load_rows(DatasetConfig(path=path))
+    assert rows["text"].to_pylist() == ["row 0", "row 1", "row 2", "row 3"]
+    assert rows[KEY].to_pylist() == ["0", "1", "2", "3"]
+    if layout == "hive":
+        assert rows["year"].to_pylist() == ["2001", "2001", "2002", "2002"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_rows_stream_in_batches_and_read_back_by_range(tmp_path, monkeypatch, fmt):
+    monkeypatch.setattr(load, "BATCH_ROWS", 7)
+    rows = pa.table({"id": [f"r{i}" for i in range(50)], "text": [f"t{i}" for i in range(50)]})
+    path = tmp_path / f"rows.{fmt}"
+    if fmt == "csv":
+        path.write_text("id,text\n" + "".join(f"{a},{b}\n" for a, b in
+                                              zip(rows["id"].to_pylist(),
+                                                  rows["text"].to_pylist(), strict=True)))
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows.to_pylist()))
+    else:
+        pa.parquet.write_table(rows, path, row_group_size=9)
+    source = Source.open(DatasetConfig(path=str(path), id_column="id", limit=45))
+    assert all(b.num_rows <= 7 for b in source.batches())
+    assert source.read()[KEY].to_pylist() == [f"r{i}" for i in range(45)]
+    reader = RowReader(source)
+    assert reader.read(3, 12)[ROW].to_pylist() == list(range(3, 12))
+    assert reader.read(12, 20)[KEY].to_pylist() == [f"r{i}" for i in range(12, 20)]
+    assert reader.read(0, 2)[KEY].to_pylist() == ["r0", "r1"]  # back: a new pass
+    assert reader.take([1, 8, 9, 44])["text"].to_pylist() == ["t1", "t8", "t9", "t44"]
+    assert reader.read(40, 99).num_rows == 5
 
 
 @pytest.mark.parametrize(("content", "id_column", "expected"), [
@@ -45,7 +99,7 @@ def test_load_keys_rows_by_id_column_or_row_number(tmp_path):
     ("id,text\n1,a\n", "ident", "'ident' is not a column"),
     ("id,_x\n1,a\n", None, "reserved"),
     ("a,b\n1,2\n3,4,5\n", None, r"not readable as csv \(line 3\): CSV parse error: "
-                                 "Expected 2 columns, got 3"),
+                                 ".*Expected 2 columns, got 3"),
 ])
 def test_load_errors_name_the_file_and_the_fix(tmp_path, content, id_column, expected):
     path = tmp_path / "rows.csv"
@@ -71,7 +125,7 @@ def test_text_that_is_not_utf8_is_refused_unless_its_encoding_is_given(tmp_path,
     with pytest.raises(InputError, match=rf"{name}: column 'title' is not UTF-8 text \(row 1\);"
                                          r" set dataset.encoding to the file's encoding"):
         load_rows(DatasetConfig(path=str(path)))
-    loaded = load_rows(DatasetConfig(path=str(path), encoding="latin-1")).table
+    loaded = load_rows(DatasetConfig(path=str(path), encoding="latin-1"))
     assert loaded.select(["title", "note"]).to_pylist() == rows
 
 
@@ -88,7 +142,7 @@ def test_a_struct_id_column_and_a_huge_cell_are_named_or_read(tmp_path):
         load_rows(DatasetConfig(path=str(nested), id_column="id"))
     big = tmp_path / "big.csv"  # a 5 MB cell once failed: "straddles two block boundaries"
     big.write_text("id,text\n1," + "x" * 5_000_000 + "\n2,short\n")
-    assert load_rows(DatasetConfig(path=str(big), id_column="id")).table.num_rows == 2
+    assert load_rows(DatasetConfig(path=str(big), id_column="id")).num_rows == 2
 
 
 def test_render_escapes_text_exactly_as_json_does():
@@ -112,9 +166,9 @@ def test_rows_with_an_empty_template_column_are_skipped_not_sent():
                                request, "t")
     assert rendered.requests["_custom_id"].to_pylist() == ["t-0"]
     assert rendered.unsent.to_pylist() == [
-        {KEY: "1", "_status": "skipped", "_error": "skipped: column 'a' is empty"},
-        {KEY: "2", "_status": "skipped", "_error": "skipped: column 'a' is empty"},
-        {KEY: "3", "_status": "skipped", "_error": "skipped: column 'b' is empty"}]
+        {ROW: 1, KEY: "1", "_status": "skipped", "_error": "skipped: column 'a' is empty"},
+        {ROW: 2, KEY: "2", "_status": "skipped", "_error": "skipped: column 'a' is empty"},
+        {ROW: 3, KEY: "3", "_status": "skipped", "_error": "skipped: column 'b' is empty"}]
 
 
 def test_render_names_missing_columns():
@@ -123,21 +177,54 @@ def test_render_names_missing_columns():
                         "data.csv")
 
 
+# count ----------------------------------------------------------------------------------
+
+TRICKY = ["", " ", "plain words", "  leading and trailing  ", "line\nbreaks\r\n\tand tabs",
+          "unicode: é 漢字 🎬 ﷽", "quotes \" and \\ slashes", "<|endoftext|> special?",
+          "x" * 20_000, "word " * 3_000, "1234567890" * 50, "emoji 👩‍👩‍👧‍👦 joined"]
+
+
+@pytest.mark.parametrize("system", [None, "You are terse.\nAnswer in JSON."])
+def test_fast_token_counts_equal_counting_each_request_whole(system):
+    """The template's shared text counted once gives exactly the per-request count, on
+    the sample data and on tricky text (empty, whitespace, unicode, very long cells)."""
+    movies = pa.csv.read_csv("data/movies.csv")
+    request = RequestConfig(model="gpt-4o-mini", system=system,
+                            user="Title: {Series_Title}\nOverview: {Overview}\n{extra}")
+    extra = (TRICKY * 20)[:movies.num_rows]
+    rows = movies.append_column("extra", pa.array(extra)).append_column(
+        KEY, pa.array([str(i) for i in range(movies.num_rows)])).append_column(
+        ROW, pa.array(range(movies.num_rows), pa.int64()))
+    requests = render_requests(rows, request, "t").requests
+    whole = [chat_prompt_tokens(json.loads(line)["body"])
+             for line in requests["_line"].to_pylist()]
+    assert request_tokens(requests, request).tolist() == whole
+    bare = RequestConfig(model="gpt-4o-mini", system=system, user="{extra}")
+    tricky = render_requests(table(extra=TRICKY), bare, "t").requests
+    assert request_tokens(tricky, bare).tolist() == [
+        chat_prompt_tokens(json.loads(line)["body"]) for line in tricky["_line"].to_pylist()]
+
+
 # plan -----------------------------------------------------------------------------------
+
+def sized(requests: pa.Table, tokens: list[int]) -> pa.Table:
+    return requests.append_column(TOKENS, pa.array(tokens, pa.int64())).append_column(
+        BYTES, line_bytes(requests))
+
 
 def test_shards_respect_request_and_byte_limits():
     request = RequestConfig(model="m", user="{text}")
     rendered = render_requests(table(text=["x" * (i % 7 * 30) + "y" for i in range(100)]),
                                request, "t").requests
     sizes = [len(line.encode()) + 1 for line in rendered["_line"].to_pylist()]
-    rendered = rendered.append_column(TOKENS, pa.array([10] * rendered.num_rows, pa.int64()))
+    rendered = sized(rendered, [10] * rendered.num_rows)
     shards = plan_shards(rendered, max_requests=30, max_bytes=2000)
     assert shards[0].start == 0 and shards[-1].end == 100
     assert all(a.end == b.start for a, b in zip(shards, shards[1:], strict=False))
     for shard in shards:
         assert shard.rows <= 30 and shard.bytes <= 2000
         assert shard.bytes == sum(sizes[shard.start:shard.end])
-        payload = shard_jsonl(rendered, shard)
+        payload = jsonl(rendered.slice(shard.start, shard.rows))
         assert len(payload) == shard.bytes
         assert payload.decode().splitlines() == rendered["_line"].to_pylist()[shard.start:
                                                                                 shard.end]
@@ -151,45 +238,91 @@ def test_shards_respect_request_and_byte_limits():
 def test_a_row_larger_than_the_byte_limit_is_named():
     rendered = render_requests(table(text=["short", "x" * 500]),
                                RequestConfig(model="m", user="{text}"), "t").requests
-    rendered = rendered.append_column(TOKENS, pa.array([5, 120], pa.int64()))
+    rendered = sized(rendered, [5, 120])
     with pytest.raises(InputError, match="row '1' renders to 628 bytes, more than "
                                          "limits.max_bytes_per_shard"):
-        plan_shards(rendered, 10, 400)
+        check_rows_fit(rendered, 400, None)
     with pytest.raises(InputError, match="row '1' renders to 120 prompt tokens, more than "
                                          "the enqueued-token budget"):
-        plan_shards(rendered, 10, 10**6, max_tokens=100)
+        check_rows_fit(rendered, 10**6, 100)
+
+
+# answers --------------------------------------------------------------------------------
+
+NESTED = {"type": "object", "additionalProperties": False, "required": ["tags", "score", "who"],
+          "properties": {
+              "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}},
+              "score": {"type": ["integer", "null"]},
+              "who": {"type": "object", "required": ["name"], "additionalProperties": False,
+                      "properties": {"name": {"type": "string"},
+                                     "age": {"anyOf": [{"type": "number"},
+                                                       {"type": "null"}]}}}}}
+
+
+@pytest.mark.parametrize("answer", [
+    {"tags": ["a"], "score": 1, "who": {"name": "x"}},
+    {"tags": [], "score": None, "who": {"name": "x", "age": 3.5}},
+    {"tags": ["a"], "score": 1.0, "who": {"name": "x"}},
+    {"tags": ["c"], "score": 1, "who": {"name": "x"}},
+    {"tags": ["a"], "score": True, "who": {"name": "x"}},
+    {"tags": ["a"], "score": "1", "who": {"name": "x"}},
+    {"tags": "a", "score": 1, "who": {"name": "x"}},
+    {"tags": ["a"], "score": 1},
+    {"tags": ["a"], "score": 1, "who": {"name": "x", "extra": 1}},
+    {"tags": ["a"], "score": 1, "who": {"name": 5}},
+    {"tags": ["a"], "score": 1, "who": {"name": "x"}, "more": 1},
+    {"tags": ["a"], "score": 1, "who": {"name": "x", "age": "old"}},
+    [], "text", None,
+])
+def test_the_fast_answer_check_agrees_with_jsonschema(answer):
+    read = answer_reader(ResponseFormat(type="json_schema", schema=NESTED))
+    value, problem = read(json.dumps(answer), "stop")
+    valid = Draft202012Validator(NESTED).is_valid(answer)
+    assert (problem is None) == valid
+    assert value == (answer if valid else None)
+    if not valid:
+        assert problem.startswith("the answer does not fit the schema at ")
 
 
 # merge ----------------------------------------------------------------------------------
 
-def result(custom_id, attempt, ok, answer=None, error=None, tokens=(10, 5)):
-    return {"_custom_id": custom_id, "_batch_id": f"batch_{attempt}", "_ok": ok,
-            "_error": error, "_retryable": not ok, "_answer": answer, "_finish_reason": None,
-            "_prompt_tokens": tokens[0], "_completion_tokens": tokens[1], "_attempt": attempt}
+def result(row, attempt, ok, value=None, error=None, tokens=(10, 5)):
+    return {ROW: row, "_custom_id": f"t-{row}", "_batch_id": f"batch_{attempt}", "_ok": ok,
+            "_error": error, "_retryable": not ok, "_answer": json.dumps(value) if ok else None,
+            "_finish_reason": None, "_prompt_tokens": tokens[0],
+            "_completion_tokens": tokens[1], "_value": value, "_attempt": attempt}
+
+
+def results(response_format: ResponseFormat, *rows: dict) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=attempt_results_schema(response_format))
+
+
+def unsent_rows(*rows: dict) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=pa.schema([
+        (ROW, pa.int64()), ("_status", pa.string()), ("_error", pa.string())]))
 
 
 def test_merge_keeps_every_row_once_with_typed_answers():
-    rows = table(title=["a", "b", "c", "d"])
-    unsent = pa.table({KEY: ["3"], "_status": ["skipped"],
-                       "_error": ["skipped: column 'x' is empty"]})
-    results = pa.Table.from_pylist(schema=ATTEMPT_RESULTS, mapping=[
-        result("t-0", 1, True, json.dumps({"tags": ["x", "y"], "score": 3})),
-        result("t-1", 1, False, error="HTTP 500: boom", tokens=(None, None)),
-        result("t-1", 2, True, json.dumps({"tags": [], "score": 1})),
-        result("t-2", 1, False, error="batch_expired: late", tokens=(None, None)),
-        result("t-2", 2, False, error="not valid JSON", tokens=(7, 3)),
-    ])
-    merged = merge_results(rows, "t", unsent, results,
-                           ResponseFormat(type="json_schema", schema=SCHEMA),
-                           Price(input=2, output=8, batch_input=1, batch_output=4, source="test"))
+    rows = table(title=["a", "b", "c", "d", "e"])
+    unsent = unsent_rows({ROW: 3, "_status": "skipped", "_error": "skipped: column 'x' is empty"})
+    response_format = ResponseFormat(type="json_schema", schema=SCHEMA)
+    merged = merge_part(rows, "t", results(
+        response_format,
+        result(2, 1, False, error="batch_expired: late", tokens=(None, None)),
+        result(0, 1, True, {"tags": ["x", "y"], "score": 3}),
+        result(1, 1, False, error="HTTP 500: boom", tokens=(None, None)),
+        result(1, 2, True, {"tags": [], "score": 1}),
+        result(2, 2, False, error="not valid JSON", tokens=(7, 3)),
+    ), unsent, response_format,
+        Price(input=2, output=8, batch_input=1, batch_output=4, source="test"))
     assert merged.column_names == ["title", "tags", "score", "_status", "_error", "_attempts",
                                    "_reused", "_custom_id", "_batch_id", "_prompt_tokens",
                                    "_completion_tokens", "_cost_usd"]
     assert merged.schema.field("tags").type == pa.list_(pa.string())
     assert merged.schema.field("score").type == pa.int64()
     data = merged.to_pylist()
-    assert [r["title"] for r in data] == ["a", "b", "c", "d"]
-    assert [r["_status"] for r in data] == ["ok", "ok", "failed", "skipped"]
+    assert [r["title"] for r in data] == ["a", "b", "c", "d", "e"]
+    assert [r["_status"] for r in data] == ["ok", "ok", "failed", "skipped", "failed"]
     assert data[0]["tags"] == ["x", "y"] and data[0]["_error"] is None
     assert data[1]["_attempts"] == 2 and data[1]["_batch_id"] == "batch_2"
     assert data[2]["_error"] == "not valid JSON" and data[2]["tags"] is None
@@ -199,6 +332,7 @@ def test_merge_keeps_every_row_once_with_typed_answers():
     assert not any(r["_reused"] for r in data)
     assert data[3]["_custom_id"] is None and data[3]["_attempts"] == 0
     assert data[3]["_error"] == "skipped: column 'x' is empty"
+    assert data[4]["_error"] == "cancelled before it was sent"  # sent, but never answered
 
 
 def test_a_recursive_schema_keeps_its_recursive_part_as_json_text():
@@ -214,22 +348,30 @@ def test_a_recursive_schema_keeps_its_recursive_part_as_json_text():
         "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}})
     answer = body["choices"][0]["message"]["content"]
     assert status == 200
-    results = pa.Table.from_pylist(schema=ATTEMPT_RESULTS, mapping=[
-        result("t-0", 1, True, answer)])
-    merged = merge_results(table(title=["a"]), "t", pa.table({KEY: pa.array([], pa.string()),
-                           "_status": pa.array([], pa.string()),
-                           "_error": pa.array([], pa.string())}), results, response_format)
+    value, problem = answer_reader(response_format)(answer, "stop")
+    assert problem is None
+    merged = merge_part(table(title=["a"]), "t", results(response_format, result(0, 1, True)),
+                        unsent_rows(), response_format)
     assert merged.schema.field("tree").type == pa.struct([
         ("name", pa.string()), ("children", pa.list_(pa.string()))])
+    merged = merge_part(table(title=["a"]), "t", pa.concat_tables([
+        results(response_format), _with_value(response_format, value)]), unsent_rows(),
+        response_format)
     (tree,) = merged["tree"].to_pylist()
     assert tree["name"] == "oak tree"
     assert [json.loads(child)["name"] for child in tree["children"]] == ["oak tree"] * 3
 
 
+def _with_value(response_format: ResponseFormat, value: dict) -> pa.Table:
+    from tasks.answers import answer_type, typed_answers
+    row = results(response_format, result(0, 1, True))
+    return row.set_column(row.schema.get_field_index("_value"), "_value",
+                          typed_answers([value], answer_type(response_format)))
+
+
 def test_merge_of_a_text_answer_is_one_response_column():
-    results = pa.Table.from_pylist([result("t-0", 1, True, "A fine film.")],
-                                   schema=ATTEMPT_RESULTS)
-    nothing_unsent = pa.table({name: pa.array([], pa.string())
-                               for name in (KEY, "_status", "_error")})
-    merged = merge_results(table(title=["a"]), "t", nothing_unsent, results, ResponseFormat())
+    response_format = ResponseFormat()
+    merged = merge_part(table(title=["a"]), "t", results(
+        response_format, result(0, 1, True, {"response": "A fine film."})), unsent_rows(),
+        response_format)
     assert merged.to_pylist()[0]["response"] == "A fine film."

@@ -1,0 +1,104 @@
+"""Writing a job's output part by part: every input row exactly once, in input order.
+
+Each part is PART_ROWS input rows, read again from the dataset, merged with the journaled
+results of its rows (and the answers reused from the cache), and written as its own
+Parquet file, so memory holds a part, not the table. The run's new answers go into the
+cache on the way; what the manifest and the artifacts need is summed up as parts go.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from enrichflow.config import JobConfig
+from enrichflow.storage import Location
+from tasks.cache import HASH, request_hashes
+from tasks.load import ROW, RowReader
+from tasks.merge import attempt_results_schema, merge_part_task, reused_results
+from tasks.prepare import Prepared
+from tasks.render import render_requests
+from tasks.report import TABLE_ROWS
+from tasks.state import ATTEMPT, RunState
+from tasks.write import PART_ROWS, write_part
+
+
+@dataclass
+class Written:
+    """What the parts written hold, summed up."""
+
+    parts: int = 0
+    rows: int = 0
+    by_status: Counter = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    first_error: str | None = None  # of the first failed row
+    first_rows: pa.Table | None = None  # the first TABLE_ROWS rows
+
+    def add(self, part: pa.Table) -> None:
+        self.parts += 1
+        self.rows += part.num_rows
+        self.by_status.update({s["values"]: s["counts"]
+                               for s in pc.value_counts(part["_status"]).to_pylist()})
+        self.prompt_tokens += pc.sum(part["_prompt_tokens"]).as_py() or 0
+        self.completion_tokens += pc.sum(part["_completion_tokens"]).as_py() or 0
+        self.cost_usd += pc.sum(part["_cost_usd"]).as_py() or 0.0
+        if self.first_error is None:
+            failed = part.filter(pc.equal(part["_status"], "failed"))
+            self.first_error = failed["_error"][0].as_py() if failed.num_rows else None
+        if self.first_rows is None:
+            self.first_rows = part.slice(0, TABLE_ROWS)
+
+
+def write_parts(job: JobConfig, location: Location, prepared: Prepared,
+                state: RunState) -> Written:
+    """Merge and write every part; the new answers are kept in the cache."""
+    reader = RowReader(prepared.source)
+    written = Written()
+    schema = attempt_results_schema(job.request.response_format)
+    for index, start in enumerate(range(0, prepared.rows, PART_ROWS)):
+        stop = min(start + PART_ROWS, prepared.rows)
+        table = reader.read(start, stop)
+        results = state.results_for(start, stop)
+        results = schema.empty_table() if results is None else results.select(schema.names)
+        unsent = prepared.unsent.filter(pc.and_(pc.greater_equal(prepared.unsent[ROW], start),
+                                                pc.less(prepared.unsent[ROW], stop)))
+        if prepared.cache is not None:
+            results = _with_cache(job, prepared, table, results, unsent)
+        part = merge_part_task(table, prepared.tag, results, unsent,
+                               job.request.response_format, prepared.price)
+        write_part(location, index, part)
+        written.add(part)
+    if prepared.cache is not None:
+        prepared.cache.save()
+    return written
+
+
+def _with_cache(job: JobConfig, prepared: Prepared, table: pa.Table, results: pa.Table,
+                unsent: pa.Table) -> pa.Table:
+    """The part's results with the answers reused from the cache added, after keeping
+    its new answers in the cache. Both need the requests' hashes: the part is rendered
+    again for them."""
+    requests = render_requests(table, job.request, prepared.tag, job.dataset.path,
+                               job.storage_options).requests
+    hashes = pa.table({ROW: requests[ROW], HASH: request_hashes(requests)})
+    answered = results.filter(pc.and_(results["_ok"], pc.greater(results[ATTEMPT], 0)))
+    fresh = answered.select([ROW, "_answer", "_finish_reason", "_batch_id"])
+    prepared.cache.add(fresh.join(hashes, keys=ROW, join_type="inner"))
+    unanswered = pc.invert(pc.or_(pc.is_in(hashes[ROW], value_set=results[ROW]),
+                                  pc.is_in(hashes[ROW], value_set=unsent[ROW])))
+    wanted = hashes.filter(unanswered)
+    if wanted.num_rows == 0:
+        return results
+    kept = prepared.cache.answers_for(wanted[HASH])
+    found = pc.index_in(wanted[HASH], value_set=kept[HASH])
+    wanted = wanted.filter(pc.is_valid(found))
+    kept = kept.take(found.drop_null())
+    reused = pa.table({ROW: wanted[ROW], "_answer": kept["_answer"],
+                       "_finish_reason": kept["_finish_reason"],
+                       "_batch_id": kept["_batch_id"]})
+    return pa.concat_tables([results, reused_results(reused, job.request.response_format)])
