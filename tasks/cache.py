@@ -29,10 +29,11 @@ CACHED = pa.schema([(HASH, pa.string()), ("_answer", pa.string()),
 
 
 def request_hashes(requests: pa.Table) -> pa.Array:
-    """sha256 of each line's body: everything after its `custom_id` field."""
+    """sha256 of each line's body: everything after its `custom_id` field, up to its
+    newline."""
     hashes = []
     for line in requests[LINE].to_pylist():
-        body = line[line.index('"method"'):]
+        body = line[line.index('"method"'):-1]
         hashes.append(hashlib.sha256(body.encode()).hexdigest())
     return pa.array(hashes, pa.string())
 

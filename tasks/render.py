@@ -22,7 +22,7 @@ from tasks.images import image_parts_json
 from tasks.load import KEY, ROW
 
 CUSTOM_ID = "_custom_id"
-LINE = "_line"
+LINE = "_line"  # the request's JSONL line, newline included
 USER_TEXT = "_user_text"  # the user message as the model reads it (text templates only)
 _USER_SLOT = "@@enrichflow:user@@"
 _ID_SLOT = "@@enrichflow:custom_id@@"
@@ -83,7 +83,7 @@ def render_requests(table: pa.Table, request: RequestConfig, job_tag: str,
     ids = custom_ids(table[KEY], job_tag)
     before_user, after_user = _skeleton(request).split('"' + _USER_SLOT + '"')
     before_id, after_id = before_user.split('"' + _ID_SLOT + '"')
-    lines = _join([before_id, '"', escape_json(ids), '"', after_id, *content, after_user])
+    lines = _join([before_id, '"', escape_json(ids), '"', after_id, *content, after_user + "\n"])
 
     skipped = pc.is_valid(skip_reason)
     failed = pc.and_(pc.invert(skipped), pc.is_valid(fail_reason))
@@ -136,9 +136,13 @@ def _as_text(column: pa.ChunkedArray, name: str, dataset_name: str) -> pa.Chunke
 
 
 def escape_json(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """JSON string escaping of a string column, without the surrounding quotes."""
+    """JSON string escaping of a string column, without the surrounding quotes. Each
+    replacement copies the column, so only those whose character occurs are made."""
+    if not pc.any(pc.match_substring_regex(text, '[\\\\"\\x00-\\x1f]')).as_py():
+        return text
     for raw, escaped in _SIMPLE_ESCAPES:
-        text = pc.replace_substring(text, raw, escaped)
+        if pc.any(pc.match_substring(text, raw)).as_py():
+            text = pc.replace_substring(text, raw, escaped)
     if pc.any(pc.match_substring_regex(text, "[\\x00-\\x1f]")).as_py():
         for control in _OTHER_CONTROLS:
             text = pc.replace_substring(text, control, f"\\u{ord(control):04x}")

@@ -216,7 +216,7 @@ def test_shards_respect_request_and_byte_limits():
     request = RequestConfig(model="m", user="{text}")
     rendered = render_requests(table(text=["x" * (i % 7 * 30) + "y" for i in range(100)]),
                                request, "t").requests
-    sizes = [len(line.encode()) + 1 for line in rendered["_line"].to_pylist()]
+    sizes = [len(line.encode()) for line in rendered["_line"].to_pylist()]
     rendered = sized(rendered, [10] * rendered.num_rows)
     shards = plan_shards(rendered, max_requests=30, max_bytes=2000)
     assert shards[0].start == 0 and shards[-1].end == 100
@@ -226,8 +226,7 @@ def test_shards_respect_request_and_byte_limits():
         assert shard.bytes == sum(sizes[shard.start:shard.end])
         payload = jsonl(rendered.slice(shard.start, shard.rows))
         assert len(payload) == shard.bytes
-        assert payload.decode().splitlines() == rendered["_line"].to_pylist()[shard.start:
-                                                                                shard.end]
+        assert payload.decode() == "".join(rendered["_line"].to_pylist()[shard.start:shard.end])
     by_count = plan_shards(rendered, max_requests=30, max_bytes=10**6)
     assert [s.rows for s in by_count] == [30, 30, 30, 10]
     by_tokens = plan_shards(rendered, max_requests=30, max_bytes=10**6, max_tokens=250)
