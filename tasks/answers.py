@@ -1,29 +1,39 @@
 """What an answer is: its Arrow columns, its check against the job's schema, its values.
 
-An answer is parsed once (orjson), checked by a compiled check for the JSON Schema most
-jobs use (types, required, enum, `additionalProperties: false`, arrays, nested objects;
-`jsonschema` decides the rest and words every error), and turned into typed Arrow
-columns: a list of categories is a list column, an object a struct.
+The answers of a batch are parsed once, column-wise: Arrow's JSON reader, given the
+answer's Arrow schema, reads them all into typed columns and refuses any answer whose
+types or fields do not fit (the JSON Schema most jobs use: objects closed by
+`additionalProperties: false`, typed fields, arrays, nested objects), and what Arrow
+cannot tell (a missing or null field, an enum) is checked on the columns. Only the
+answers that this cannot decide are parsed one by one and checked by `jsonschema`,
+which also words every error. A list of categories becomes a list column, an object a
+struct.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json
 from jsonschema import Draft202012Validator
 
 from enrichflow.config import ResponseFormat
 from enrichflow.errors import InputError
+from tasks.load import BLOCK_BYTES
+from tasks.render import string_data
 
 TEXT_COLUMN = "response"
 _SCALARS = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(),
             "boolean": pa.bool_()}
-_SUBSET = {"type", "properties", "required", "additionalProperties", "items", "enum",
-           "anyOf", "description", "title"}
+_COLUMN_WISE = {"type", "properties", "required", "additionalProperties", "items", "enum",
+                "description", "title"}
 
 
 def answer_columns(response_format: ResponseFormat) -> dict[str, tuple[pa.DataType, dict]]:
@@ -55,7 +65,6 @@ def answer_reader(response_format: ResponseFormat
         return lambda content, _: ({TEXT_COLUMN: content}, None)
     schema = response_format.schema_
     validator = Draft202012Validator(schema) if schema else None
-    fast = _compile(schema) if schema else None
 
     def read(content: str, finish_reason: str | None) -> tuple[Any, str | None]:
         try:
@@ -66,14 +75,107 @@ def answer_reader(response_format: ResponseFormat
         if validator is None:  # json_object: the answer is kept as JSON text
             return ({TEXT_COLUMN: content}, None) if isinstance(parsed, dict) else \
                 (None, "the answer is not a JSON object")
-        if fast is None or not fast(parsed):
-            error = next(iter(validator.iter_errors(parsed)), None)
-            if error is not None:
-                where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-                return None, f"the answer does not fit the schema at {where}: {error.message}"
+        error = next(iter(validator.iter_errors(parsed)), None)
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+            return None, f"the answer does not fit the schema at {where}: {error.message}"
         return parsed, None
 
     return read
+
+
+def read_answers(contents: pa.Array, finish_reasons: pa.Array, response_format: ResponseFormat
+                 ) -> tuple[pa.StructArray, list[str | None]]:
+    """Each answer's typed value (null where it has a problem) and its problem, if any;
+    column-wise where the schema allows, one by one where it must."""
+    kind = answer_type(response_format)
+    count = len(contents)
+    decided = np.zeros(count, dtype=bool)
+    values = pa.nulls(count, kind)
+    schema = response_format.schema_
+    column_wise = response_format.type == "json_schema" and bool(schema) and _column_wise(schema)
+    one_line = pc.invert(pc.fill_null(pc.match_substring(contents, "\n"), True))
+    candidates = np.flatnonzero(one_line.to_numpy(zero_copy_only=False)) if column_wise else []
+    if len(candidates):
+        texts = contents.take(pa.array(candidates, pa.int64()))
+        try:
+            table = pyarrow.json.read_json(
+                io.BytesIO(string_data(pc.binary_join_element_wise(texts, "\n", ""))),
+                read_options=pyarrow.json.ReadOptions(block_size=BLOCK_BYTES),
+                parse_options=pyarrow.json.ParseOptions(explicit_schema=pa.schema(list(kind)),
+                                                        unexpected_field_behavior="error"))
+        except pa.ArrowInvalid:
+            table = None
+        if table is not None and table.num_rows == len(candidates):
+            parsed = pa.StructArray.from_arrays([c.combine_chunks() for c in table.columns],
+                                                fields=list(kind))
+            nulls_doubt = pc.match_substring(texts, "null").to_numpy(zero_copy_only=False)
+            sure = ~_doubtful(parsed, schema, nulls_doubt)
+            decided[candidates[sure]] = True
+            where = np.full(count, -1, dtype=np.int64)
+            where[candidates[sure]] = np.flatnonzero(sure)
+            values = parsed.take(pa.array(where, mask=where < 0))
+    problems: list[str | None] = [None] * count
+    rest = np.flatnonzero(~decided)
+    if len(rest):
+        read = answer_reader(response_format)
+        taken = pa.array(rest, pa.int64())
+        one_by_one = [read(text, reason) for text, reason in zip(
+            contents.take(taken).to_pylist(), finish_reasons.take(taken).to_pylist(),
+            strict=True)]
+        for i, (_, problem) in zip(rest, one_by_one, strict=True):
+            problems[i] = problem
+        others = typed_answers([value for value, _ in one_by_one], kind)
+        at = np.arange(count)
+        at[rest] = count + np.arange(len(rest))
+        values = pa.concat_arrays([values, others]).take(pa.array(at, pa.int64()))
+    return values, problems
+
+
+def _column_wise(schema: dict) -> bool:
+    """Whether every object of the schema is closed and every node is in the subset
+    that Arrow's reader and `_doubtful` decide."""
+    def fits(node: Any) -> bool:
+        if not isinstance(node, dict) or set(node) - _COLUMN_WISE:
+            return False
+        kind = node.get("type")
+        if kind == "object":
+            return node.get("additionalProperties") is False and bool(node.get("properties")) \
+                and all(fits(sub) for sub in node["properties"].values())
+        if kind == "array":
+            return fits(node.get("items"))
+        if isinstance(kind, str) and kind in _SCALARS:
+            return "enum" not in node or all(isinstance(v, str) for v in node["enum"])
+        return False
+    return fits(schema)
+
+
+def _doubtful(array: pa.Array, node: dict, nulls_doubt: np.ndarray) -> np.ndarray:
+    """Per value of `array` (read by Arrow as the schema's types): whether the columns
+    cannot vouch for it, at any depth: a required field that is null (missing, or null:
+    jsonschema tells), an optional one that is null where the answer's text holds a
+    `null` (`nulls_doubt`: it may be an explicit null, not a missing field), a null item
+    of an array, or a value outside its enum."""
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    doubt = np.zeros(len(array), dtype=bool)
+    if node.get("type") == "object":
+        required = set(node.get("required", []))
+        for name, sub in node["properties"].items():
+            child = pc.struct_field(array, name)
+            null = child.is_null().to_numpy(zero_copy_only=False)
+            doubt |= valid & null & (nulls_doubt if name not in required else True)
+            doubt |= valid & _doubtful(child, sub, nulls_doubt)
+    elif node.get("type") == "array":
+        values = pc.list_flatten(array)
+        if len(values):
+            parents = pc.list_parent_indices(array).to_numpy()
+            inner = _doubtful(values, node["items"], nulls_doubt[parents]) | \
+                values.is_null().to_numpy(zero_copy_only=False)
+            doubt |= np.bincount(parents[inner], minlength=len(array)) > 0
+    elif "enum" in node:
+        doubt |= valid & ~pc.fill_null(pc.is_in(array, value_set=pa.array(node["enum"])),
+                                       False).to_numpy(zero_copy_only=False)
+    return doubt
 
 
 def typed_answers(values: list[dict[str, Any] | None], kind: pa.StructType) -> pa.Array:
@@ -125,60 +227,3 @@ def _arrow_type(node: dict, root: dict, refs: frozenset[str] = frozenset()) -> p
     return pa.string()
 
 
-def _is(kind: str, value: Any) -> bool:
-    if kind == "integer":
-        return (isinstance(value, int) and not isinstance(value, bool)) or \
-            (isinstance(value, float) and value.is_integer())
-    if kind == "number":
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    return isinstance(value, {"string": str, "boolean": bool, "object": dict, "array": list,
-                              "null": type(None)}[kind])
-
-
-def _compile(node: Any) -> Callable[[Any], bool] | None:
-    """A fast check of a value against a schema node written in the common subset; None
-    for a node outside it (jsonschema checks those). True means valid; False means
-    jsonschema is asked, and words the error."""
-    if not isinstance(node, dict) or set(node) - _SUBSET:
-        return None
-    checks: list[Callable[[Any], bool]] = []
-    if "type" in node:
-        kinds = [node["type"]] if isinstance(node["type"], str) else node["type"]
-        if not isinstance(kinds, list) or not all(
-                k in {"string", "integer", "number", "boolean", "object", "array", "null"}
-                for k in kinds):
-            return None
-        checks.append(lambda v: any(_is(k, v) for k in kinds))
-    if "enum" in node:
-        allowed = node["enum"]
-        if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
-            return None
-        checks.append(lambda v: isinstance(v, str) and v in allowed)
-    if "anyOf" in node:
-        options = [_compile(option) for option in node["anyOf"]]
-        if any(option is None for option in options):
-            return None
-        checks.append(lambda v: any(option(v) for option in options))
-    properties = {}
-    for name, sub in (node.get("properties") or {}).items():
-        properties[name] = _compile(sub)
-        if properties[name] is None:
-            return None
-    required = node.get("required", [])
-    closed = node.get("additionalProperties", True)
-    if closed not in (True, False):
-        return None
-    if properties or required or closed is False:
-        def object_ok(v: Any) -> bool:
-            if not isinstance(v, dict):
-                return True
-            return all(r in v for r in required) and \
-                (closed or v.keys() <= properties.keys()) and \
-                all(check(v[name]) for name, check in properties.items() if name in v)
-        checks.append(object_ok)
-    if "items" in node:
-        items = _compile(node["items"])
-        if items is None:
-            return None
-        checks.append(lambda v: not isinstance(v, list) or all(items(i) for i in v))
-    return lambda v: all(check(v) for check in checks)

@@ -25,9 +25,9 @@ from openai.types import Batch
 
 from enrichflow.config import ResponseFormat
 from tasks import as_task
-from tasks.answers import answer_reader, answer_type, typed_answers
+from tasks.answers import answer_type, read_answers
 from tasks.api import TRANSIENT, retry_on
-from tasks.load import BLOCK_BYTES, ROW
+from tasks.load import ROW
 
 RESULT_FIELDS = [
     (ROW, pa.int64()), ("_custom_id", pa.string()), ("_batch_id", pa.string()),
@@ -36,6 +36,9 @@ RESULT_FIELDS = [
     ("_prompt_tokens", pa.int64()), ("_completion_tokens", pa.int64()),
 ]
 VALUE = "_value"  # the answer as a struct of its output columns
+# Arrow reads a result file in blocks of this size in parallel; a file with a longer line
+# (a huge answer) is read line by line instead.
+RESULT_BLOCK_BYTES = 16 * 1024 * 1024
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled", "request_timeout",
                              "token_limit_exceeded"})
@@ -69,40 +72,52 @@ def collect_results(client: OpenAI, batch: Batch, rows: pa.Array, custom_ids: pa
         message = f"batch {batch.id} failed validation: {code}: {first.message if first else ''}"
         return error_results(rows, custom_ids, batch.id, message, code in RETRYABLE_CODES,
                              schema)
-    lines = pa.concat_tables([_read_lines(client, batch.output_file_id),
-                              _read_lines(client, batch.error_file_id)])
-    found = pc.index_in(custom_ids, value_set=lines["custom_id"])
-    lines = lines.take(found)  # a row per custom id; null where the batch returned none
+    lines = []
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if file_id:  # a clean batch may report "" as well as null
+            with _downloaded(client, file_id) as path:
+                lines.append(read_result_lines(path))
+    return results_of_lines(pa.concat_tables(lines) if lines else LINE.empty_table(),
+                            batch.id, rows, custom_ids, response_format)
+
+
+def results_of_lines(lines: pa.Table, batch_id: str, rows: pa.Array, custom_ids: pa.Array,
+                     response_format: ResponseFormat) -> pa.Table:
+    """Results for exactly `rows` (with their `custom_ids`) from a batch's output and
+    error lines (LINE)."""
+    schema = results_schema(response_format)
+    found = pc.index_in(custom_ids, value_set=lines["custom_id"])  # null: no line for it
     response = lines["response"]
     body = pc.struct_field(response, "body")
     usage = pc.struct_field(body, "usage")
     first = _first_choices(pc.struct_field(body, "choices"))
-    content = pc.struct_field(pc.struct_field(first, "message"), "content")
-    finish_reason = pc.struct_field(first, "finish_reason")
-    status = pc.struct_field(response, "status_code")
+    content, finish_reason, status, prompt, completion = (column.take(found) for column in (
+        pc.struct_field(pc.struct_field(first, "message"), "content"),
+        pc.struct_field(first, "finish_reason"), pc.struct_field(response, "status_code"),
+        pc.struct_field(usage, "prompt_tokens"), pc.struct_field(usage, "completion_tokens")))
     answered = pc.fill_null(pc.and_(pc.equal(status, 200), pc.is_valid(content)), False)
 
-    read = answer_reader(response_format)
-    values: list[Any] = [None] * len(custom_ids)
+    values, problems = read_answers(content.filter(answered), finish_reason.filter(answered),
+                                    response_format)
     errors: list[str | None] = [None] * len(custom_ids)
     retryable: list[bool] = [False] * len(custom_ids)
-    for i, text, reason in zip(np.flatnonzero(answered.to_numpy(zero_copy_only=False)),
-                               content.filter(answered).to_pylist(),
-                               finish_reason.filter(answered).to_pylist(), strict=True):
-        values[i], errors[i] = read(text, reason)
-        retryable[i] = errors[i] is not None
+    answered_at = np.flatnonzero(answered.to_numpy(zero_copy_only=False))
+    for i, problem in zip(answered_at, problems, strict=True):
+        if problem is not None:
+            errors[i], retryable[i] = problem, True
     failed = np.flatnonzero(pc.invert(answered).to_numpy(zero_copy_only=False))
-    for i, line in zip(failed, lines.take(pa.array(failed, pa.int64())).to_pylist(),
+    for i, line in zip(failed, lines.take(found.take(pa.array(failed, pa.int64()))).to_pylist(),
                        strict=True):
-        errors[i], retryable[i] = _line_error(batch.id, line)
+        errors[i], retryable[i] = _line_error(batch_id, line)
     ok = pa.array([e is None for e in errors])
+    where = np.full(len(custom_ids), -1, dtype=np.int64)
+    where[answered_at] = np.arange(len(answered_at))
     return pa.Table.from_arrays([
         rows.cast(pa.int64()), custom_ids.cast(pa.string()),
-        pa.array([batch.id] * len(rows), pa.string()), ok, pa.array(errors, pa.string()),
+        pa.array([batch_id] * len(rows), pa.string()), ok, pa.array(errors, pa.string()),
         pa.array(retryable), pc.if_else(ok, content, pa.scalar(None, pa.string())),
         pc.if_else(ok, finish_reason, pa.scalar(None, pa.string())),
-        pc.struct_field(usage, "prompt_tokens"), pc.struct_field(usage, "completion_tokens"),
-        typed_answers(values, schema.field(VALUE).type)], schema=schema)
+        prompt, completion, values.take(pa.array(where, mask=where < 0))], schema=schema)
 
 
 def error_results(rows: pa.Array, custom_ids: pa.Array, batch_id: str | None, message: str,
@@ -147,19 +162,17 @@ def _first_choices(choices: pa.ChunkedArray) -> pa.Array:
     return flat.take(pa.array(first, mask=first < 0))
 
 
-def _read_lines(client: OpenAI, file_id: str | None) -> pa.Table:
-    if not file_id:  # a clean batch may report "" as well as null
-        return LINE.empty_table()
-    with _downloaded(client, file_id) as path:
-        try:
-            return pyarrow.json.read_json(
-                path, read_options=pyarrow.json.ReadOptions(block_size=BLOCK_BYTES),
-                parse_options=pyarrow.json.ParseOptions(
-                    explicit_schema=LINE, unexpected_field_behavior="ignore"))
-        except pa.ArrowInvalid:  # a line of another shape: read line by line instead
-            with open(path, "rb") as handle:
-                return pa.Table.from_pylist([_shaped(orjson.loads(line)) for line in handle
-                                             if line.strip()], schema=LINE)
+def read_result_lines(path: str) -> pa.Table:
+    """A local output or error file as LINE, column-wise (line by line if it must)."""
+    try:
+        return pyarrow.json.read_json(
+            path, read_options=pyarrow.json.ReadOptions(block_size=RESULT_BLOCK_BYTES),
+            parse_options=pyarrow.json.ParseOptions(
+                explicit_schema=LINE, unexpected_field_behavior="ignore"))
+    except pa.ArrowInvalid:  # a line of another shape, or longer than a block
+        with open(path, "rb") as handle:
+            return pa.Table.from_pylist([_shaped(orjson.loads(line)) for line in handle
+                                         if line.strip()], schema=LINE)
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from enrichflow.errors import InputError
 from tasks.load import KEY
-from tasks.render import LINE
+from tasks.render import LINE, string_data
 
 TOKENS = "_tokens"  # estimated prompt tokens of a request
 BYTES = "_bytes"  # bytes of its JSONL line, newline included
@@ -86,12 +86,5 @@ def _check(requests: pa.Table, sizes: pa.ChunkedArray, limit: int, unit: str,
 
 
 def jsonl(requests: pa.Table) -> bytes:
-    """The requests' JSONL file: the lines' Arrow string data, as it is."""
-    pieces = []
-    for lines in requests[LINE].chunks:
-        _, offsets, data = lines.buffers()
-        kind = np.int64 if pa.types.is_large_string(lines.type) else np.int32
-        bounds = np.frombuffer(offsets, dtype=kind)[lines.offset:lines.offset + len(lines) + 1]
-        if len(lines):
-            pieces.append(data.slice(int(bounds[0]), int(bounds[-1] - bounds[0])).to_pybytes())
-    return b"".join(pieces)
+    """The requests' JSONL file: their lines as they lie in Arrow's buffers."""
+    return string_data(requests[LINE])

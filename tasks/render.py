@@ -13,6 +13,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -147,6 +148,18 @@ def escape_json(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
         for control in _OTHER_CONTROLS:
             text = pc.replace_substring(text, control, f"\\u{ord(control):04x}")
     return text
+
+
+def string_data(strings: pa.Array | pa.ChunkedArray) -> bytes:
+    """The strings one after another, as they lie in Arrow's buffers (no copy per value)."""
+    pieces = []
+    for chunk in strings.chunks if isinstance(strings, pa.ChunkedArray) else [strings]:
+        _, offsets, data = chunk.buffers()
+        kind = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        bounds = np.frombuffer(offsets, dtype=kind)[chunk.offset:chunk.offset + len(chunk) + 1]
+        if len(chunk):
+            pieces.append(data.slice(int(bounds[0]), int(bounds[-1] - bounds[0])).to_pybytes())
+    return b"".join(pieces)
 
 
 def _escape_literal(text: str) -> str:

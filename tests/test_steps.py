@@ -11,8 +11,8 @@ from jsonschema import Draft202012Validator
 from enrichflow.config import DatasetConfig, RequestConfig, ResponseFormat
 from enrichflow.errors import InputError
 from localbatch.engines import MockEngine
-from tasks import load
-from tasks.answers import answer_reader
+from tasks import answers, load
+from tasks.answers import answer_reader, read_answers
 from tasks.estimate import Price, chat_prompt_tokens, request_tokens
 from tasks.load import KEY, ROW, RowReader, Source, check_unique_keys
 from tasks.merge import attempt_results_schema, merge_part
@@ -258,29 +258,64 @@ NESTED = {"type": "object", "additionalProperties": False, "required": ["tags", 
                                                        {"type": "null"}]}}}}}
 
 
-@pytest.mark.parametrize("answer", [
+CLOSED = {"type": "object", "additionalProperties": False, "required": ["tags", "score", "who"],
+          "properties": {
+              "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}},
+              "score": {"type": "integer"},
+              "who": {"type": "object", "required": ["name"], "additionalProperties": False,
+                      "properties": {"name": {"type": "string"}, "age": {"type": "number"}}},
+              "notes": {"type": "array", "items": {
+                  "type": "object", "additionalProperties": False, "required": ["text"],
+                  "properties": {"text": {"type": "string"}}}}}}
+ANSWERS = [
     {"tags": ["a"], "score": 1, "who": {"name": "x"}},
-    {"tags": [], "score": None, "who": {"name": "x", "age": 3.5}},
+    {"tags": [], "score": 2, "who": {"name": "x", "age": 3.5}, "notes": [{"text": "n"}]},
     {"tags": ["a"], "score": 1.0, "who": {"name": "x"}},
     {"tags": ["c"], "score": 1, "who": {"name": "x"}},
     {"tags": ["a"], "score": True, "who": {"name": "x"}},
     {"tags": ["a"], "score": "1", "who": {"name": "x"}},
     {"tags": "a", "score": 1, "who": {"name": "x"}},
     {"tags": ["a"], "score": 1},
+    {"tags": ["a"], "score": None, "who": {"name": "x"}},
     {"tags": ["a"], "score": 1, "who": {"name": "x", "extra": 1}},
     {"tags": ["a"], "score": 1, "who": {"name": 5}},
     {"tags": ["a"], "score": 1, "who": {"name": "x"}, "more": 1},
-    {"tags": ["a"], "score": 1, "who": {"name": "x", "age": "old"}},
+    {"tags": ["a"], "score": 1, "who": {"name": "x"}, "notes": [{}]},
+    {"tags": ["a"], "score": 1, "who": {"name": "x"}, "notes": [{"text": None}]},
     [], "text", None,
-])
-def test_the_fast_answer_check_agrees_with_jsonschema(answer):
-    read = answer_reader(ResponseFormat(type="json_schema", schema=NESTED))
-    value, problem = read(json.dumps(answer), "stop")
-    valid = Draft202012Validator(NESTED).is_valid(answer)
-    assert (problem is None) == valid
-    assert value == (answer if valid else None)
-    if not valid:
-        assert problem.startswith("the answer does not fit the schema at ")
+]
+
+
+def present(value):
+    """The value without its null fields (a missing field reads as null), at any depth."""
+    if isinstance(value, dict):
+        return {k: present(v) for k, v in value.items() if v is not None}
+    return [present(v) for v in value] if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("schema", [CLOSED, NESTED], ids=["closed", "open"])
+def test_answers_read_column_wise_agree_with_jsonschema(schema):
+    """Every answer valid by jsonschema is kept, typed; every other one has jsonschema's
+    error; `{...}\n` pretty-printed answers are read one by one."""
+    answers = [json.dumps(a) for a in ANSWERS] + [json.dumps(ANSWERS[0], indent=1)]
+    expected = ANSWERS + [ANSWERS[0]]
+    fmt = ResponseFormat(type="json_schema", schema=schema)
+    values, problems = read_answers(pa.array(answers), pa.array(["stop"] * len(answers)), fmt)
+    validator = Draft202012Validator(schema)
+    for answer, value, problem in zip(expected, values.to_pylist(), problems, strict=True):
+        if validator.is_valid(answer):
+            assert problem is None and value is not None
+            assert present(value) == present(answer)
+        else:
+            assert value is None and problem.startswith("the answer does not fit the schema")
+
+
+def test_valid_answers_of_a_closed_schema_are_never_checked_one_by_one(monkeypatch):
+    valid = [json.dumps(a) for a in ANSWERS[:2]] * 50
+    monkeypatch.setattr(answers, "answer_reader", lambda fmt: pytest.fail("read one by one"))
+    values, problems = read_answers(pa.array(valid), pa.array(["stop"] * len(valid)),
+                                    ResponseFormat(type="json_schema", schema=CLOSED))
+    assert problems == [None] * 100 and values.to_pylist()[1]["who"]["age"] == 3.5
 
 
 # merge ----------------------------------------------------------------------------------
