@@ -35,6 +35,8 @@ lint: install
 bench: install
 	$(BIN)/python bench/localbatch_throughput.py
 	$(BIN)/python bench/render_throughput.py
+	$(BIN)/python bench/collect_throughput.py
+	$(BIN)/python bench/e2e_scale.py
 
 clean:
 	rm -rf $(VENV) .localbatch .prefect out

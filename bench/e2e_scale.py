@@ -1,0 +1,91 @@
+"""The movies job end to end at scale: wall time, rows per second and peak memory.
+
+Generates movies tables (data/make_movies.py) and runs the real `enrichflow run` on each,
+against the embedded mock server, Prefect start-up included, as a user would. Each run's
+peak RSS is its process's (and its children's) maximum resident set. Checks that every
+row is in the output exactly once and `ok`, then prints the figures of each size and the
+ratios of the largest to the smallest (goals at 1,000,000 rows: at most 8 minutes, and
+at most 1.5x the memory of 100,000 rows, under 1.5 GB).
+
+    .venv/bin/python bench/e2e_scale.py [--rows 100000,1000000] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "data"))
+from make_movies import main as make_movies  # noqa: E402
+
+# Runs a command with its output to a file; prints the peak RSS (KiB) of what it ran.
+MEASURED = ("import resource, subprocess, sys\n"
+            "with open(sys.argv[1], 'w') as log:\n"
+            "    code = subprocess.call(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+            "sys.exit(code)\n")
+
+
+def run_job(rows: int, work: Path) -> tuple[float, float]:
+    """(seconds, peak MiB) of one run of the movies job over `rows` generated movies."""
+    data = work / f"movies-{rows}.csv"
+    if not data.exists():
+        make_movies([str(rows), str(data)])
+    job = yaml.safe_load((REPO / "configs" / "movies.yaml").read_text())
+    job["dataset"]["path"] = str(data)
+    job["output"] = str(work / f"out-{rows}")
+    path = work / f"movies-{rows}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    log = work / f"run-{rows}.log"
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", MEASURED, str(log),
+                           str(Path(sys.executable).with_name("enrichflow")), "run", str(path),
+                           "--force"], capture_output=True, text=True, cwd=REPO)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"the run of {rows:,} rows failed; see {log}")
+    check_output(work / f"out-{rows}", rows)
+    return seconds, int(done.stdout.split()[-1]) / 1024
+
+
+def check_output(output: Path, rows: int) -> None:
+    table = ds.dataset(output, format="parquet").to_table(columns=["Series_Title", "_status"])
+    assert table.num_rows == rows, f"{table.num_rows:,} rows written, not {rows:,}"
+    assert pc.count_distinct(table["Series_Title"]).as_py() == rows, "a row is written twice"
+    assert pc.all(pc.equal(table["_status"], "ok")).as_py(), "a row is not ok"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="100000,1000000",
+                        help="comma-separated table sizes, smallest first")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder for the tables and outputs (default: a temporary one)")
+    args = parser.parse_args()
+    sizes = [int(size) for size in args.rows.split(",")]
+    work = args.work or Path(tempfile.mkdtemp(prefix="enrichflow-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    for rows in sizes:
+        seconds, peak = run_job(rows, work)
+        figures[rows] = seconds, peak
+        print(f"{rows:>10,} rows: {seconds:7.1f} s wall, {rows / seconds:9,.0f} rows/s, "
+              f"peak RSS {peak:7,.0f} MiB", flush=True)
+    if len(sizes) > 1:
+        small, large = figures[sizes[0]], figures[sizes[-1]]
+        print(f"{sizes[-1]:,} / {sizes[0]:,} rows: time {large[0] / small[0]:.1f}x, "
+              f"memory {large[1] / small[1]:.2f}x (goal at most 1.5x)")
+    print(f"tables, outputs and logs are in {work}")
+
+
+if __name__ == "__main__":
+    main()
