@@ -30,6 +30,8 @@ from enrichflow.errors import InputError
 KEY = "_key"
 ROW = "_row"  # the row's number in the dataset, from 0
 BLOCK_BYTES = 64 * 1024 * 1024  # the largest cell or JSON line a file may hold
+SMALL_BLOCK_BYTES = 1024 * 1024  # text is parsed in blocks this small (memory), if it can
+INFER_BYTES = 4 * 1024 * 1024  # column types come from the rows of a text file's first block
 BATCH_ROWS = 16_384  # rows a pass works on at once
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl",
            ".ndjson": "jsonl"}
@@ -73,8 +75,8 @@ class Source:
         if not files:
             raise InputError(f"dataset.path: {dataset.path} matches no CSV, Parquet or JSONL "
                              "file; check the path, or the files' extensions")
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        full = [f if protocol == "file" else f"{protocol}://{f}" for f in files]
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        full = [f if local else fs.unstrip_protocol(f) for f in files]
         return cls(dataset, options, full, _format(dataset, files), root, fs)
 
     @property
@@ -131,23 +133,41 @@ class Source:
                 .append_column(ROW, rows)
 
     def _read_file(self, path: str) -> Iterator[pa.RecordBatch]:
+        """The file's rows, checked, with its hive partition columns. Text is parsed in
+        small blocks, with the column types the first rows show; a file with a longer
+        cell or line is read again in large blocks, from where it was."""
         partitions = _hive_partitions(path, self.root)
-        try:
-            with self.fs.open(path, "rb") as handle:
-                first_row = 0
-                for batch in self._parse(handle, path):
-                    _check_text(batch, self.format, path, first_row)
-                    first_row += batch.num_rows
-                    for name, value in partitions.items():
-                        batch = batch.append_column(name, pa.array([value] * batch.num_rows))
-                    yield batch
-        except InputError:
-            raise
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"dataset.path: {path} is not readable as {self.format}: {exc}. "
-                             "Check the file, or set dataset.format") from exc
+        done, schema = 0, None
+        for block_bytes in (SMALL_BLOCK_BYTES, BLOCK_BYTES):
+            try:
+                read = 0
+                with self.fs.open(path, "rb") as handle:
+                    if schema is None and self.format != "parquet":
+                        schema = next(iter(self._parse(handle, path, INFER_BYTES)), None)
+                        schema = None if schema is None else schema.schema
+                        handle.seek(0)
+                    for batch in self._parse(handle, path, block_bytes, schema):
+                        batch, read = batch.slice(max(done - read, 0)), read + batch.num_rows
+                        if not batch.num_rows:
+                            continue
+                        _check_text(batch, self.format, path, done)
+                        done += batch.num_rows
+                        for name, value in partitions.items():
+                            batch = batch.append_column(name, pa.array([value] * batch.num_rows))
+                        yield batch
+                return
+            except InputError:
+                raise
+            except (pa.ArrowInvalid, OSError) as exc:
+                if "straddle" in str(exc) and block_bytes < BLOCK_BYTES:
+                    continue
+                raise InputError(f"dataset.path: {path} is not readable as {self.format}: "
+                                 f"{exc}. Check the file, or set dataset.format") from exc
 
-    def _parse(self, handle, path: str) -> Iterator[pa.RecordBatch]:
+    def _parse(self, handle, path: str, block_bytes: int,
+               schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:
+        """The file's record batches; text in blocks of `block_bytes`, typed as `schema`
+        (if given)."""
         if self.format == "parquet":
             yield from pq.ParquetFile(handle).iter_batches(batch_size=BATCH_ROWS)
             return
@@ -157,7 +177,9 @@ class Source:
             if encoding != "utf-8":
                 stream = pa.transcoding_input_stream(stream, encoding, "utf-8")
             yield from pyarrow.json.open_json(
-                stream, read_options=pyarrow.json.ReadOptions(block_size=BLOCK_BYTES))
+                stream, read_options=pyarrow.json.ReadOptions(block_size=block_bytes),
+                parse_options=pyarrow.json.ParseOptions(
+                    explicit_schema=schema, unexpected_field_behavior="infer"))
             return
         invalid: list[Any] = []
 
@@ -168,8 +190,10 @@ class Source:
         try:
             yield from pyarrow.csv.open_csv(
                 handle, read_options=pyarrow.csv.ReadOptions(
-                    block_size=BLOCK_BYTES, encoding=encoding, use_threads=False),
-                parse_options=pyarrow.csv.ParseOptions(invalid_row_handler=first_invalid_row))
+                    block_size=block_bytes, encoding=encoding, use_threads=False),
+                parse_options=pyarrow.csv.ParseOptions(invalid_row_handler=first_invalid_row),
+                convert_options=pyarrow.csv.ConvertOptions(
+                    column_types=None if schema is None else {f.name: f.type for f in schema}))
         except pa.ArrowInvalid as exc:
             if not invalid:
                 raise
