@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from enrichflow.storage import Location
-from tasks.render import LINE
+from tasks.render import LINE, string_buffers
 
 HASH = "_request_hash"
 DEFAULT_FILE = "_cache/answers.parquet"
@@ -32,9 +32,11 @@ def request_hashes(requests: pa.Table) -> pa.Array:
     """sha256 of each line's body: everything after its `custom_id` field, up to its
     newline."""
     hashes = []
-    for line in requests[LINE].to_pylist():
-        body = line[line.index('"method"'):-1]
-        hashes.append(hashlib.sha256(body.encode()).hexdigest())
+    lines = requests[LINE]
+    starts = iter(pc.find_substring(lines, '"method"').to_pylist())  # bytes into each line
+    for data, bounds in string_buffers(lines):
+        for begin, end in zip(bounds, bounds[1:], strict=False):
+            hashes.append(hashlib.sha256(data[begin + next(starts):end - 1]).hexdigest())
     return pa.array(hashes, pa.string())
 
 

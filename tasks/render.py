@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,13 +154,20 @@ def escape_json(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
 def string_data(strings: pa.Array | pa.ChunkedArray) -> bytes:
     """The strings one after another, as they lie in Arrow's buffers (no copy per value)."""
     pieces = []
+    for data, bounds in string_buffers(strings):
+        if len(bounds) > 1:
+            pieces.append(data[bounds[0]:bounds[-1]].tobytes())
+    return b"".join(pieces)
+
+
+def string_buffers(strings: pa.Array | pa.ChunkedArray) -> Iterator[tuple[memoryview, list[int]]]:
+    """Each chunk's UTF-8 data, and where its values start and end in it (value i is
+    data[bounds[i]:bounds[i + 1]])."""
     for chunk in strings.chunks if isinstance(strings, pa.ChunkedArray) else [strings]:
         _, offsets, data = chunk.buffers()
         kind = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
         bounds = np.frombuffer(offsets, dtype=kind)[chunk.offset:chunk.offset + len(chunk) + 1]
-        if len(chunk):
-            pieces.append(data.slice(int(bounds[0]), int(bounds[-1] - bounds[0])).to_pybytes())
-    return b"".join(pieces)
+        yield memoryview(data) if data is not None else memoryview(b""), bounds.tolist()
 
 
 def _escape_literal(text: str) -> str:
