@@ -224,6 +224,10 @@ class JobConfig(_Strict):
     max_cost_usd: float | None = Field(
         default=None, gt=0, description="Stop before uploading if the estimate may pass this.")
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    cleanup: bool = Field(
+        default=True, description="Delete a batch's files at the provider once its results "
+                                  "are collected, and the collected results once the output "
+                                  "is written.")
 
     @field_validator("storage_options")
     @classmethod

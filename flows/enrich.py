@@ -132,6 +132,8 @@ def send_and_write(job: JobConfig, location: Location, prepared: Prepared, state
     manifest = build_manifest(job, state, prepared, written, location)
     finish_output(location, written.parts, manifest)
     state.finish()
+    if job.cleanup:
+        state.remove_results()
     publish_results(manifest, written.first_rows, job)
     log.info("%s: wrote %s rows to %s (%s); cost %s%s", job.name, f"{written.rows:,}",
              location.uri, ", ".join(f"{n:,} {s}" for s, n in manifest["rows_by_status"].items()),

@@ -36,7 +36,12 @@ from tasks.prepare import Prepared
 from tasks.render import CUSTOM_ID, custom_ids, render_requests
 from tasks.report import start_progress
 from tasks.state import RunState, ShardRecord
-from tasks.submit import create_batch_task, find_batch_task, upload_shard_task
+from tasks.submit import (
+    create_batch_task,
+    delete_files_task,
+    find_batch_task,
+    upload_shard_task,
+)
 from tasks.wait import TERMINAL, look_at_batches_task, wait_for_batches_task
 
 WaitMode = Literal["poll", "suspend"]
@@ -88,8 +93,9 @@ class ShardLines:
                                    job.dataset.path, job.storage_options).requests
         if rendered.num_rows != len(rows):
             raise InputError(f"{job.dataset.path}: {len(rows) - rendered.num_rows} row(s) "
-                             "could not be rendered again (an image that was readable is "
-                             "not?); run the job again")
+                             "that could be sent when the run was planned render no request "
+                             "now (an image that was readable then is not?); run the job "
+                             "again")
         return rendered
 
     def custom_ids(self, rows: pa.Array) -> pa.Array:
@@ -171,13 +177,16 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
                 if again:
                     queue.extendleft(reversed(again))
                     continue
-            ids = run.custom_ids or lines.custom_ids(run.rows)
+            ids = lines.custom_ids(run.rows) if run.custom_ids is None else run.custom_ids
             table = collect_results_task(client, batch, run.rows, ids,
                                          job.request.response_format)
             state.save_results(run.record, table)
             ok = pc.sum(table["_ok"]).as_py() or 0
             log.info("%s: batch %s is %s; collected %s ok, %s failed", run.record.name,
                      batch.id, batch.status, f"{ok:,}", f"{table.num_rows - ok:,}")
+            if job.cleanup:
+                delete_files_task(client, [batch.input_file_id, batch.output_file_id,
+                                           batch.error_file_id])
 
 
 def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],

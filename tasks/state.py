@@ -21,7 +21,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from enrichflow.errors import StorageError
 from enrichflow.storage import Location
@@ -31,6 +30,7 @@ from tasks.load import ROW
 STATE_FILE = "_state/run.json"
 CANCEL_FILE = "_state/cancel-requested.json"
 ATTEMPT = "_attempt"  # of a result: its attempt
+RESULTS_DIR = "_state/results"
 
 
 @dataclass
@@ -49,6 +49,8 @@ class ShardRecord:
     request_counts: dict[str, int] | None = None
     start: int | None = None  # a piece of a split shard: its first row in the attempt
     parent: int | None = None  # a piece of a split shard: the shard it was cut from
+    first_row: int | None = None  # collected: the dataset rows its results are of, from...
+    last_row: int | None = None  # ...to (both included)
 
     @property
     def name(self) -> str:
@@ -56,7 +58,7 @@ class ShardRecord:
 
     @property
     def results_name(self) -> str:
-        return f"_state/results/attempt-{self.attempt}-shard-{self.shard}.parquet"
+        return f"{RESULTS_DIR}/attempt-{self.attempt}-shard-{self.shard}.parquet"
 
 
 @dataclass
@@ -107,7 +109,7 @@ class RunState:
         state = cls(job_key=job_key, config_hash=config_hash, dataset_fingerprint=fingerprint,
                     provider=provider, flow_run_id=flow_run_id, resume=resume or {},
                     location=location, lease=lease)
-        location.remove("_state/results")
+        location.remove(RESULTS_DIR)
         state.save()
         return state, False
 
@@ -198,7 +200,12 @@ class RunState:
         attempt = pa.array([record.attempt] * results.num_rows, pa.int64())
         self.location.write_parquet(record.results_name,
                                     results.append_column(ATTEMPT, attempt))
-        self.update(record, status="collected")
+        span = pc.min_max(results[ROW]).as_py()
+        self.update(record, status="collected", first_row=span["min"], last_row=span["max"])
+
+    def remove_results(self) -> None:
+        """Drop the collected results, once they are in the written output."""
+        self.location.remove(RESULTS_DIR)
 
     def collected(self, attempt: int | None = None) -> list[ShardRecord]:
         with self._lock:
@@ -214,14 +221,14 @@ class RunState:
              "_retryable": pa.array([], pa.bool_())})
 
     def results_for(self, start: int, stop: int) -> pa.Table | None:
-        """Every collected result, of every attempt, of rows [start, stop); None if none
-        (read through the files' row statistics: a shard's rows are ascending)."""
-        names = [self.location.path(r.results_name) for r in self.collected()]
-        if not names:
-            return None
-        found = ds.dataset(names, filesystem=self.location.fs, format="parquet").to_table(
-            filter=(pc.field(ROW) >= start) & (pc.field(ROW) < stop))
-        return found if found.num_rows else None
+        """Every collected result, of every attempt, of rows [start, stop); None if none.
+        Only the shards whose rows reach into the range are read."""
+        wanted = (pc.field(ROW) >= start) & (pc.field(ROW) < stop)
+        found = [self.location.read_parquet(r.results_name, filters=wanted)
+                 for r in self.collected() if r.first_row is not None and
+                 r.first_row < stop and r.last_row >= start]
+        found = [table for table in found if table.num_rows]
+        return pa.concat_tables(found) if found else None
 
     @classmethod
     def finish_run(cls, location: Location, run_id: str) -> None:

@@ -7,14 +7,15 @@ before a create and the batch id after, so a killed run re-attaches on the next 
 The SDK sends no idempotency key, so a retried `POST /batches` could start a second,
 paid batch. Creation therefore goes without SDK retries; after a failure we look for a
 batch carrying this shard's metadata before trying again. An upload cut short by a kill
-leaves a file nobody journaled: the next upload of that shard deletes it first.
+leaves a file nobody journaled: the next upload of that shard deletes it first. Once a
+shard's results are collected and journaled, its files at the provider can go.
 """
 
 from __future__ import annotations
 
 import time
 
-from openai import OpenAI
+from openai import NotFoundError, OpenAI
 from openai.types import Batch
 from prefect import get_run_logger
 
@@ -66,8 +67,19 @@ def create_batch(client: OpenAI, file_id: str, endpoint: str, metadata: dict[str
     raise AssertionError("unreachable")
 
 
+def delete_files(client: OpenAI, file_ids: list[str | None]) -> None:
+    """Delete the files (a collected batch's input, output and error files); one gone
+    already is fine."""
+    for file_id in filter(None, file_ids):
+        try:
+            client.files.delete(file_id)
+        except NotFoundError:
+            pass
+
+
 _RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30],
             "retry_condition_fn": retry_on(*TRANSIENT)}
 upload_shard_task = as_task(upload_shard, "upload shard", **_RETRIES)
 create_batch_task = as_task(create_batch, "create batch", **_RETRIES)
 find_batch_task = as_task(find_batch, "find batch", **_RETRIES)
+delete_files_task = as_task(delete_files, "delete files", **_RETRIES)

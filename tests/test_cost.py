@@ -118,11 +118,12 @@ def test_a_rerun_pays_only_for_new_or_changed_requests(prefect_api, start_localb
 
 def test_a_run_killed_after_its_cache_before_its_output_still_counts_what_it_paid(
         prefect_api, start_localbatch, tmp_path):
-    """The state such a kill leaves: answers in the cache, no data, no manifest, the
-    journal unfinished. The re-run is the same run: it reuses nothing and counts the
-    tokens its own batches used, which the provider billed."""
+    """The state such a kill leaves: answers in the cache, collected results journaled
+    (kept: cleanup off), no data, no manifest, the journal unfinished. The re-run is the
+    same run: it reuses nothing and counts the tokens its own batches used, which the
+    provider billed."""
     server = start_localbatch()
-    path = job_file(tmp_path, generated_movies(30))
+    path = job_file(tmp_path, generated_movies(30), cleanup=False)
     paid = enrich(str(path), base_url=server.base_url)
     out = tmp_path / "out"
     (out / "part-00000.parquet").unlink()
@@ -162,7 +163,8 @@ def test_a_tight_token_limit_cuts_shards_smaller_instead_of_failing_rows(
     """3,000 rows under a 30,000-token limit that the provider counts a little differently
     than our estimate: refused shards are cut smaller, no row fails, no attempt is spent."""
     server = start_localbatch(Simulation(enqueued_token_limits={"gpt-4o-mini": 30_000}))
-    path = job_file(tmp_path, generated_movies(3_000), **{"limits.max_attempts": 1})
+    path = job_file(tmp_path, generated_movies(3_000), cleanup=False,  # results kept: see below
+                    **{"limits.max_attempts": 1})
     manifest = enrich(str(path), base_url=server.base_url)
 
     data = pd.read_parquet(tmp_path / "out")

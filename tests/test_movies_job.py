@@ -16,6 +16,7 @@ from conftest import REPO, generated_movies, job_file, python_job, sdk_client, w
 
 from enrichflow.cli import main
 from enrichflow.errors import InputError, RowsFailedError
+from flows import output as output_module
 from flows.enrich import enrich
 from localbatch import HttpFault, Simulation
 
@@ -181,5 +182,33 @@ def test_an_upload_never_journaled_is_deleted_before_the_shard_goes_up_again(
     enrich(str(path), base_url=server.base_url)
     client = sdk_client(server.base_url)
     uploads = [f.id for f in client.files.list(purpose="batch")]
-    assert orphan not in uploads and len(uploads) == 1
+    assert orphan not in uploads and uploads == [], "the shard's own upload goes once collected"
     assert pd.read_parquet(tmp_path / "out")["_status"].eq("ok").all()
+
+
+def test_a_folder_of_parquet_files_becomes_parts_in_input_order(prefect_api, start_localbatch,
+                                                                tmp_path, monkeypatch):
+    """A hive-partitioned folder, several shards and output parts, failed requests that go
+    round again: every input row once, in input order, across parts; results journaled
+    per shard are dropped once the output is written, and so are the provider's files."""
+    monkeypatch.setattr(output_module, "PART_ROWS", 40)
+    movies = generated_movies(150)
+    for year, rows in ((2001, movies.iloc[:70]), (2002, movies.iloc[70:])):
+        (tmp_path / "rows" / f"year={year}").mkdir(parents=True)
+        rows.to_parquet(tmp_path / "rows" / f"year={year}" / "part.parquet")
+    server = start_localbatch(Simulation(request_failure_rate=0.2, seed=3))
+    path = job_file(tmp_path, **{"dataset.path": str(tmp_path / "rows"), "dataset.format": None,
+                                 "dataset.id_column": "Series_Title",
+                                 "limits.max_requests_per_shard": 30})
+    manifest = enrich(str(path), base_url=server.base_url)
+
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == [
+        f"part-{i:05d}.parquet" for i in range(4)]
+    data = pd.read_parquet(out)
+    assert data["Series_Title"].tolist() == movies["Series_Title"].tolist()
+    assert data["year"].astype(str).tolist() == ["2001"] * 70 + ["2002"] * 80
+    assert (data["_status"] == "ok").all() and (data["_attempts"] > 1).any()
+    assert manifest["rows"] == 150 and manifest["parts"] == 4 and manifest["attempts"] > 1
+    assert not (out / "_state" / "results").exists()
+    assert sdk_client(server.base_url).files.list().data == []

@@ -16,7 +16,8 @@ from flows.enrich import enrich
 
 
 def sent_requests(client) -> dict[str, dict]:
-    """custom_id -> request body, from every batch input file the server received."""
+    """custom_id -> request body, from every batch input file the server received (the
+    jobs that read it keep their files at the provider: `cleanup: false`)."""
     bodies = {}
     for batch in client.batches.list():
         for line in read_jsonl(client, batch.input_file_id):
@@ -43,7 +44,7 @@ def test_furniture_job_captions_every_product(prefect_api, start_localbatch, tmp
                                               monkeypatch):
     monkeypatch.chdir(REPO)  # the sample data names its photos relative to the repository
     server = start_localbatch()
-    enrich(str(job_file(tmp_path, config="furniture")), base_url=server.base_url)
+    enrich(str(job_file(tmp_path, config="furniture", cleanup=False)), base_url=server.base_url)
 
     data = pd.read_parquet(tmp_path / "out")
     source = pd.read_csv(REPO / "data" / "furniture.csv")
@@ -69,8 +70,8 @@ def test_images_are_scaled_typed_from_bytes_and_listed(prefect_api, start_localb
                          "material": ["m", "m"], "color": ["c", "c"],
                          "images": [json.dumps([str(big)]),
                                     json.dumps([str(disguised), f"file://{disguised}"])]})
-    job = job_file(tmp_path, rows, config="furniture", **{"request.image_max_side": 512,
-                                          "dataset.id_column": None})
+    job = job_file(tmp_path, rows, config="furniture", cleanup=False,
+                   **{"request.image_max_side": 512, "dataset.id_column": None})
     spec = yaml.safe_load(job.read_text())
     spec["request"]["user"][1]["column"] = "images"
     job.write_text(yaml.safe_dump(spec))
@@ -122,7 +123,7 @@ def test_shards_are_cut_by_bytes_when_images_are_inlined(prefect_api, start_loca
                          "primary_image": [str(photo)] * 12})
     limit = 4 * len(base64.b64encode(photo.read_bytes())) + 4000
     server = start_localbatch()
-    manifest = enrich(str(job_file(tmp_path, rows, config="furniture", **{
+    manifest = enrich(str(job_file(tmp_path, rows, config="furniture", cleanup=False, **{
         "limits.max_bytes_per_shard": limit})), base_url=server.base_url)
 
     shards = manifest["shards"]
@@ -142,7 +143,7 @@ def test_images_on_s3_are_read_and_inlined(prefect_api, start_localbatch, s3_end
     rows = pd.DataFrame({"asin": ["S1"], "title": ["t"], "brand": ["b"], "material": ["m"],
                          "color": ["c"], "primary_image": ["s3://photos/chair.png"]})
     server = start_localbatch()
-    path = job_file(tmp_path, rows, config="furniture",
+    path = job_file(tmp_path, rows, config="furniture", cleanup=False,
                     storage_options={"endpoint_url": s3_endpoint})
     enrich(str(path), base_url=server.base_url)
     data = pd.read_parquet(tmp_path / "out")
