@@ -21,10 +21,11 @@ from conftest import (
     wait_for_batches,
 )
 
-from enrichflow.config import load_job
+from enrichflow.config import DatasetConfig, load_job
 from enrichflow.errors import ConfigError, StorageError
 from flows.enrich import enrich
 from localbatch import Simulation
+from tasks.load import Source
 
 ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 
@@ -125,3 +126,16 @@ def test_credentials_in_storage_options_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="key, aws_secret_access_key: credentials do not "
                                           "belong in a job file"):
         load_job(path)
+
+
+@pytest.mark.parametrize("pattern", ["rows", "rows/*/*.csv"])
+def test_a_dataset_folder_or_glob_on_s3_is_read_in_path_order(s3_endpoint, s3, bucket,
+                                                              pattern):
+    for year in (2002, 2001):
+        s3.pipe(f"{bucket}/rows/year={year}/part.csv", f"text\n{year}a\n{year}b\n".encode())
+    s3.pipe(f"{bucket}/rows/_SUCCESS", b"")
+    source = Source.open(DatasetConfig(path=f"s3://{bucket}/{pattern}"),
+                         {"endpoint_url": s3_endpoint})
+    rows = source.read()
+    assert rows["text"].to_pylist() == ["2001a", "2001b", "2002a", "2002b"]
+    assert rows["year"].to_pylist() == ["2001", "2001", "2002", "2002"]
