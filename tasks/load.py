@@ -57,9 +57,11 @@ class Source:
         try:
             fs, path = url_to_fs(dataset.path, **options)
             if any(c in path for c in "*?["):
-                files, root = sorted(fs.glob(path)), path.split("*")[0].rsplit("/", 1)[0]
+                root = path.split("*")[0].rsplit("/", 1)[0]
+                files = sorted(f for f in fs.glob(path) if _is_data(f, root, dataset.format))
             elif fs.isdir(path):
-                files, root = sorted(f for f in fs.find(path) if _is_data(f)), path
+                files = sorted(f for f in fs.find(path) if _is_data(f, path, dataset.format))
+                root = path
             elif fs.exists(path):
                 files, root = [path], path.rsplit("/", 1)[0]
             else:
@@ -115,11 +117,6 @@ class Source:
                     return
         if not seen:
             raise InputError(f"dataset.path: {self.dataset.path} has no rows; nothing to enrich")
-
-    def read(self, start: int = 0, stop: int | None = None) -> pa.Table:
-        """Rows [start, stop) as one table (tests, and the few rows a retry needs)."""
-        batches = list(self.batches(start, stop))
-        return pa.Table.from_batches(batches) if batches else pa.table({})
 
     def _with_keys(self, batch: pa.RecordBatch, first_row: int) -> Iterator[pa.RecordBatch]:
         if any(c.startswith("_") for c in batch.schema.names):  # `_key`, every output `_…`
@@ -294,12 +291,13 @@ class RowReader:
         return pa.concat_tables(parts)
 
 
-def _is_data(path: str) -> bool:
-    """A data file of a dataset folder: not hidden, no `_` name (Parquet writers' and our
-    own `_manifest.json`, `_state/`), of a known format."""
-    parts = PurePosixPath(path).parts
-    return not any(p.startswith(("_", ".")) for p in parts[-1:]) and \
-        PurePosixPath(path).suffix.lower() in FORMATS
+def _is_data(path: str, root: str, fmt: str | None) -> bool:
+    """A data file of a dataset folder or glob: nothing below the root is hidden or named
+    with a `_` (Parquet writers' `_SUCCESS`, our own `_manifest.json` and `_state/`), and
+    its extension is a known format's, unless the job names the format."""
+    below = PurePosixPath(path[len(root.rstrip("/")) + 1:]).parts
+    return not any(p.startswith(("_", ".")) for p in below) and \
+        (fmt is not None or PurePosixPath(path).suffix.lower() in FORMATS)
 
 
 def _format(dataset: DatasetConfig, files: list[str]) -> str:

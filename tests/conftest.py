@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import yaml
 from openai import OpenAI
@@ -46,6 +47,11 @@ def job_file(tmp_path: Path, rows: pd.DataFrame | None = None, config: str = "mo
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
+
+
+def read_all(source) -> pa.Table:
+    """Every row of a dataset (`tasks.load.Source`), as one table."""
+    return pa.Table.from_batches(list(source.batches()))
 
 
 def generated_movies(count: int) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from conftest import (
     generated_movies,
     job_file,
     python_job,
+    read_all,
     sdk_client,
     start_job,
     wait_for_batches,
@@ -136,6 +137,6 @@ def test_a_dataset_folder_or_glob_on_s3_is_read_in_path_order(s3_endpoint, s3, b
     s3.pipe(f"{bucket}/rows/_SUCCESS", b"")
     source = Source.open(DatasetConfig(path=f"s3://{bucket}/{pattern}"),
                          {"endpoint_url": s3_endpoint})
-    rows = source.read()
+    rows = read_all(source)
     assert rows["text"].to_pylist() == ["2001a", "2001b", "2002a", "2002b"]
     assert rows["year"].to_pylist() == ["2001", "2001", "2002", "2002"]

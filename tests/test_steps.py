@@ -6,6 +6,7 @@ import json
 
 import pyarrow as pa
 import pytest
+from conftest import read_all
 from jsonschema import Draft202012Validator
 
 from enrichflow.config import DatasetConfig, RequestConfig, ResponseFormat
@@ -32,7 +33,7 @@ def table(**columns) -> pa.Table:
 
 def load_rows(dataset: DatasetConfig) -> pa.Table:
     """The whole dataset, checked as a run checks it."""
-    rows = Source.open(dataset).read()
+    rows = read_all(Source.open(dataset))
     check_unique_keys(rows[KEY], dataset)
     return rows
 
@@ -60,6 +61,8 @@ def test_a_dataset_can_be_a_folder_a_glob_or_hive_partitions(tmp_path, layout):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(f"text\nrow {2 * i}\nrow {2 * i + 1}\n")
     (root / "_manifest.json").write_text("{}")
+    (root / "_state").mkdir()
+    (root / "_state" / "results.csv").write_text("text\nnot data\n")
     path = str(root / "*.csv") if layout == "glob" else str(root)
     rows = load_rows(DatasetConfig(path=path))
     assert rows["text"].to_pylist() == ["row 0", "row 1", "row 2", "row 3"]
@@ -83,7 +86,7 @@ def test_rows_stream_in_batches_and_read_back_by_range(tmp_path, monkeypatch, fm
         pa.parquet.write_table(rows, path, row_group_size=9)
     source = Source.open(DatasetConfig(path=str(path), id_column="id", limit=45))
     assert all(b.num_rows <= 7 for b in source.batches())
-    assert source.read()[KEY].to_pylist() == [f"r{i}" for i in range(45)]
+    assert read_all(source)[KEY].to_pylist() == [f"r{i}" for i in range(45)]
     reader = RowReader(source)
     assert reader.read(3, 12)[ROW].to_pylist() == list(range(3, 12))
     assert reader.read(12, 20)[KEY].to_pylist() == [f"r{i}" for i in range(12, 20)]
