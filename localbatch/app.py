@@ -10,12 +10,12 @@ import re
 import shutil
 import tempfile
 from pathlib import PurePath
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,12 +31,23 @@ FORM_SLACK = 1024 * 1024  # what the multipart form adds around the file
 PEEK_BYTES = 64 * 1024  # how far into a large upload its purpose is looked for
 
 
+class ExpiresAfter(BaseModel):
+    """When the batch's output and error files expire, as OpenAI takes it."""
+
+    model_config = ConfigDict(extra="forbid")
+    anchor: Literal["created_at"]
+    seconds: StrictInt = Field(ge=3600, le=2_592_000)
+
+
 class CreateBatch(BaseModel):
+    """The body of `POST /v1/batches`; anything else in it is refused, as OpenAI does."""
+
+    model_config = ConfigDict(extra="forbid")
     input_file_id: str
     endpoint: str
     completion_window: str
-    metadata: dict[str, str] | None = None
-    output_expires_after: dict[str, Any] | None = None
+    metadata: dict[str, StrictStr] | None = None
+    output_expires_after: ExpiresAfter | None = None
 
 
 def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
@@ -137,6 +148,8 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
     def list_files(purpose: str | None = None, after: str | None = None,
                    limit: int = Query(10_000, ge=1, le=10_000),
                    order: str = Query("desc", pattern="^(asc|desc)$")):
+        if after and store.get_file(after) is None:  # never restart at the first page
+            raise not_found("file", after)
         items, has_more = store.list_files(purpose, after, limit, order)
         return _page(items, has_more)
 
@@ -160,11 +173,14 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/batches")
     def create_batch(params: CreateBatch):
+        expires = params.output_expires_after
         return lifecycle.create(params.input_file_id, params.endpoint, params.completion_window,
-                                params.metadata, params.output_expires_after)
+                                params.metadata, expires.seconds if expires else None)
 
     @app.get("/v1/batches")
     def list_batches(after: str | None = None, limit: int = Query(20, ge=1, le=100)):
+        if after and store.get_batch(after) is None:  # never restart at the first page
+            raise not_found("batch", after)
         items, has_more = store.list_batches(after, limit)
         return _page(items, has_more)
 
@@ -175,6 +191,19 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/batches/{batch_id}/cancel")
     def cancel_batch(batch_id: str):
         return lifecycle.cancel(batch_id)
+
+    # models ---------------------------------------------------------------------------
+
+    @app.get("/v1/models")
+    def list_models():
+        return {"object": "list", "data": [_model(name) for name in lifecycle.engine.models()]}
+
+    @app.get("/v1/models/{model}")
+    def get_model(model: str):
+        if model not in lifecycle.engine.models():
+            raise APIError(404, f"The model '{model}' does not exist.", code="model_not_found",
+                           param="model")
+        return _model(model)
 
     # synchronous requests, answered by the same engine --------------------------------
 
@@ -243,6 +272,10 @@ def _expires_after(anchor: Any, seconds: Any) -> int | None:
         raise APIError(400, "expires_after[seconds] must be between 3600 and 2592000.",
                        param="expires_after.seconds")
     return value
+
+
+def _model(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "localbatch"}
 
 
 def _page(items: list[dict], has_more: bool) -> dict:

@@ -27,6 +27,9 @@ MOCK_FINGERPRINT = "fp_localbatch_mock"
 CHAT_URL = "/v1/chat/completions"
 EMBEDDINGS_URL = "/v1/embeddings"
 DEFAULT_EMBEDDING_DIMENSIONS = {"text-embedding-3-large": 3072}
+MOCK_MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o4-mini",
+               "gpt-5", "gpt-5-mini", "gpt-5-nano", "text-embedding-3-small",
+               "text-embedding-3-large"]
 
 Result = tuple[int, dict[str, Any]]
 _WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
@@ -42,6 +45,10 @@ class Engine(Protocol):
 
     def run(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Result]:
         """Answer each `(url, body)` in order."""
+        ...
+
+    def models(self) -> list[str]:
+        """The models it answers for (`GET /v1/models`)."""
         ...
 
 
@@ -60,6 +67,10 @@ class MockEngine:
 
     def run(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Result]:
         return [self.answer(url, body) for url, body in requests]
+
+    def models(self) -> list[str]:
+        """The OpenAI models whose requests it imitates (it answers any model name)."""
+        return MOCK_MODELS
 
     def answer(self, url: str, body: dict[str, Any]) -> Result:
         """The answer to one request; a malformed body is a 400 of that request alone,
@@ -321,6 +332,14 @@ class ForwardEngine:
                 payload = error_body(response.text[:500], type_="server_error")
             return response.status_code, payload
         raise AssertionError("unreachable")
+
+    def models(self) -> list[str]:
+        """The upstream's models; none when it does not list them."""
+        try:
+            response = self._client.get(f"{self._base}/models")
+            return [m["id"] for m in response.raise_for_status().json()["data"]]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return []
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

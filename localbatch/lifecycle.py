@@ -45,7 +45,8 @@ class Lifecycle:
     # requests from clients ----------------------------------------------------------
 
     def create(self, input_file_id: str, endpoint: str, completion_window: str,
-               metadata: dict[str, str] | None, output_expires_after: dict | None) -> dict:
+               metadata: dict[str, str] | None, output_ttl: int | None) -> dict:
+        """A new batch; `output_ttl`: seconds its output and error files live, if set."""
         if completion_window != "24h":
             raise APIError(400, "completion_window must be '24h'.", param="completion_window")
         if endpoint not in BATCH_ENDPOINTS:
@@ -70,9 +71,8 @@ class Lifecycle:
             "finalizing_at": None, "completed_at": None, "failed_at": None,
             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
             "request_counts": {"total": 0, "completed": 0, "failed": 0},
-            "usage": _zero_usage(), "metadata": metadata or None,
+            "usage": _zero_usage(), "metadata": metadata,
         }
-        output_ttl = (output_expires_after or {}).get("seconds")
         work = {"phase_started": time.time(), "deadline": time.time()
                 + self.sim.completion_window_seconds, "next_line": 0, "out_bytes": 0,
                 "err_bytes": 0, "enqueued_tokens": 0, "expire_after": None, "credit": 0.0,

@@ -252,15 +252,56 @@ def test_batch_list_is_newest_first_and_paginates(start_localbatch):
         client.batches.retrieve("batch_unknown")
 
 
-def test_create_rejects_bad_parameters(start_localbatch):
+def test_a_list_after_an_unknown_id_is_404_not_the_first_page_again(start_localbatch):
+    """Restarting at the first page would make an auto-paginating client loop for ever."""
     client = sdk_client(start_localbatch().base_url)
+    submit(client, [chat_line("a", "x")])
+    with pytest.raises(openai.NotFoundError, match="batch_unknown"):
+        client.batches.list(after="batch_unknown")
+    with pytest.raises(openai.NotFoundError, match="file-unknown"):
+        client.files.list(after="file-unknown")
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"metadata": {"k": "v" * 513}}, "metadata"),
+    ({"metadata": {"k": 1}}, "metadata"),
+    ({"temperature": 0}, "temperature"),
+    ({"output_expires_after": {"anchor": "created_at", "seconds": "3600"}}, "seconds"),
+    ({"output_expires_after": {"anchor": "created_at", "seconds": 60}}, "seconds"),
+    ({"output_expires_after": {"anchor": "expires_at", "seconds": 3600}}, "anchor"),
+    ({"output_expires_after": {"seconds": 3600}}, "anchor"),
+])
+def test_create_refuses_a_body_openai_refuses(start_localbatch, extra, param):
+    """A string `seconds` once made a batch that never left `finalizing`."""
+    client = sdk_client(start_localbatch().base_url, max_retries=0)
     file = upload(client, [chat_line("a", "x")])
-    with pytest.raises(openai.BadRequestError, match="metadata"):
+    with pytest.raises(openai.BadRequestError, match=param):
         client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
-                              completion_window="24h", metadata={"k": "v" * 513})
+                              completion_window="24h", extra_body=extra)
+    assert client.batches.list().data == []
     with pytest.raises(openai.NotFoundError):
         client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions",
                               completion_window="24h")
+
+
+def test_empty_metadata_comes_back_empty_and_output_expiry_is_taken(start_localbatch):
+    client = sdk_client(start_localbatch().base_url)
+    batch = submit(client, [chat_line("a", "x")], metadata={},
+                   extra_body={"output_expires_after": {"anchor": "created_at",
+                                                        "seconds": 3600}})
+    assert batch.metadata == {}
+    done = wait_until(client, batch.id)
+    assert done.status == "completed"
+    output = client.files.retrieve(done.output_file_id)
+    assert output.expires_at == output.created_at + 3600
+
+
+def test_models_are_listed(start_localbatch):
+    client = sdk_client(start_localbatch().base_url)
+    assert {"gpt-4o-mini", "text-embedding-3-small"} <= {m.id for m in client.models.list()}
+    assert client.models.retrieve("gpt-4o-mini").owned_by == "localbatch"
+    with pytest.raises(openai.NotFoundError, match="model_not_found|does not exist"):
+        client.models.retrieve("no-such-model")
 
 
 # auth, faults, engines ------------------------------------------------------------------
