@@ -26,6 +26,9 @@ from localbatch.tokens import image_parts, message_text, prompt_tokens, text_tok
 MOCK_FINGERPRINT = "fp_localbatch_mock"
 CHAT_URL = "/v1/chat/completions"
 EMBEDDINGS_URL = "/v1/embeddings"
+BATCH_ENDPOINTS = frozenset({  # what OpenAI's Batch API takes
+    "/v1/responses", CHAT_URL, EMBEDDINGS_URL, "/v1/completions", "/v1/moderations",
+})
 DEFAULT_EMBEDDING_DIMENSIONS = {"text-embedding-3-large": 3072}
 MOCK_MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o4-mini",
                "gpt-5", "gpt-5-mini", "gpt-5-nano", "text-embedding-3-small",
@@ -51,6 +54,10 @@ class Engine(Protocol):
         """The models it answers for (`GET /v1/models`)."""
         ...
 
+    def endpoints(self) -> frozenset[str]:
+        """The batch endpoints it answers; a batch for another is refused at create."""
+        ...
+
 
 class MockEngine:
     """Deterministic answers derived from the request, marked as mock in `system_fingerprint`.
@@ -71,6 +78,9 @@ class MockEngine:
     def models(self) -> list[str]:
         """The OpenAI models whose requests it imitates (it answers any model name)."""
         return MOCK_MODELS
+
+    def endpoints(self) -> frozenset[str]:
+        return frozenset({CHAT_URL, EMBEDDINGS_URL})
 
     def answer(self, url: str, body: dict[str, Any]) -> Result:
         """The answer to one request; a malformed body is a 400 of that request alone,
@@ -332,6 +342,9 @@ class ForwardEngine:
                 payload = error_body(response.text[:500], type_="server_error")
             return response.status_code, payload
         raise AssertionError("unreachable")
+
+    def endpoints(self) -> frozenset[str]:
+        return BATCH_ENDPOINTS  # the upstream answers for each of them
 
     def models(self) -> list[str]:
         """The upstream's models; none when it does not list them."""

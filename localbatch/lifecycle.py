@@ -16,16 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from localbatch.engines import Engine, error_body
+from localbatch.engines import BATCH_ENDPOINTS, Engine, error_body
 from localbatch.errors import APIError, not_found
 from localbatch.simulation import Dice, Simulation
 from localbatch.store import Store, new_id, now
 from localbatch.tokens import prompt_tokens
 
-BATCH_ENDPOINTS = frozenset({
-    "/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions",
-    "/v1/moderations",
-})
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 MAX_REPORTED_ERRORS = 100
@@ -52,6 +48,11 @@ class Lifecycle:
         if endpoint not in BATCH_ENDPOINTS:
             raise APIError(400, f"Invalid endpoint '{endpoint}'. Supported: "
                            f"{', '.join(sorted(BATCH_ENDPOINTS))}.", param="endpoint")
+        if endpoint not in self.engine.endpoints():  # refused now, not line by line later
+            raise APIError(400, f"This server's {self.engine.name} engine does not serve "
+                           f"{endpoint}; it serves "
+                           f"{', '.join(sorted(self.engine.endpoints()))}.", param="endpoint",
+                           code="unsupported_endpoint")
         _check_metadata(metadata)
         input_file = self.store.get_file(input_file_id)
         if input_file is None:

@@ -284,6 +284,18 @@ def test_create_refuses_a_body_openai_refuses(start_localbatch, extra, param):
                               completion_window="24h")
 
 
+def test_an_endpoint_the_engine_does_not_serve_is_refused_at_create(start_localbatch):
+    """Accepted, it would fail every line: batchor's default /v1/responses ended 0 of 20."""
+    client = sdk_client(start_localbatch().base_url, max_retries=0)
+    file = upload(client, [chat_line("a", "x").replace("/v1/chat/completions",
+                                                      "/v1/moderations")])
+    with pytest.raises(openai.BadRequestError, match="mock engine does not serve "
+                                                     "/v1/moderations"):
+        client.batches.create(input_file_id=file.id, endpoint="/v1/moderations",
+                              completion_window="24h")
+    assert client.batches.list().data == []
+
+
 def test_empty_metadata_comes_back_empty_and_output_expiry_is_taken(start_localbatch):
     client = sdk_client(start_localbatch().base_url)
     batch = submit(client, [chat_line("a", "x")], metadata={},
