@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from localbatch.engines import CHAT_URL, EMBEDDINGS_URL
+from localbatch.engines import BATCH_ENDPOINTS
 from localbatch.errors import APIError, not_found
 from localbatch.lifecycle import Lifecycle
 from localbatch.simulation import Dice
@@ -207,24 +207,21 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
 
     # synchronous requests, answered by the same engine --------------------------------
 
-    @app.post(CHAT_URL)
-    async def chat(request: Request):
-        return await _answer(CHAT_URL, request)
+    def _answering(url: str):
+        async def answer(request: Request) -> JSONResponse:
+            try:
+                body = await request.json()
+            except ValueError as exc:
+                raise APIError(400, "The body is not valid JSON.") from exc
+            if isinstance(body, dict) and body.get("stream"):
+                raise APIError(400, "localbatch does not stream; send stream=false.",
+                               param="stream")
+            status, result = (await run_in_threadpool(lifecycle.engine.run, [(url, body)]))[0]
+            return JSONResponse(result, status_code=status)
+        return answer
 
-    @app.post(EMBEDDINGS_URL)
-    async def embeddings(request: Request):
-        return await _answer(EMBEDDINGS_URL, request)
-
-    async def _answer(url: str, request: Request) -> JSONResponse:
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            raise APIError(400, "The body is not valid JSON.") from exc
-        if isinstance(body, dict) and body.get("stream"):
-            raise APIError(400, "localbatch does not stream; send stream=false.",
-                           param="stream")
-        status, answer = (await run_in_threadpool(lifecycle.engine.run, [(url, body)]))[0]
-        return JSONResponse(answer, status_code=status)
+    for url in sorted(BATCH_ENDPOINTS):
+        app.add_api_route(url, _answering(url), methods=["POST"])
 
     return app
 

@@ -21,14 +21,30 @@ from typing import Any, Protocol
 
 import httpx
 
-from localbatch.tokens import image_parts, message_text, prompt_tokens, text_tokens
+from localbatch.tokens import (
+    image_parts,
+    message_text,
+    prompt_tokens,
+    responses_input_text,
+    text_tokens,
+)
 
 MOCK_FINGERPRINT = "fp_localbatch_mock"
 CHAT_URL = "/v1/chat/completions"
 EMBEDDINGS_URL = "/v1/embeddings"
+RESPONSES_URL = "/v1/responses"
+COMPLETIONS_URL = "/v1/completions"
+MODERATIONS_URL = "/v1/moderations"
 BATCH_ENDPOINTS = frozenset({  # what OpenAI's Batch API takes
-    "/v1/responses", CHAT_URL, EMBEDDINGS_URL, "/v1/completions", "/v1/moderations",
+    RESPONSES_URL, CHAT_URL, EMBEDDINGS_URL, COMPLETIONS_URL, MODERATIONS_URL,
 })
+MODERATION_CATEGORIES = {  # category: the input types it applies to
+    "harassment": ["text"], "harassment/threatening": ["text"], "hate": ["text"],
+    "hate/threatening": ["text"], "illicit": ["text"], "illicit/violent": ["text"],
+    "self-harm": ["text"], "self-harm/instructions": ["text"], "self-harm/intent": ["text"],
+    "sexual": ["text"], "sexual/minors": ["text"], "violence": ["text"],
+    "violence/graphic": ["text"],
+}
 DEFAULT_EMBEDDING_DIMENSIONS = {"text-embedding-3-large": 3072}
 MOCK_MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o4-mini",
                "gpt-5", "gpt-5-mini", "gpt-5-nano", "text-embedding-3-small",
@@ -54,10 +70,6 @@ class Engine(Protocol):
         """The models it answers for (`GET /v1/models`)."""
         ...
 
-    def endpoints(self) -> frozenset[str]:
-        """The batch endpoints it answers; a batch for another is refused at create."""
-        ...
-
 
 class MockEngine:
     """Deterministic answers derived from the request, marked as mock in `system_fingerprint`.
@@ -68,6 +80,8 @@ class MockEngine:
     four letters or more (three items unless the schema bounds say otherwise), enums with
     the option picked by a hash of the text, numbers with the word count, booleans with
     whether that count is even. A text answer is `Mock answer: ` and the first 30 words.
+    The same holds for Responses (`text.format`) and Completions (text); a moderation
+    flags `violence` when its input holds the word "attack".
     """
 
     name = "mock"
@@ -79,22 +93,22 @@ class MockEngine:
         """The OpenAI models whose requests it imitates (it answers any model name)."""
         return MOCK_MODELS
 
-    def endpoints(self) -> frozenset[str]:
-        return frozenset({CHAT_URL, EMBEDDINGS_URL})
-
     def answer(self, url: str, body: dict[str, Any]) -> Result:
         """The answer to one request; a malformed body is a 400 of that request alone,
         never an exception that would stall its batch."""
+        if url == MODERATIONS_URL and isinstance(body, dict):  # the model is optional there
+            body = {"model": "omni-moderation-latest", **body}
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return 400, error_body("you must provide a model parameter", param="model")
         problem = _check_types(body)
         if problem:
             return 400, problem
+        handlers = {CHAT_URL: self._chat, EMBEDDINGS_URL: self._embeddings,
+                    RESPONSES_URL: self._responses, COMPLETIONS_URL: self._completions,
+                    MODERATIONS_URL: self._moderations}
         try:
-            if url == CHAT_URL:
-                return self._chat(body)
-            if url == EMBEDDINGS_URL:
-                return self._embeddings(body)
+            if url in handlers:
+                return handlers[url](body)
         except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
             return 400, error_body(f"Invalid request body: {type(exc).__name__}: {exc}")
         return 400, error_body(f"the mock engine does not serve {url}", param="url",
@@ -116,23 +130,11 @@ class MockEngine:
             if message["role"] == "user":
                 user_text.append(message_text(message.get("content")))
         text = " ".join(user_text)
-        words = _WORD.findall(text)
-        finish_reason = "stop"
         response_format = body.get("response_format") or {"type": "text"}
-        kind = response_format.get("type")
-        if kind == "json_schema":
-            schema = (response_format.get("json_schema") or {}).get("schema") or {}
-            content = json.dumps(_fill(schema, schema, text, words), ensure_ascii=False)
-        elif kind == "json_object":
-            content = json.dumps({"answer": " ".join(words[:12])}, ensure_ascii=False)
-        else:
-            answer_words = ["Mock", "answer:", *words[:30]]
-            limit = body.get("max_completion_tokens") or body.get("max_tokens")
-            if limit and text_tokens(" ".join(answer_words)) > limit:
-                while answer_words and text_tokens(" ".join(answer_words)) > limit:
-                    answer_words.pop()
-                finish_reason = "length"
-            content = " ".join(answer_words)
+        schema = (response_format.get("json_schema") or {}).get("schema") or {}
+        content, finish_reason = _answer_text(
+            text, response_format.get("type"), schema,
+            body.get("max_completion_tokens") or body.get("max_tokens"))
         prompt = prompt_tokens(CHAT_URL, body)
         completion = text_tokens(content)
         return 200, {
@@ -159,6 +161,79 @@ class MockEngine:
             "service_tier": "default",
             "system_fingerprint": MOCK_FINGERPRINT,
         }
+
+    def _responses(self, body: dict[str, Any]) -> Result:
+        """A Responses answer; `text.format` is honoured as chat's `response_format`."""
+        text = responses_input_text(body)
+        if not text and not isinstance(body.get("input"), list):
+            return 400, error_body("'input' must be a string or an array of input items",
+                                   param="input")
+        fmt = (body.get("text") or {}).get("format") or {"type": "text"}
+        content, finish_reason = _answer_text(text, fmt.get("type"), fmt.get("schema") or {},
+                                              body.get("max_output_tokens"))
+        prompt, completion = prompt_tokens(RESPONSES_URL, body), text_tokens(content)
+        created = time.time()
+        cut = finish_reason == "length"
+        return 200, {
+            "id": "resp_" + uuid.uuid4().hex, "object": "response", "created_at": created,
+            "status": "incomplete" if cut else "completed", "completed_at": created,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "instructions": body.get("instructions"), "metadata": body.get("metadata") or {},
+            "model": body["model"], "max_output_tokens": body.get("max_output_tokens"),
+            "output": [{
+                "id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant",
+                "status": "incomplete" if cut else "completed",
+                "content": [{"type": "output_text", "text": content, "annotations": [],
+                             "logprobs": []}],
+            }],
+            "parallel_tool_calls": True, "temperature": body.get("temperature", 1.0),
+            "tool_choice": "auto", "tools": [], "top_p": body.get("top_p", 1.0),
+            "text": {"format": fmt}, "truncation": "disabled", "service_tier": "default",
+            "usage": {
+                "input_tokens": prompt, "output_tokens": completion,
+                "total_tokens": prompt + completion,
+                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0},
+            },
+        }
+
+    def _completions(self, body: dict[str, Any]) -> Result:
+        prompt_text = body.get("prompt")
+        if not isinstance(prompt_text, str):
+            return 400, error_body("'prompt' must be a string", param="prompt")
+        content, finish_reason = _answer_text(prompt_text, "text", {}, body.get("max_tokens"))
+        prompt, completion = prompt_tokens(COMPLETIONS_URL, body), text_tokens(content)
+        return 200, {
+            "id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion",
+            "created": int(time.time()), "model": body["model"],
+            "choices": [{"index": 0, "text": content, "finish_reason": finish_reason,
+                         "logprobs": None}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion},
+            "system_fingerprint": MOCK_FINGERPRINT,
+        }
+
+    def _moderations(self, body: dict[str, Any]) -> Result:
+        """Each input flagged for `violence` when it holds the word "attack", else not."""
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(inputs, list) or not inputs:
+            return 400, error_body("'input' must be a string or a non-empty array",
+                                   param="input")
+        results = []
+        for item in inputs:
+            text = item if isinstance(item, str) else message_text([item])
+            violent = "attack" in _WORD.findall(text.lower())
+            results.append({
+                "flagged": violent,
+                "categories": {c: violent and c == "violence" for c in MODERATION_CATEGORIES},
+                "category_scores": {c: 0.9 if violent and c == "violence" else 0.0001
+                                    for c in MODERATION_CATEGORIES},
+                "category_applied_input_types": MODERATION_CATEGORIES,
+            })
+        return 200, {"id": "modr-" + uuid.uuid4().hex[:24], "model": body["model"],
+                     "results": results}
 
     def _embeddings(self, body: dict[str, Any]) -> Result:
         inputs = body.get("input")
@@ -222,6 +297,25 @@ def _check_image(part: dict[str, Any]) -> str | None:
     except (binascii.Error, ValueError):
         return "the data: URL image is not valid base64"
     return None
+
+
+def _answer_text(text: str, kind: str | None, schema: dict[str, Any],
+                 limit: int | None) -> tuple[str, str]:
+    """(content, finish reason) of a mock answer to `text`: an object that fits `schema`
+    for `json_schema`, a small object for `json_object`, else `Mock answer: ` and the
+    first 30 words, cut to `limit` tokens (finish reason `length`)."""
+    words = _WORD.findall(text)
+    if kind == "json_schema":
+        return json.dumps(_fill(schema, schema, text, words), ensure_ascii=False), "stop"
+    if kind == "json_object":
+        return json.dumps({"answer": " ".join(words[:12])}, ensure_ascii=False), "stop"
+    answer_words = ["Mock", "answer:", *words[:30]]
+    finish_reason = "stop"
+    if limit and text_tokens(" ".join(answer_words)) > limit:
+        while answer_words and text_tokens(" ".join(answer_words)) > limit:
+            answer_words.pop()
+        finish_reason = "length"
+    return " ".join(answer_words), finish_reason
 
 
 def _unit_vector(text: str, dims: int) -> list[float]:
@@ -342,9 +436,6 @@ class ForwardEngine:
                 payload = error_body(response.text[:500], type_="server_error")
             return response.status_code, payload
         raise AssertionError("unreachable")
-
-    def endpoints(self) -> frozenset[str]:
-        return BATCH_ENDPOINTS  # the upstream answers for each of them
 
     def models(self) -> list[str]:
         """The upstream's models; none when it does not list them."""

@@ -48,11 +48,6 @@ class Lifecycle:
         if endpoint not in BATCH_ENDPOINTS:
             raise APIError(400, f"Invalid endpoint '{endpoint}'. Supported: "
                            f"{', '.join(sorted(BATCH_ENDPOINTS))}.", param="endpoint")
-        if endpoint not in self.engine.endpoints():  # refused now, not line by line later
-            raise APIError(400, f"This server's {self.engine.name} engine does not serve "
-                           f"{endpoint}; it serves "
-                           f"{', '.join(sorted(self.engine.endpoints()))}.", param="endpoint",
-                           code="unsupported_endpoint")
         _check_metadata(metadata)
         input_file = self.store.get_file(input_file_id)
         if input_file is None:

@@ -20,16 +20,26 @@ def text_tokens(text: str) -> int:
 
 
 def message_text(content: Any) -> str:
-    """The text of a chat message's content, whether a string or a list of parts."""
+    """The text of a message's content (Chat Completions or Responses), whether a string
+    or a list of parts."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         return " ".join(
             part.get("text", "")
             for part in content
-            if isinstance(part, dict) and part.get("type") == "text"
+            if isinstance(part, dict) and part.get("type") in ("text", "input_text")
         )
     return ""
+
+
+def responses_input_text(body: dict[str, Any]) -> str:
+    """The user's text of a Responses request: its `input`, a string or a list of items."""
+    items = body.get("input")
+    if isinstance(items, str):
+        return items
+    return " ".join(message_text(item.get("content")) for item in items or []
+                    if isinstance(item, dict) and item.get("role", "user") == "user")
 
 
 def image_parts(content: Any) -> list[dict[str, Any]]:
@@ -39,7 +49,10 @@ def image_parts(content: Any) -> list[dict[str, Any]]:
 
 
 def prompt_tokens(url: str, body: dict[str, Any]) -> int:
-    """Prompt tokens of one request body for `url` (chat completions or embeddings)."""
+    """Prompt tokens of one request body for `url`."""
+    if url.endswith("/responses"):
+        return text_tokens(str(body.get("instructions") or "")) + \
+            text_tokens(responses_input_text(body)) + TOKENS_PER_REPLY
     if url.endswith("/embeddings"):
         inputs = body.get("input")
         items = inputs if isinstance(inputs, list) else [inputs]
