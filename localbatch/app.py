@@ -23,7 +23,7 @@ from localbatch.engines import BATCH_ENDPOINTS
 from localbatch.errors import APIError, not_found
 from localbatch.lifecycle import Lifecycle
 from localbatch.simulation import Dice
-from localbatch.store import new_id
+from localbatch.store import BATCH_FILE_TTL, new_id
 
 UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data"})
 MAX_FILE_BYTES = 512 * 1024 * 1024  # OpenAI's limit for a file of any purpose
@@ -128,6 +128,8 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
                            "must be a .jsonl file.", param="file")
         ttl = _expires_after(form.get("expires_after[anchor]"),
                              form.get("expires_after[seconds]"))
+        if ttl is None and purpose == "batch":
+            ttl = BATCH_FILE_TTL
         size = upload.size if upload.size is not None else 0
         if purpose == "batch" and size > sim.max_file_bytes:
             raise APIError(413, f"File is {size:,} bytes; a batch input may be at most "

@@ -19,7 +19,7 @@ from typing import Any
 from localbatch.engines import BATCH_ENDPOINTS, Engine, error_body
 from localbatch.errors import APIError, not_found
 from localbatch.simulation import Dice, Simulation
-from localbatch.store import Store, new_id, now
+from localbatch.store import BATCH_FILE_TTL, Store, new_id, now
 from localbatch.tokens import prompt_tokens
 
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
@@ -326,7 +326,7 @@ class Lifecycle:
                  "error": {"code": code, "message": message}} for r in unrun])
             batch["request_counts"]["failed"] += len(unrun)
             work["next_line"] = len(lines)
-        ttl = work.get("output_ttl")
+        ttl = work.get("output_ttl") or BATCH_FILE_TTL
         for kind, field, label in (("out", "output_file_id", "output"),
                                    ("err", "error_file_id", "error")):
             if work[f"{kind}_bytes"]:

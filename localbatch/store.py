@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+BATCH_FILE_TTL = 30 * 24 * 3600  # OpenAI keeps batch inputs and outputs 30 days by default
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -119,6 +120,7 @@ class Store:
         return obj
 
     def get_file(self, file_id: str) -> dict[str, Any] | None:
+        self.remove_expired_files()
         with self._lock:
             row = self._db.execute(
                 "SELECT data FROM files WHERE id = ? AND deleted = 0", (file_id,)
@@ -128,7 +130,19 @@ class Store:
     def list_files(
         self, purpose: str | None, after: str | None, limit: int, order: str
     ) -> tuple[list[dict[str, Any]], bool]:
+        self.remove_expired_files()
         return self._page("files", "purpose", purpose, after, limit, order)
+
+    def remove_expired_files(self) -> None:
+        """Files past their `expires_at` are gone, as at OpenAI: 404, bytes removed."""
+        with self._lock, self._db:
+            expired = [row[0] for row in self._db.execute(
+                "SELECT id FROM files WHERE deleted = 0 AND "
+                "json_extract(data, '$.expires_at') <= ?", (now(),))]
+            self._db.executemany("UPDATE files SET deleted = 1 WHERE id = ?",
+                                 [(file_id,) for file_id in expired])
+        for file_id in expired:
+            self.file_path(file_id).unlink(missing_ok=True)
 
     def delete_file(self, file_id: str) -> bool:
         with self._lock, self._db:

@@ -17,6 +17,7 @@ import pytest
 from conftest import chat_line, free_port, read_jsonl, sdk_client, wait_until
 
 from localbatch import HttpFault, Simulation
+from localbatch import store as store_module
 
 SCHEMA = {
     "type": "object",
@@ -66,11 +67,25 @@ def test_files_upload_list_content_delete(start_localbatch):
     assert created[1].id not in [f.id for f in client.files.list().data]
 
 
-def test_file_expiry_is_reported(start_localbatch):
-    client = sdk_client(start_localbatch().base_url)
-    file = client.files.create(file=("a.jsonl", b"{}"), purpose="batch",
-                               expires_after={"anchor": "created_at", "seconds": 3600})
-    assert file.expires_at == file.created_at + 3600
+def test_files_expire_as_openai_s_do(start_localbatch, monkeypatch):
+    """Batch inputs and outputs live 30 days unless told otherwise; then 404, bytes gone."""
+    server = start_localbatch()
+    client = sdk_client(server.base_url)
+    short = client.files.create(file=("a.jsonl", b"{}"), purpose="batch",
+                                expires_after={"anchor": "created_at", "seconds": 3600})
+    assert short.expires_at == short.created_at + 3600
+    batch = wait_until(client, submit(client, [chat_line("a", "x")]).id)
+    (kept,) = [f for f in client.files.list() if f.id == batch.input_file_id]
+    output = client.files.retrieve(batch.output_file_id)
+    assert kept.expires_at == kept.created_at + 30 * 24 * 3600
+    assert output.expires_at == output.created_at + 30 * 24 * 3600
+    later = store_module.now() + 2 * 3600
+    monkeypatch.setattr(store_module, "now", lambda: later)
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(short.id)
+    assert not server.store.file_path(short.id).exists()
+    assert short.id not in {f.id for f in client.files.list()}
+    assert client.files.content(batch.output_file_id).text  # 30 days are not over
 
 
 def test_upload_rejects_wrong_name_and_oversized_files(start_localbatch):
