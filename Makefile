@@ -12,7 +12,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench third-party clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +38,8 @@ bench: install
 	$(BIN)/python bench/collect_throughput.py
 	$(BIN)/python bench/e2e_scale.py
 
+third-party: install
+	tests/third_party/run.sh
+
 clean:
-	rm -rf $(VENV) .localbatch .prefect out
+	rm -rf $(VENV) .localbatch .prefect .third-party out

@@ -510,6 +510,37 @@ def test_a_batch_whose_step_fails_ends_failed_and_frees_its_tokens(start_localba
     assert "localbatch could not process this batch" in batch.errors.data[0].message
 
 
+@pytest.mark.parametrize("ending", ["completed", "cancelled", "expired"])
+def test_a_batch_that_cannot_end_as_it_should_ends_failed(start_localbatch, monkeypatch,
+                                                          ending):
+    """An error while a batch finalizes, cancels or expires (here: its output cannot be
+    published) ends it failed with an error the client reads, never stuck, and its
+    enqueued tokens are free for the next batch."""
+    server = start_localbatch(Simulation(
+        requests_per_second=2 if ending == "cancelled" else None,
+        expire_batches=1 if ending == "expired" else 0, expire_after_requests=1,
+        enqueued_token_limits={"gpt-4o-mini": 250}))  # 4 + 1 requests of 51 tokens pass it
+    client = sdk_client(server.base_url)
+    publish = server.store.add_file
+
+    def broken(path, filename, purpose, ttl=None):
+        if purpose == "batch_output":
+            raise OSError("disk full")
+        return publish(path, filename, purpose, ttl)
+
+    monkeypatch.setattr(server.store, "add_file", broken)
+    batch = submit(client, [chat_line(f"r{i}", "word " * 36) for i in range(4)])
+    if ending == "cancelled":
+        wait_until(client, batch.id, {"in_progress"})
+        client.batches.cancel(batch.id)
+    batch = wait_until(client, batch.id)
+    assert batch.status == "failed" and batch.errors.data[0].code == "server_error"
+    assert "disk full" in batch.errors.data[0].message
+    monkeypatch.setattr(server.store, "add_file", publish)
+    following = wait_until(client, submit(client, [chat_line("next", "word " * 36)]).id)
+    assert following.status == "completed", "the failed batch's tokens are free"
+
+
 def announced_upload(server, size: int, head: bytes = b"") -> tuple[int, str]:
     """(status, error message) of an upload that announces `size` bytes but sends only
     `head`: an answer at all proves the server did not wait to read the body."""
