@@ -199,7 +199,8 @@ class LimitsConfig(_Strict):
                                              "failed (its output still written).")
     enqueued_token_budget: int | None = Field(
         default=None, gt=0, description="Prompt tokens in unfinished batches at most; default: "
-                                        "OpenAI's tier-1 limit for known models.")
+                                        "against OpenAI, its tier-1 limit for known models; "
+                                        "against other servers, none.")
 
     @model_validator(mode="after")
     def _ordered(self) -> LimitsConfig:
