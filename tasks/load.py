@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -47,6 +48,8 @@ class Source:
     files: list[str]  # full paths, sorted
     format: str
     root: str  # hive partitions are read from the path below it
+    text_columns: list[str] = field(default_factory=list)  # CSV columns read as text
+    # whatever their first rows look like (see TypesWidened)
     _fs: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -79,7 +82,7 @@ class Source:
                              "file; check the path, or the files' extensions")
         local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
         full = [f if local else fs.unstrip_protocol(f) for f in files]
-        return cls(dataset, options, full, _format(dataset, files), root, fs)
+        return cls(dataset, options, full, _format(dataset, files), root, _fs=fs)
 
     @property
     def fs(self):
@@ -189,14 +192,21 @@ class Source:
                 handle, read_options=pyarrow.csv.ReadOptions(
                     block_size=block_bytes, encoding=encoding, use_threads=False),
                 parse_options=pyarrow.csv.ParseOptions(invalid_row_handler=first_invalid_row),
-                convert_options=pyarrow.csv.ConvertOptions(
-                    column_types=None if schema is None else {f.name: f.type for f in schema}))
+                convert_options=pyarrow.csv.ConvertOptions(column_types=None if schema is None
+                                                           else self._types(schema)))
         except pa.ArrowInvalid as exc:
+            widened = _misfit_column(exc, schema)
+            if widened is not None and widened not in self.text_columns:
+                self.text_columns.append(widened)
+                raise TypesWidened(widened) from exc
             if not invalid:
                 raise
             raise InputError(f"dataset.path: {path} is not readable as csv (line "
                              f"{self._line_of(path, invalid[0])}): {exc}. Check the file, or "
                              "set dataset.format") from exc
+
+    def _types(self, schema: pa.Schema) -> dict[str, pa.DataType]:
+        return {f.name: pa.string() if f.name in self.text_columns else f.type for f in schema}
 
     def _line_of(self, path: str, row) -> str:
         """The 1-based line of the file that reads `row` (the header is line 1), or '?'."""
@@ -230,6 +240,21 @@ class Source:
             raise InputError(f"{dataset.path}: row {row + 1} has an empty id in "
                              f"{dataset.id_column!r}; every row needs an id")
         return keys
+
+
+class TypesWidened(Exception):
+    """A CSV column held a value that the type its first rows showed cannot: the pass
+    over the dataset starts again with the column read as text (`Source.text_columns`),
+    so that every pass and every output part types it alike."""
+
+
+def _misfit_column(exc: pa.ArrowInvalid, schema: pa.Schema | None) -> str | None:
+    """The column a CSV conversion error names ("In CSV column #2: ... CSV conversion
+    error to int64 ..."), if it is one."""
+    found = re.search(r"In CSV column #(\d+): .*CSV conversion error", str(exc))
+    if found is None or schema is None or int(found.group(1)) >= len(schema):
+        return None
+    return schema.field(int(found.group(1))).name
 
 
 def check_unique_keys(keys: pa.ChunkedArray, dataset: DatasetConfig) -> None:

@@ -24,7 +24,7 @@ from tasks.answers import check_answer_columns
 from tasks.budget import TokenBudget
 from tasks.cache import AnswerCache, request_hashes
 from tasks.estimate import Estimate, Price, default_token_budget, price_for, request_tokens, usd
-from tasks.load import KEY, ROW, Source, check_unique_keys
+from tasks.load import KEY, ROW, Source, TypesWidened, check_unique_keys
 from tasks.plan import BYTES, TOKENS, Shard, check_rows_fit, line_bytes, plan_shards
 from tasks.render import render_requests
 from tasks.state import RunState
@@ -67,25 +67,12 @@ def prepare_job(job: JobConfig, use_cache: bool = True, force: bool = False) -> 
         default_token_budget(job.request.model) if provider_kind(job.provider) == "openai"
         else None)
     plan_limit = TokenBudget(budget).plan_limit
-    keys, to_send, unsent, reused = [], [], [], 0
-    for batch in source.batches():
-        table = pa.Table.from_batches([batch])
-        if not keys:
-            check_answer_columns(table, job.request.response_format)
-        keys.append(batch.column(KEY))
-        rendered = render_requests(table, job.request, job_key[:8], job.dataset.path,
-                                   job.storage_options)
-        requests = rendered.requests
-        if cache is not None:
-            known = cache.reused(request_hashes(requests))
-            reused += pc.sum(known).as_py() or 0
-            requests = requests.filter(pc.invert(known))
-        requests = requests.append_column(
-            TOKENS, pa.array(request_tokens(requests, job.request), pa.int64())
-        ).append_column(BYTES, line_bytes(requests))
-        check_rows_fit(requests, job.limits.max_bytes_per_shard, plan_limit)
-        to_send.append(requests.select(TO_SEND.names))
-        unsent.append(rendered.unsent.cast(UNSENT))
+    while True:
+        try:
+            keys, to_send, unsent, reused = _scan(job, source, job_key[:8], cache, plan_limit)
+            break
+        except TypesWidened:
+            continue  # the column is text from now on: every row is scanned alike
     check_unique_keys(pa.chunked_array(keys, pa.string()), job.dataset)
     rows = sum(len(k) for k in keys)
     to_send = pa.concat_tables(to_send).combine_chunks()
@@ -101,6 +88,32 @@ def prepare_job(job: JobConfig, use_cache: bool = True, force: bool = False) -> 
         output_ceiling=None if ceiling is None else ceiling * to_send.num_rows, price=price)
     return Prepared(source, fingerprint, job_key, rows, to_send, unsent, reused, cache, shards,
                     budget, price, estimate)
+
+
+def _scan(job: JobConfig, source: Source, tag: str, cache: AnswerCache | None,
+          plan_limit: int | None) -> tuple[list, list[pa.Table], list[pa.Table], int]:
+    """One pass over the rows: (their keys, their requests to send, the rows not sent,
+    how many were answered before)."""
+    keys, to_send, unsent, reused = [], [], [], 0
+    for batch in source.batches():
+        table = pa.Table.from_batches([batch])
+        if not keys:
+            check_answer_columns(table, job.request.response_format)
+        keys.append(batch.column(KEY))
+        rendered = render_requests(table, job.request, tag, job.dataset.path,
+                                   job.storage_options)
+        requests = rendered.requests
+        if cache is not None:
+            known = cache.reused(request_hashes(requests))
+            reused += pc.sum(known).as_py() or 0
+            requests = requests.filter(pc.invert(known))
+        requests = requests.append_column(
+            TOKENS, pa.array(request_tokens(requests, job.request), pa.int64())
+        ).append_column(BYTES, line_bytes(requests))
+        check_rows_fit(requests, job.limits.max_bytes_per_shard, plan_limit)
+        to_send.append(requests.select(TO_SEND.names))
+        unsent.append(rendered.unsent.cast(UNSENT))
+    return keys, to_send, unsent, reused
 
 
 def unfinished_batches(output: Location, job_key: str) -> list[str]:

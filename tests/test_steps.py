@@ -9,7 +9,7 @@ import pytest
 from conftest import read_all
 from jsonschema import Draft202012Validator
 
-from enrichflow.config import DatasetConfig, RequestConfig, ResponseFormat
+from enrichflow.config import DatasetConfig, RequestConfig, ResponseFormat, load_job
 from enrichflow.errors import InputError
 from localbatch.engines import MockEngine
 from tasks import answers, load
@@ -18,6 +18,7 @@ from tasks.estimate import Price, chat_prompt_tokens, request_tokens
 from tasks.load import KEY, ROW, RowReader, Source, check_unique_keys
 from tasks.merge import attempt_results_schema, merge_part
 from tasks.plan import BYTES, TOKENS, check_rows_fit, jsonl, line_bytes, plan_shards
+from tasks.prepare import prepare_job
 from tasks.render import render_requests
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["tags", "score"],
@@ -93,6 +94,27 @@ def test_rows_stream_in_batches_and_read_back_by_range(tmp_path, monkeypatch, fm
     assert reader.read(0, 2)[KEY].to_pylist() == ["r0", "r1"]  # back: a new pass
     assert reader.take([1, 8, 9, 44])["text"].to_pylist() == ["t1", "t8", "t9", "t44"]
     assert reader.read(40, 99).num_rows == 5
+
+
+def test_a_csv_column_that_turns_to_text_past_its_first_rows_is_text_throughout(
+        tmp_path, monkeypatch):
+    """Types come from a file's first block: a later value that does not fit restarts the
+    pass with the column as text, so that every pass and output part types it alike."""
+    monkeypatch.setattr(load, "INFER_BYTES", 256)
+    monkeypatch.setattr(load, "SMALL_BLOCK_BYTES", 256)
+    path = tmp_path / "rows.csv"
+    path.write_text("text,score\n" + "".join(f"t{i},{i}\n" for i in range(100)) + "t,unknown\n")
+    source = Source.open(DatasetConfig(path=str(path)))
+    with pytest.raises(load.TypesWidened):
+        read_all(source)
+    rows = read_all(source)
+    assert rows.schema.field("score").type == pa.string()
+    assert rows["score"].to_pylist()[-2:] == ["99", "unknown"]
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: rows\ndataset: {{path: {path}}}\n"
+                   f"request: {{model: m, user: '{{text}}'}}\noutput: {tmp_path / 'out'}\n")
+    prepared = prepare_job(load_job(job), use_cache=False)
+    assert prepared.rows == 101 and prepared.source.text_columns == ["score"]
 
 
 @pytest.mark.parametrize(("content", "id_column", "expected"), [
