@@ -23,11 +23,16 @@ TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 REPORT_SECONDS = 600  # hand the request counts back to the flow (journal, UI) this often
 LOG_SECONDS = 60  # log moving request counts at most this often (a new status at once)
 UNREACHABLE_SECONDS = 900  # give up on a provider that does not answer for this long
+LIST_LIMIT = 100  # the most batches one list call returns
 
 
 def look_at_batches(client: OpenAI, batch_ids: list[str]) -> list[Batch]:
-    """The batches as they are now."""
-    return [client.batches.retrieve(batch_id) for batch_id in batch_ids]
+    """The batches as they are now: those among the provider's newest LIST_LIMIT from one
+    list call, any other by its own (twenty running shards are one request a poll, not
+    twenty, under the provider's rate limits)."""
+    wanted = set(batch_ids)
+    listed = {b.id: b for b in client.batches.list(limit=LIST_LIMIT).data if b.id in wanted}
+    return [listed.get(batch_id) or client.batches.retrieve(batch_id) for batch_id in batch_ids]
 
 
 def wait_for_batches(client: OpenAI, batch_ids: list[str], poll_min: float, poll_max: float,

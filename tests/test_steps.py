@@ -6,13 +6,13 @@ import json
 
 import pyarrow as pa
 import pytest
-from conftest import read_all
+from conftest import chat_line, read_all, sdk_client, wait_until
 from jsonschema import Draft202012Validator
 
 from enrichflow.config import DatasetConfig, RequestConfig, ResponseFormat, load_job
 from enrichflow.errors import InputError
 from localbatch.engines import MockEngine
-from tasks import answers, load
+from tasks import answers, load, wait
 from tasks.answers import answer_reader, read_answers
 from tasks.estimate import Price, chat_prompt_tokens, request_tokens
 from tasks.load import KEY, ROW, RowReader, Source, check_unique_keys
@@ -434,3 +434,22 @@ def test_merge_of_a_text_answer_is_one_response_column():
         response_format, result(0, 1, True, {"response": "A fine film."})), unsent_rows(),
         response_format)
     assert merged.to_pylist()[0]["response"] == "A fine film."
+
+
+# wait -----------------------------------------------------------------------------------
+
+def test_batches_are_looked_at_with_one_list_call_and_found_past_it(start_localbatch,
+                                                                    monkeypatch):
+    """Running shards are read from one list of the newest batches; a batch past that
+    list (here: past 2) is retrieved on its own, so none is ever missed."""
+    monkeypatch.setattr(wait, "LIST_LIMIT", 2)
+    client = sdk_client(start_localbatch().base_url)
+    ids = []
+    for i in range(3):
+        file = client.files.create(file=("in.jsonl", chat_line(f"r{i}", "x").encode()),
+                                   purpose="batch")
+        ids.append(client.batches.create(input_file_id=file.id, completion_window="24h",
+                                         endpoint="/v1/chat/completions").id)
+    done = [wait_until(client, batch_id) for batch_id in ids]
+    seen = wait.look_at_batches(client, ids)
+    assert [b.model_dump() for b in seen] == [b.model_dump() for b in done]
