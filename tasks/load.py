@@ -51,6 +51,9 @@ class Source:
     text_columns: list[str] = field(default_factory=list)  # CSV columns read as text
     # whatever their first rows look like (see TypesWidened)
     _fs: Any = field(default=None, repr=False, compare=False)
+    # a text file's column types as its first block shows them, found once for all passes
+    _schemas: dict[str, pa.Schema | None] = field(default_factory=dict, repr=False,
+                                                  compare=False)
 
     @classmethod
     def open(cls, dataset: DatasetConfig, storage_options: dict[str, Any] | None = None
@@ -137,16 +140,17 @@ class Source:
         small blocks, with the column types the first rows show; a file with a longer
         cell or line is read again in large blocks, from where it was."""
         partitions = _hive_partitions(path, self.root)
-        done, schema = 0, None
+        done = 0
         for block_bytes in (SMALL_BLOCK_BYTES, BLOCK_BYTES):
             try:
                 read = 0
                 with self.fs.open(path, "rb") as handle:
-                    if schema is None and self.format != "parquet":
-                        schema = next(iter(self._parse(handle, path, INFER_BYTES)), None)
-                        schema = None if schema is None else schema.schema
+                    if path not in self._schemas and self.format != "parquet":
+                        first = next(iter(self._parse(handle, path, INFER_BYTES)), None)
+                        self._schemas[path] = None if first is None else first.schema
                         handle.seek(0)
-                    for batch in self._parse(handle, path, block_bytes, schema):
+                    for batch in self._parse(handle, path, block_bytes,
+                                             self._schemas.get(path)):
                         batch, read = batch.slice(max(done - read, 0)), read + batch.num_rows
                         if not batch.num_rows:
                             continue
