@@ -9,6 +9,7 @@ cache on the way; what the manifest and the artifacts need is summed up as parts
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -57,22 +58,22 @@ class Written:
 def write_parts(job: JobConfig, location: Location, prepared: Prepared,
                 state: RunState) -> Written:
     """Merge and write every part; the new answers are kept in the cache."""
-    reader = RowReader(prepared.source)
     written = Written()
     schema = attempt_results_schema(job.request.response_format)
-    for index, start in enumerate(range(0, prepared.rows, PART_ROWS)):
-        stop = min(start + PART_ROWS, prepared.rows)
-        table = reader.read(start, stop)
-        results = state.results_for(start, stop)
-        results = schema.empty_table() if results is None else results.select(schema.names)
-        unsent = prepared.unsent.filter(pc.and_(pc.greater_equal(prepared.unsent[ROW], start),
-                                                pc.less(prepared.unsent[ROW], stop)))
-        if prepared.cache is not None:
-            results = _with_cache(job, prepared, table, results, unsent)
-        part = merge_part_task(table, prepared.tag, results, unsent,
-                               job.request.response_format, prepared.price)
-        write_part(location, index, part)
-        written.add(part)
+    with closing(RowReader(prepared.source)) as reader:
+        for index, start in enumerate(range(0, prepared.rows, PART_ROWS)):
+            stop = min(start + PART_ROWS, prepared.rows)
+            table = reader.read(start, stop)
+            results = state.results_for(start, stop)
+            results = schema.empty_table() if results is None else results.select(schema.names)
+            unsent = prepared.unsent.filter(pc.and_(pc.greater_equal(prepared.unsent[ROW], start),
+                                                    pc.less(prepared.unsent[ROW], stop)))
+            if prepared.cache is not None:
+                results = _with_cache(job, prepared, table, results, unsent)
+            part = merge_part_task(table, prepared.tag, results, unsent,
+                                   job.request.response_format, prepared.price)
+            write_part(location, index, part)
+            written.add(part)
     if prepared.cache is not None:
         prepared.cache.save()
     return written

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Literal, NoReturn
 from uuid import UUID
@@ -55,36 +56,36 @@ def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: JobCo
     limits = job.limits
     budget = TokenBudget(state.token_limit or prepared.token_budget)
     progress = start_progress(job.name)
-    lines = ShardLines(prepared, job)
-    pending = prepared.to_send
-    for attempt in range(1, limits.max_attempts + 1):
-        if pending.num_rows == 0:
-            break
-        if attempt > 1 and state.cancel_requested():
-            log.warning("the job was cancelled: %s rows are not sent again",
-                        f"{pending.num_rows:,}")
-            break
-        shards = plan_shards(pending, limits.max_requests_per_shard, limits.max_bytes_per_shard,
-                             state.plan_limit(attempt, budget.plan_limit))
-        log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{pending.num_rows:,}",
-                 len(shards))
-        run_shards(client, state, attempt, pending, shards, budget, job, wait_mode, progress,
-                   lines)
-        outcome = state.attempt_outcome(attempt)
-        retry = outcome.filter(pc.and_(pc.invert(outcome["_ok"]), outcome["_retryable"]))
-        ok = pc.sum(outcome["_ok"]).as_py() or 0
-        log.info("attempt %d: %s ok, %s failed, %s worth another attempt", attempt, f"{ok:,}",
-                 f"{outcome.num_rows - ok:,}", f"{retry.num_rows:,}")
-        pending = pending.filter(pc.is_in(pending[ROW], value_set=retry[ROW]))
+    with closing(RowReader(prepared.source)) as reader:
+        lines = ShardLines(prepared, job, reader)
+        pending = prepared.to_send
+        for attempt in range(1, limits.max_attempts + 1):
+            if pending.num_rows == 0:
+                break
+            if attempt > 1 and state.cancel_requested():
+                log.warning("the job was cancelled: %s rows are not sent again",
+                            f"{pending.num_rows:,}")
+                break
+            shards = plan_shards(pending, limits.max_requests_per_shard, limits.max_bytes_per_shard,
+                                 state.plan_limit(attempt, budget.plan_limit))
+            log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{pending.num_rows:,}",
+                     len(shards))
+            run_shards(client, state, attempt, pending, shards, budget, job, wait_mode, progress,
+                       lines)
+            outcome = state.attempt_outcome(attempt)
+            retry = outcome.filter(pc.and_(pc.invert(outcome["_ok"]), outcome["_retryable"]))
+            ok = pc.sum(outcome["_ok"]).as_py() or 0
+            log.info("attempt %d: %s ok, %s failed, %s worth another attempt", attempt, f"{ok:,}",
+                     f"{outcome.num_rows - ok:,}", f"{retry.num_rows:,}")
+            pending = pending.filter(pc.is_in(pending[ROW], value_set=retry[ROW]))
 
 
 class ShardLines:
     """The JSONL lines and custom ids of a shard's rows, rendered from the dataset as the
     shard is sent: reading shards in order reads the dataset once."""
 
-    def __init__(self, prepared: Prepared, job: JobConfig):
-        self.prepared, self.job = prepared, job
-        self.reader = RowReader(prepared.source)
+    def __init__(self, prepared: Prepared, job: JobConfig, reader: RowReader):
+        self.prepared, self.job, self.reader = prepared, job, reader
 
     def requests(self, rows: pa.Array) -> pa.Table:
         """The rendered requests of `rows`, which prepare found sendable."""

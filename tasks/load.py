@@ -287,6 +287,7 @@ class RowReader:
 
     def read(self, start: int, stop: int) -> pa.Table:
         if self._batches is None or start < self._position:
+            self.close()
             self._batches, self._position, self._pending = self.source.batches(start), start, None
         taken: list[pa.RecordBatch] = []
         while self._position < stop:
@@ -304,6 +305,12 @@ class RowReader:
             self._pending = self._pending.slice(skip + take)
             self._position += skip + take
         return pa.Table.from_batches(taken) if taken else pa.table({})
+
+    def close(self) -> None:
+        """End the pass: a reader left open over a file when Python exits aborts it."""
+        if self._batches is not None:
+            self._batches.close()
+        self._batches, self._pending = None, None
 
     def take(self, rows: list[int] | pa.Array) -> pa.Table:
         """The given rows (ascending row numbers), reading only the span they cover."""
