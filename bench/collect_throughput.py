@@ -61,13 +61,12 @@ def cookbook(path: Path, ids: list[str]) -> dict[str, list]:
 
 
 def ours(path: Path, table: pa.Table, ids: pa.Array, job) -> pa.Table:
-    fmt = job.request.response_format
     results = results_of_lines(read_result_lines(str(path)), "batch_bench", table[ROW], ids,
-                               fmt)
+                               job.request)
     results = results.append_column(ATTEMPT, pa.array([1] * results.num_rows, pa.int64()))
     unsent = pa.table({ROW: pa.array([], pa.int64()), "_status": pa.array([], pa.string()),
                        "_error": pa.array([], pa.string())})
-    return merge_part(table, "bench", results, unsent, fmt)
+    return merge_part(table, "bench", results, unsent, job.request)
 
 
 def best_of_two(work) -> tuple[float, object]:

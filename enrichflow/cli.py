@@ -16,7 +16,7 @@ def _run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from flows.enrich import enrich, resolve_job
-    from tasks.answers import answer_columns
+    from tasks.answers import EMBEDDING_COLUMN, answer_columns
     from tasks.estimate import usd
     from tasks.write import part_name
 
@@ -39,9 +39,10 @@ def _run(args: argparse.Namespace) -> int:
     first = pd.read_parquet(f"{manifest['output']}/{part_name(0)}",
                             storage_options=job.storage_options or None)
     shown = [job.dataset.id_column or first.columns[0],
-             *answer_columns(job.request.response_format), "_status"]
+             *answer_columns(job.request), "_status"]
     with pd.option_context("display.max_colwidth", 70, "display.width", 160):
-        print(first[shown].head(5).to_string(index=False))
+        print(first[shown].head(5).to_string(index=False, formatters={
+            EMBEDDING_COLUMN: lambda v: f"[{v[0]:.4f}, {v[1]:.4f}, … {len(v):,} numbers]"}))
     return 0
 
 

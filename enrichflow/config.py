@@ -22,6 +22,14 @@ from enrichflow.errors import ConfigError
 from localbatch.simulation import MAX_BATCH_FILE_BYTES, MAX_REQUESTS_PER_BATCH
 
 SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "credential")
+CHAT_ENDPOINT, RESPONSES_ENDPOINT, EMBEDDINGS_ENDPOINT = \
+    "/v1/chat/completions", "/v1/responses", "/v1/embeddings"
+# Length of the vectors of OpenAI's embedding models when `dimensions` is not given.
+EMBEDDING_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072,
+                        "text-embedding-ada-002": 1536}
+# Parameters of a request that generates text, which an embeddings request does not take.
+GENERATION_FIELDS = ("system", "user", "temperature", "top_p", "max_tokens",
+                     "max_completion_tokens", "seed")
 
 
 class _Strict(BaseModel):
@@ -80,6 +88,13 @@ class ResponseFormat(_Strict):
         return {"type": "json_schema",
                 "json_schema": {"name": self.name, "strict": self.strict, "schema": self.schema_}}
 
+    def responses_value(self) -> dict[str, Any] | None:
+        """The `text.format` parameter as the Responses API takes it."""
+        if self.type == "json_schema":
+            return {"type": "json_schema", "name": self.name, "strict": self.strict,
+                    "schema": self.schema_}
+        return self.api_value()
+
 
 class TextPart(_Strict):
     type: Literal["text"]
@@ -99,11 +114,20 @@ class ImagePart(_Strict):
 
 
 class RequestConfig(_Strict):
-    endpoint: Literal["/v1/chat/completions"] = "/v1/chat/completions"
+    endpoint: Literal["/v1/chat/completions", "/v1/responses", "/v1/embeddings"] = \
+        CHAT_ENDPOINT
     model: str = Field(min_length=1)
-    system: str | None = Field(default=None, description="System prompt, sent as it is.")
-    user: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] = Field(
-        description="User message: a template with {column} fields, or a list of parts.")
+    system: str | None = Field(default=None, description="System prompt (Responses: "
+                                                         "instructions), sent as it is.")
+    user: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = \
+        Field(default=None, description="User message: a template with {column} fields, or "
+                                        "a list of parts (chat and responses).")
+    input: str | None = Field(
+        default=None, description="Embeddings: the text to embed, a template with {column} "
+                                  "fields.")
+    dimensions: int | None = Field(
+        default=None, gt=0, description="Embeddings: length of each vector; default: the "
+                                        "model's.")
     image_max_side: int = Field(
         default=2048, gt=0, description="Inlined images larger than this (pixels) are scaled.")
     response_format: ResponseFormat = Field(default_factory=ResponseFormat)
@@ -115,24 +139,63 @@ class RequestConfig(_Strict):
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Any other Chat Completions parameter, as it is.")
 
-    @field_validator("user")
+    @field_validator("user", "input")
     @classmethod
-    def _user_is_usable(cls, user: str | list) -> str | list:
-        if isinstance(user, str):
-            template_columns(user)
-        elif not user:
+    def _template_is_usable(cls, template: str | list | None) -> str | list | None:
+        if isinstance(template, str):
+            template_columns(template)
+        elif template is not None and not template:
             raise ValueError("give at least one part")
-        return user
+        return template
+
+    @model_validator(mode="after")
+    def _fits_endpoint(self) -> RequestConfig:
+        if self.embeddings:
+            given = [f for f in GENERATION_FIELDS if getattr(self, f) is not None]
+            if self.response_format.type != "text":
+                given.append("response_format")
+            if given:
+                raise ValueError(f"{', '.join(given)}: not used by /v1/embeddings; it embeds "
+                                 "`input`")
+            if self.input is None:
+                raise ValueError("an embeddings request needs `input`, the template of the "
+                                 "text to embed, e.g. \"{title}: {overview}\"")
+            if self.dimensions is None and self.model not in EMBEDDING_DIMENSIONS:
+                raise ValueError(f"set `dimensions`, the length of the vectors of "
+                                 f"{self.model}; known models: "
+                                 f"{', '.join(EMBEDDING_DIMENSIONS)}")
+            return self
+        given = [f for f in ("input", "dimensions") if getattr(self, f) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only used by /v1/embeddings; the message "
+                             "is `user`")
+        if self.user is None:
+            raise ValueError("`user` is required: the user message, a template with {column} "
+                             "fields, or a list of parts")
+        if self.endpoint == RESPONSES_ENDPOINT and self.seed is not None:
+            raise ValueError("seed: the Responses API does not take it")
+        return self
+
+    @property
+    def embeddings(self) -> bool:
+        return self.endpoint == EMBEDDINGS_ENDPOINT
+
+    @property
+    def vector_size(self) -> int:
+        """The length of an embeddings job's vectors."""
+        return self.dimensions or EMBEDDING_DIMENSIONS[self.model]
 
     def text_parts(self) -> list[str]:
-        """The text templates of the user message, in order."""
+        """The text templates of the user message (embeddings: the input), in order."""
+        if self.embeddings:
+            return [self.input]
         if isinstance(self.user, str):
             return [self.user]
         return [p.text for p in self.user if isinstance(p, TextPart)]
 
     def image_parts(self) -> list[ImagePart]:
-        return [] if isinstance(self.user, str) else [
-            p for p in self.user if isinstance(p, ImagePart)]
+        return [p for p in self.user if isinstance(p, ImagePart)] \
+            if isinstance(self.user, list) else []
 
     def text_columns(self) -> list[str]:
         """Columns of the text templates (an empty one means the row is skipped)."""
@@ -147,17 +210,34 @@ class RequestConfig(_Strict):
             p.column for p in self.image_parts() if p.column not in self.text_columns()]
 
     def body_parameters(self) -> dict[str, Any]:
-        """Everything of the request body except the messages."""
+        """Everything of the request body except the messages (embeddings: the input).
+        Embeddings come back as base64, a quarter of the size of a list of numbers."""
         body: dict[str, Any] = {"model": self.model}
+        if self.embeddings:
+            body["encoding_format"] = "base64"
+            if self.dimensions is not None:
+                body["dimensions"] = self.dimensions
+            return {**body, **self.extra}
+        responses = self.endpoint == RESPONSES_ENDPOINT
         for name in ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed"):
             value = getattr(self, name)
             if value is not None:
-                body[name] = value
-        response_format = self.response_format.api_value()
-        if response_format:
-            body["response_format"] = response_format
+                body["max_output_tokens" if responses and name.startswith("max_") else
+                     name] = value
+        if responses:
+            text_format = self.response_format.responses_value()
+            if text_format:
+                body["text"] = {"format": text_format}
+        elif self.response_format.api_value():
+            body["response_format"] = self.response_format.api_value()
         body.update(self.extra)
         return body
+
+    def output_ceiling(self) -> int | None:
+        """Most output tokens a request can be billed for; None: no bound."""
+        if self.embeddings:
+            return 0
+        return self.max_completion_tokens or self.max_tokens
 
 
 class ProviderConfig(_Strict):

@@ -59,7 +59,7 @@ def write_parts(job: JobConfig, location: Location, prepared: Prepared,
                 state: RunState) -> Written:
     """Merge and write every part; the new answers are kept in the cache."""
     written = Written()
-    schema = attempt_results_schema(job.request.response_format)
+    schema = attempt_results_schema(job.request)
     with closing(RowReader(prepared.source)) as reader:
         for index, start in enumerate(range(0, prepared.rows, PART_ROWS)):
             stop = min(start + PART_ROWS, prepared.rows)
@@ -71,7 +71,7 @@ def write_parts(job: JobConfig, location: Location, prepared: Prepared,
             if prepared.cache is not None:
                 results = _with_cache(job, prepared, table, results, unsent)
             part = merge_part_task(table, prepared.tag, results, unsent,
-                                   job.request.response_format, prepared.price)
+                                   job.request, prepared.price)
             write_part(location, index, part)
             written.add(part)
     if prepared.cache is not None:
@@ -102,4 +102,4 @@ def _with_cache(job: JobConfig, prepared: Prepared, table: pa.Table, results: pa
     reused = pa.table({ROW: wanted[ROW], "_answer": kept["_answer"],
                        "_finish_reason": kept["_finish_reason"],
                        "_batch_id": kept["_batch_id"]})
-    return pa.concat_tables([results, reused_results(reused, job.request.response_format)])
+    return pa.concat_tables([results, reused_results(reused, job.request)])

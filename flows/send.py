@@ -179,8 +179,7 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
                     queue.extendleft(reversed(again))
                     continue
             ids = lines.custom_ids(run.rows) if run.custom_ids is None else run.custom_ids
-            table = collect_results_task(client, batch, run.rows, ids,
-                                         job.request.response_format)
+            table = collect_results_task(client, batch, run.rows, ids, job.request)
             state.save_results(run.record, table)
             ok = pc.sum(table["_ok"]).as_py() or 0
             log.info("%s: batch %s is %s; collected %s ok, %s failed", run.record.name,

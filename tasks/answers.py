@@ -7,11 +7,13 @@ types or fields do not fit (the JSON Schema most jobs use: objects closed by
 cannot tell (a missing or null field, an enum) is checked on the columns. Only the
 answers that this cannot decide are parsed one by one and checked by `jsonschema`,
 which also words every error. A list of categories becomes a list column, an object a
-struct.
+struct. An embedding (base64, as requested) becomes a fixed-size list of float32.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 from collections.abc import Callable
@@ -24,20 +26,25 @@ import pyarrow.compute as pc
 import pyarrow.json
 from jsonschema import Draft202012Validator
 
-from enrichflow.config import ResponseFormat
+from enrichflow.config import RequestConfig
 from enrichflow.errors import InputError
 from tasks.load import BLOCK_BYTES
 from tasks.render import string_data
 
 TEXT_COLUMN = "response"
+EMBEDDING_COLUMN = "embedding"
 _SCALARS = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64(),
             "boolean": pa.bool_()}
 _COLUMN_WISE = {"type", "properties", "required", "additionalProperties", "items", "enum",
                 "description", "title"}
 
 
-def answer_columns(response_format: ResponseFormat) -> dict[str, tuple[pa.DataType, dict]]:
+def answer_columns(request: RequestConfig) -> dict[str, tuple[pa.DataType, dict]]:
     """Output column name -> (Arrow type, JSON schema) for the job's answers."""
+    if request.embeddings:
+        return {EMBEDDING_COLUMN: (pa.list_(pa.float32(), request.vector_size),
+                                   {"type": "array", "items": {"type": "number"}})}
+    response_format = request.response_format
     schema = response_format.schema_
     if response_format.type != "json_schema" or not schema:
         return {TEXT_COLUMN: (pa.string(), {"type": "string"})}
@@ -45,22 +52,23 @@ def answer_columns(response_format: ResponseFormat) -> dict[str, tuple[pa.DataTy
             for name, node in schema["properties"].items()}
 
 
-def answer_type(response_format: ResponseFormat) -> pa.StructType:
+def answer_type(request: RequestConfig) -> pa.StructType:
     """One answer as a struct of its output columns."""
-    return pa.struct([(name, kind) for name, (kind, _) in answer_columns(response_format).items()])
+    return pa.struct([(name, kind) for name, (kind, _) in answer_columns(request).items()])
 
 
-def check_answer_columns(table: pa.Table, response_format: ResponseFormat) -> None:
-    clash = [c for c in answer_columns(response_format) if c in table.column_names]
+def check_answer_columns(table: pa.Table, request: RequestConfig) -> None:
+    clash = [c for c in answer_columns(request) if c in table.column_names]
     if clash:
         raise InputError(f"the answer field(s) {', '.join(clash)} have the name of input "
                          "column(s); rename the schema properties or the columns")
 
 
-def answer_reader(response_format: ResponseFormat
+def answer_reader(request: RequestConfig
                   ) -> Callable[[str, str | None], tuple[Any, str | None]]:
     """A function (content, finish_reason) -> (answer value, problem) for the job's
-    format; the value is a dict of the answer's columns."""
+    text or JSON answers; the value is a dict of the answer's columns."""
+    response_format = request.response_format
     if response_format.type == "text":
         return lambda content, _: ({TEXT_COLUMN: content}, None)
     schema = response_format.schema_
@@ -84,11 +92,14 @@ def answer_reader(response_format: ResponseFormat
     return read
 
 
-def read_answers(contents: pa.Array, finish_reasons: pa.Array, response_format: ResponseFormat
+def read_answers(contents: pa.Array, finish_reasons: pa.Array, request: RequestConfig
                  ) -> tuple[pa.StructArray, list[str | None]]:
     """Each answer's typed value (null where it has a problem) and its problem, if any;
     column-wise where the schema allows, one by one where it must."""
-    kind = answer_type(response_format)
+    kind = answer_type(request)
+    if request.embeddings:
+        return _vectors(contents, kind)
+    response_format = request.response_format
     count = len(contents)
     decided = np.zeros(count, dtype=bool)
     values = pa.nulls(count, kind)
@@ -118,7 +129,7 @@ def read_answers(contents: pa.Array, finish_reasons: pa.Array, response_format: 
     problems: list[str | None] = [None] * count
     rest = np.flatnonzero(~decided)
     if len(rest):
-        read = answer_reader(response_format)
+        read = answer_reader(request)
         taken = pa.array(rest, pa.int64())
         one_by_one = [read(text, reason) for text, reason in zip(
             contents.take(taken).to_pylist(), finish_reasons.take(taken).to_pylist(),
@@ -130,6 +141,30 @@ def read_answers(contents: pa.Array, finish_reasons: pa.Array, response_format: 
         at[rest] = count + np.arange(len(rest))
         values = pa.concat_arrays([values, others]).take(pa.array(at, pa.int64()))
     return values, problems
+
+
+def _vectors(contents: pa.Array, kind: pa.StructType) -> tuple[pa.StructArray, list[str | None]]:
+    """Base64 embeddings as the struct of one fixed-size float32 list; an embedding that
+    does not decode to that many numbers is a problem of its row."""
+    size = kind[0].type.list_size
+    data = bytearray()
+    problems: list[str | None] = []
+    for text in contents.to_pylist():
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raw = None
+        if raw is not None and len(raw) == 4 * size:
+            problems.append(None)
+        else:
+            problems.append(f"the embedding has {len(raw) / 4:g} numbers, not {size}"
+                            if raw is not None else "the embedding is not base64")
+            raw = bytes(4 * size)
+        data += raw
+    bad = pa.array([p is not None for p in problems], pa.bool_())
+    vectors = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.frombuffer(data, dtype="<f4")), size)
+    return pa.StructArray.from_arrays([vectors], fields=list(kind), mask=bad), problems
 
 
 def _column_wise(schema: dict) -> bool:

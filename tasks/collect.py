@@ -23,7 +23,7 @@ import pyarrow.json
 from openai import OpenAI
 from openai.types import Batch
 
-from enrichflow.config import ResponseFormat
+from enrichflow.config import CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, RESPONSES_ENDPOINT, RequestConfig
 from tasks import as_task
 from tasks.answers import answer_type, read_answers
 from tasks.api import TRANSIENT, retry_on
@@ -42,30 +42,51 @@ RESULT_BLOCK_BYTES = 16 * 1024 * 1024
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 RETRYABLE_CODES = frozenset({"batch_expired", "batch_cancelled", "request_timeout",
                              "token_limit_exceeded"})
-# The part of a Batch API output or error line that a result needs.
-_MESSAGE = pa.struct([("content", pa.string()), ("refusal", pa.string())])
-_BODY = pa.struct([
-    ("choices", pa.list_(pa.struct([("message", _MESSAGE), ("finish_reason", pa.string())]))),
-    ("usage", pa.struct([("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])),
-    ("error", pa.struct([("message", pa.string())])),
-])
-LINE = pa.schema([
-    ("custom_id", pa.string()),
-    ("response", pa.struct([("status_code", pa.int64()), ("body", _BODY)])),
-    ("error", pa.struct([("code", pa.string()), ("message", pa.string())])),
-])
+# The part of a Batch API output or error line that a result needs, by endpoint.
+_ERROR = pa.struct([("message", pa.string())])
+_BODIES = {
+    CHAT_ENDPOINT: pa.struct([
+        ("choices", pa.list_(pa.struct([
+            ("message", pa.struct([("content", pa.string()), ("refusal", pa.string())])),
+            ("finish_reason", pa.string())]))),
+        ("usage", pa.struct([("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])),
+        ("error", _ERROR)]),
+    RESPONSES_ENDPOINT: pa.struct([
+        ("status", pa.string()),
+        ("incomplete_details", pa.struct([("reason", pa.string())])),
+        ("output", pa.list_(pa.struct([
+            ("type", pa.string()),
+            ("content", pa.list_(pa.struct([("type", pa.string()), ("text", pa.string()),
+                                            ("refusal", pa.string())])))]))),
+        ("usage", pa.struct([("input_tokens", pa.int64()), ("output_tokens", pa.int64())])),
+        ("error", _ERROR)]),
+    EMBEDDINGS_ENDPOINT: pa.struct([
+        ("data", pa.list_(pa.struct([("embedding", pa.string())]))),
+        ("usage", pa.struct([("prompt_tokens", pa.int64())])),
+        ("error", _ERROR)]),
+}
+# A Responses answer cut short, as Chat Completions' finish_reason says it.
+_INCOMPLETE = {"max_output_tokens": "length", "content_filter": "content_filter"}
 
 
-def results_schema(response_format: ResponseFormat) -> pa.Schema:
+def line_schema(endpoint: str) -> pa.Schema:
+    return pa.schema([
+        ("custom_id", pa.string()),
+        ("response", pa.struct([("status_code", pa.int64()), ("body", _BODIES[endpoint])])),
+        ("error", pa.struct([("code", pa.string()), ("message", pa.string())])),
+    ])
+
+
+def results_schema(request: RequestConfig) -> pa.Schema:
     """The results of one shard: RESULT_FIELDS and the typed answer."""
-    return pa.schema([*RESULT_FIELDS, (VALUE, answer_type(response_format))])
+    return pa.schema([*RESULT_FIELDS, (VALUE, answer_type(request))])
 
 
 def collect_results(client: OpenAI, batch: Batch, rows: pa.Array, custom_ids: pa.Array,
-                    response_format: ResponseFormat) -> pa.Table:
+                    request: RequestConfig) -> pa.Table:
     """Results for exactly the shard's rows (`rows`, with their `custom_ids`), whatever
     the batch returned."""
-    schema = results_schema(response_format)
+    schema = results_schema(request)
     if batch.status == "failed":
         first = (batch.errors.data or [None])[0] if batch.errors else None
         code = first.code if first else None
@@ -76,39 +97,40 @@ def collect_results(client: OpenAI, batch: Batch, rows: pa.Array, custom_ids: pa
     for file_id in (batch.output_file_id, batch.error_file_id):
         if file_id:  # a clean batch may report "" as well as null
             with _downloaded(client, file_id) as path:
-                lines.append(read_result_lines(path))
-    return results_of_lines(pa.concat_tables(lines) if lines else LINE.empty_table(),
-                            batch.id, rows, custom_ids, response_format)
+                lines.append(read_result_lines(path, request.endpoint))
+    return results_of_lines(
+        pa.concat_tables(lines) if lines else line_schema(request.endpoint).empty_table(),
+        batch.id, rows, custom_ids, request)
 
 
 def results_of_lines(lines: pa.Table, batch_id: str, rows: pa.Array, custom_ids: pa.Array,
-                     response_format: ResponseFormat) -> pa.Table:
+                     request: RequestConfig) -> pa.Table:
     """Results for exactly `rows` (with their `custom_ids`) from a batch's output and
-    error lines (LINE)."""
-    schema = results_schema(response_format)
+    error lines (`line_schema`)."""
+    schema = results_schema(request)
     found = pc.index_in(custom_ids, value_set=lines["custom_id"])  # null: no line for it
     response = lines["response"]
-    body = pc.struct_field(response, "body")
-    usage = pc.struct_field(body, "usage")
-    first = _first_choices(pc.struct_field(body, "choices"))
-    content, finish_reason, status, prompt, completion = (column.take(found) for column in (
-        pc.struct_field(pc.struct_field(first, "message"), "content"),
-        pc.struct_field(first, "finish_reason"), pc.struct_field(response, "status_code"),
-        pc.struct_field(usage, "prompt_tokens"), pc.struct_field(usage, "completion_tokens")))
+    status = pc.struct_field(response, "status_code").take(found)
+    content, refusal, finish_reason, prompt, completion = (
+        column.take(found) for column in _answer_fields(pc.struct_field(response, "body"),
+                                                        request.endpoint))
     answered = pc.fill_null(pc.and_(pc.equal(status, 200), pc.is_valid(content)), False)
 
     values, problems = read_answers(content.filter(answered), finish_reason.filter(answered),
-                                    response_format)
+                                    request)
     errors: list[str | None] = [None] * len(custom_ids)
     retryable: list[bool] = [False] * len(custom_ids)
     answered_at = np.flatnonzero(answered.to_numpy(zero_copy_only=False))
     for i, problem in zip(answered_at, problems, strict=True):
         if problem is not None:
             errors[i], retryable[i] = problem, True
-    failed = np.flatnonzero(pc.invert(answered).to_numpy(zero_copy_only=False))
-    for i, line in zip(failed, lines.take(found.take(pa.array(failed, pa.int64()))).to_pylist(),
-                       strict=True):
-        errors[i], retryable[i] = _line_error(batch_id, line)
+    failed = pa.array(np.flatnonzero(pc.invert(answered).to_numpy(zero_copy_only=False)),
+                      pa.int64())
+    for i, line, refused, reason in zip(
+            failed.to_pylist(), lines.take(found.take(failed)).to_pylist(),
+            refusal.take(failed).to_pylist(), finish_reason.take(failed).to_pylist(),
+            strict=True):
+        errors[i], retryable[i] = _line_error(batch_id, line, refused, reason)
     ok = pa.array([e is None for e in errors])
     where = np.full(len(custom_ids), -1, dtype=np.int64)
     where[answered_at] = np.arange(len(answered_at))
@@ -132,7 +154,44 @@ def error_results(rows: pa.Array, custom_ids: pa.Array, batch_id: str | None, me
                     schema=schema)
 
 
-def _line_error(batch_id: str, line: dict[str, Any] | None) -> tuple[str, bool]:
+def _answer_fields(body: pa.ChunkedArray, endpoint: str) -> list[pa.Array]:
+    """Per line: the answer's text (an embedding's base64), the refusal, the finish
+    reason (in Chat Completions' words), the prompt and the completion tokens."""
+    usage = pc.struct_field(body, "usage")
+    if endpoint == EMBEDDINGS_ENDPOINT:
+        embedding = pc.struct_field(_first(pc.struct_field(body, "data")), "embedding")
+        none = pa.nulls(len(body), pa.string())
+        return [embedding, none, none, pc.struct_field(usage, "prompt_tokens"),
+                pa.array(np.zeros(len(body), dtype=np.int64))]
+    if endpoint == RESPONSES_ENDPOINT:
+        output = pc.struct_field(body, "output")
+        message = _first(output, pc.equal(pc.struct_field(pc.list_flatten(output), "type"),
+                                           "message"))
+        parts = pc.struct_field(message, "content")
+        kinds = pc.struct_field(pc.list_flatten(parts), "type")
+        text = pc.struct_field(_first(parts, pc.equal(kinds, "output_text")), "text")
+        refusal = pc.struct_field(_first(parts, pc.equal(kinds, "refusal")), "refusal")
+        reason = pc.struct_field(pc.struct_field(body, "incomplete_details"), "reason")
+        finish = pc.if_else(pc.equal(pc.struct_field(body, "status"), "incomplete"),
+                            pc.coalesce(_renamed(reason, _INCOMPLETE), "incomplete"), "stop")
+        return [text, refusal, finish, pc.struct_field(usage, "input_tokens"),
+                pc.struct_field(usage, "output_tokens")]
+    choice = _first(pc.struct_field(body, "choices"))
+    message = pc.struct_field(choice, "message")
+    return [pc.struct_field(message, "content"), pc.struct_field(message, "refusal"),
+            pc.struct_field(choice, "finish_reason"), pc.struct_field(usage, "prompt_tokens"),
+            pc.struct_field(usage, "completion_tokens")]
+
+
+def _renamed(values: pa.Array, names: dict[str, str]) -> pa.Array:
+    """`values` with those in `names` replaced by their new name."""
+    for old, new in names.items():
+        values = pc.if_else(pc.equal(values, old), new, values)
+    return values
+
+
+def _line_error(batch_id: str, line: dict[str, Any] | None, refusal: str | None,
+                finish_reason: str | None) -> tuple[str, bool]:
     """The error of a line without a usable answer (None: no line for the row)."""
     if line is None:
         return f"batch {batch_id} returned no result for this row", True
@@ -145,34 +204,39 @@ def _line_error(batch_id: str, line: dict[str, Any] | None) -> tuple[str, bool]:
     if status != 200:
         message = (body.get("error") or {}).get("message") or "no error message"
         return f"HTTP {status}: {message}", status in RETRYABLE_STATUS or status >= 500
-    choice = (body.get("choices") or [{}])[0] or {}
-    message = choice.get("message") or {}
-    reason = message.get("refusal") or f"no content (finish_reason {choice.get('finish_reason')})"
+    reason = refusal or f"no content (finish_reason {finish_reason})"
     return f"the model gave no answer: {reason}", True
 
 
-def _first_choices(choices: pa.ChunkedArray) -> pa.Array:
-    """Each line's first choice; null where it has none."""
-    choices = choices.combine_chunks() if isinstance(choices, pa.ChunkedArray) else choices
-    parents = pc.list_parent_indices(choices).to_numpy()
-    flat = pc.list_flatten(choices)
-    first = np.full(len(choices), -1, dtype=np.int64)
+def _first(lists: pa.Array | pa.ChunkedArray, keep: pa.Array | None = None) -> pa.Array:
+    """Each list's first item (of those where `keep`, a mask over the flattened items,
+    is true); null where it has none."""
+    lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    parents = pc.list_parent_indices(lists).to_numpy()
+    flat = pc.list_flatten(lists)
+    at = np.arange(len(flat))
+    if keep is not None:
+        kept = pc.fill_null(keep, False).to_numpy(zero_copy_only=False)
+        parents, at = parents[kept], at[kept]
+    first = np.full(len(lists), -1, dtype=np.int64)
     positions, where = np.unique(parents, return_index=True)
-    first[positions] = where
+    first[positions] = at[where]
     return flat.take(pa.array(first, mask=first < 0))
 
 
-def read_result_lines(path: str) -> pa.Table:
-    """A local output or error file as LINE, column-wise (line by line if it must)."""
+def read_result_lines(path: str, endpoint: str = CHAT_ENDPOINT) -> pa.Table:
+    """A local output or error file as `line_schema`, column-wise (line by line if it
+    must)."""
+    schema = line_schema(endpoint)
     try:
         return pyarrow.json.read_json(
             path, read_options=pyarrow.json.ReadOptions(block_size=RESULT_BLOCK_BYTES),
             parse_options=pyarrow.json.ParseOptions(
-                explicit_schema=LINE, unexpected_field_behavior="ignore"))
+                explicit_schema=schema, unexpected_field_behavior="ignore"))
     except pa.ArrowInvalid:  # a line of another shape, or longer than a block
         with open(path, "rb") as handle:
-            return pa.Table.from_pylist([_shaped(orjson.loads(line)) for line in handle
-                                         if line.strip()], schema=LINE)
+            return pa.Table.from_pylist([_shaped(orjson.loads(line), pa.struct(list(schema)))
+                                         for line in handle if line.strip()], schema=schema)
 
 
 @contextmanager
@@ -188,30 +252,21 @@ def _downloaded(client: OpenAI, file_id: str) -> Iterator[str]:
         os.remove(path)
 
 
-def _shaped(line: dict[str, Any]) -> dict[str, Any]:
-    """A line as LINE, whatever the types of the fields a result does not need."""
-    response = line.get("response") if isinstance(line.get("response"), dict) else None
-    error = line.get("error") if isinstance(line.get("error"), dict) else None
-    if response is not None:
-        body = response.get("body") if isinstance(response.get("body"), dict) else {}
-        body_error = body.get("error")
-        choices = body.get("choices") if isinstance(body.get("choices"), list) else []
-        response = {"status_code": response.get("status_code"), "body": {
-            "choices": [_choice(c) for c in choices[:1] if isinstance(c, dict)],
-            "usage": body.get("usage") if isinstance(body.get("usage"), dict) else None,
-            "error": {"message": str(body_error.get("message") if isinstance(body_error, dict)
-                                     else body_error)} if body_error else None}}
-    return {"custom_id": line.get("custom_id"), "response": response,
-            "error": {"code": error.get("code"), "message": str(error.get("message"))}
-            if error else None}
-
-
-def _choice(choice: dict[str, Any]) -> dict[str, Any]:
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    content = message.get("content")
-    return {"message": {"content": content if isinstance(content, str) else None,
-                        "refusal": message.get("refusal")},
-            "finish_reason": choice.get("finish_reason")}
+def _shaped(value: Any, kind: pa.DataType) -> Any:
+    """`value` with what does not have the type `kind` gives it made null (an error
+    message that is not text, as text), so that Arrow takes any line."""
+    if pa.types.is_struct(kind):
+        if not isinstance(value, dict):
+            return {"message": value} if isinstance(value, str) and \
+                kind.get_field_index("message") >= 0 else None
+        return {f.name: _shaped(value.get(f.name), f.type) for f in kind}
+    if pa.types.is_list(kind):
+        return [_shaped(v, kind.value_type) for v in value] if isinstance(value, list) else None
+    if pa.types.is_string(kind):
+        return value if isinstance(value, str) else None
+    if pa.types.is_integer(kind):
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return None
 
 
 collect_results_task = as_task(collect_results, "collect results", retries=3,

@@ -125,11 +125,11 @@ def _image_size(url: str) -> tuple[int, int]:
 
 
 def chat_prompt_tokens(body: dict[str, Any]) -> int:
-    """Prompt tokens of one Chat Completions body (see the module's rule)."""
+    """Prompt tokens of one Chat Completions or Responses body (see the module's rule)."""
     model = body["model"]
     encode = _encoding(model).encode_ordinary  # special-token text in a cell is text
     total = 3
-    for message in body.get("messages", []):
+    for message in _messages(body):
         total += 3 + len(encode(message.get("role", "")))
         if message.get("name"):
             total += 1 + len(encode(message["name"]))
@@ -138,27 +138,45 @@ def chat_prompt_tokens(body: dict[str, Any]) -> int:
             total += len(encode(content))
             continue
         for part in content or []:
-            if part.get("type") == "text":
+            if part.get("type") in ("text", "input_text"):
                 total += len(encode(part["text"]))
             elif part.get("type") == "image_url":
                 image = part["image_url"]
                 total += image_tokens(model, *_image_size(image["url"]),
                                       image.get("detail", "auto"))
+            elif part.get("type") == "input_image":
+                total += image_tokens(model, *_image_size(part["image_url"]),
+                                      part.get("detail", "auto"))
     return total
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A body's messages, in Chat Completions' shape: a Responses body's instructions are
+    its system message, its input the messages after it."""
+    if "messages" in body:
+        return body["messages"]
+    messages = [{"role": "system", "content": body["instructions"]}] \
+        if body.get("instructions") else []
+    items = body.get("input")
+    return messages + ([{"role": "user", "content": items}] if isinstance(items, str) else items)
 
 
 def request_tokens(requests: pa.Table, request: RequestConfig) -> np.ndarray:
     """Estimated prompt tokens of each rendered request: for a text template, what every
     request shares (the system prompt, the roles, the overhead) counted once and each
     row's user message; else each line's whole body. Both count exactly as
-    `chat_prompt_tokens` does."""
+    `chat_prompt_tokens` does. An embedding's input is counted as it is, with no
+    overhead."""
+    encode = _encoding(request.model).encode_ordinary
+    if request.embeddings:
+        return np.fromiter((len(encode(text)) for text in requests[USER_TEXT].to_pylist()),
+                           dtype=np.int64, count=requests.num_rows)
     if USER_TEXT not in requests.column_names:
         return np.array([chat_prompt_tokens(json.loads(line)["body"])
                          for line in requests[LINE].to_pylist()], dtype=np.int64)
     shared = {"model": request.model, "messages": [{"role": "user", "content": ""}]}
     if request.system:
         shared["messages"].insert(0, {"role": "system", "content": request.system})
-    encode = _encoding(request.model).encode_ordinary
     return np.fromiter((len(encode(text)) for text in requests[USER_TEXT].to_pylist()),
                        dtype=np.int64, count=requests.num_rows) + chat_prompt_tokens(shared)
 

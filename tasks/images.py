@@ -1,4 +1,4 @@
-"""Images for vision requests: each row's image values as Chat Completions image parts.
+"""Images for vision requests: each row's image values as image parts of a message.
 
 An `http(s)://` URL passes through as it is (the provider fetches it). A local path, a
 `file://` URL or an `s3://` URI is read and inlined as a base64 `data:` URL whose MIME
@@ -44,20 +44,23 @@ def image_values(column: pa.ChunkedArray) -> list[list[str] | None]:
 
 
 def image_parts_json(column: pa.ChunkedArray, name: str, keys: list[str], detail: str,
-                     max_side: int, storage_options: dict[str, Any] | None = None
-                     ) -> tuple[pa.Array, pa.Array]:
-    """Per row: the JSON of its image parts (comma-separated) or null, and why it is null."""
+                     max_side: int, storage_options: dict[str, Any] | None = None,
+                     responses: bool = False) -> tuple[pa.Array, pa.Array]:
+    """Per row: the JSON of its image parts (comma-separated) or null, and why it is null.
+    The parts are Chat Completions', or the Responses API's with `responses`."""
     rows = image_values(column)
     with ThreadPoolExecutor(READ_THREADS) as pool:
         outcomes = list(pool.map(
-            lambda item: _row_parts(*item, name, detail, max_side, storage_options or {}),
+            lambda item: _row_parts(*item, name, detail, max_side, storage_options or {},
+                                    responses),
             zip(keys, rows, strict=True)))
     parts, errors = zip(*outcomes, strict=True) if outcomes else ((), ())
     return pa.array(parts, pa.string()), pa.array(errors, pa.string())
 
 
 def _row_parts(key: str, references: list[str] | None, column: str, detail: str,
-               max_side: int, storage_options: dict[str, Any]) -> tuple[str | None, str | None]:
+               max_side: int, storage_options: dict[str, Any], responses: bool
+               ) -> tuple[str | None, str | None]:
     if not references:
         return None, f"row {key!r} has no image in column {column!r}"
     parts = []
@@ -66,9 +69,9 @@ def _row_parts(key: str, references: list[str] | None, column: str, detail: str,
             url = _image_url(reference, max_side, storage_options)
         except ImageError as exc:
             return None, f"row {key!r}, column {column!r}: image {reference!r} {exc}"
-        parts.append(json.dumps({"type": "image_url",
-                                 "image_url": {"url": url, "detail": detail}},
-                                separators=(",", ":")))
+        part = {"type": "input_image", "image_url": url, "detail": detail} if responses \
+            else {"type": "image_url", "image_url": {"url": url, "detail": detail}}
+        parts.append(json.dumps(part, separators=(",", ":")))
     return ",".join(parts), None
 
 

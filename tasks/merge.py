@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from enrichflow.config import ResponseFormat
+from enrichflow.config import RequestConfig
 from tasks import as_task
-from tasks.answers import answer_reader, answer_type, typed_answers
+from tasks.answers import answer_type, read_answers
 from tasks.collect import VALUE, results_schema
 from tasks.estimate import Price
 from tasks.load import KEY, ROW
@@ -23,33 +23,31 @@ from tasks.state import ATTEMPT
 NOT_SENT = "cancelled before it was sent"
 
 
-def attempt_results_schema(response_format: ResponseFormat) -> pa.Schema:
+def attempt_results_schema(request: RequestConfig) -> pa.Schema:
     """Results as journaled: with the attempt that got them (0: reused from the cache)."""
-    return results_schema(response_format).append(pa.field(ATTEMPT, pa.int64()))
+    return results_schema(request).append(pa.field(ATTEMPT, pa.int64()))
 
 
-def reused_results(reused: pa.Table, response_format: ResponseFormat) -> pa.Table:
+def reused_results(reused: pa.Table, request: RequestConfig) -> pa.Table:
     """Answers kept from earlier runs (`_row`, `_answer`, `_finish_reason`, `_batch_id`)
     as results of attempt 0: answered, and not paid again."""
-    read = answer_reader(response_format)
-    values = [read(answer, reason)[0] for answer, reason in
-              zip(reused["_answer"].to_pylist(), reused["_finish_reason"].to_pylist(),
-                  strict=True)]
+    values, _ = read_answers(reused["_answer"].combine_chunks(),
+                             reused["_finish_reason"].combine_chunks(), request)
     count = reused.num_rows
     columns = {ROW: reused[ROW], "_batch_id": reused["_batch_id"],
                "_ok": pa.array([True] * count), "_retryable": pa.array([False] * count),
                "_answer": reused["_answer"], "_finish_reason": reused["_finish_reason"],
                "_prompt_tokens": pa.array([0] * count, pa.int64()),
                "_completion_tokens": pa.array([0] * count, pa.int64()),
-               VALUE: typed_answers(values, answer_type(response_format)),
+               VALUE: values,
                ATTEMPT: pa.array([0] * count, pa.int64())}
-    schema = attempt_results_schema(response_format)
+    schema = attempt_results_schema(request)
     return pa.table({f.name: columns.get(f.name, pa.nulls(count, f.type)) for f in schema},
                     schema=schema)
 
 
 def merge_part(table: pa.Table, job_tag: str, results: pa.Table, unsent: pa.Table,
-               response_format: ResponseFormat, price: Price | None = None) -> pa.Table:
+               request: RequestConfig, price: Price | None = None) -> pa.Table:
     """The part's rows (`table`, with `_key` and `_row`) with their `results` (all
     attempts and reused answers, `attempt_results_schema`) and the rows render did not
     send (`unsent`: `_row`, `_status`, `_error`). A row sent without a result is one a
@@ -92,7 +90,7 @@ def merge_part(table: pa.Table, job_tag: str, results: pa.Table, unsent: pa.Tabl
     }
     answers = final[VALUE].combine_chunks().flatten()
     output = table.drop_columns([KEY, ROW])
-    for field, column in zip(answer_type(response_format), answers, strict=True):
+    for field, column in zip(answer_type(request), answers, strict=True):
         output = output.append_column(field.name, column)
     for name, column in meta.items():
         output = output.append_column(name, column)

@@ -79,7 +79,7 @@ def prepare_job(job: JobConfig, use_cache: bool = True, force: bool = False) -> 
     unsent = pa.concat_tables(unsent).combine_chunks()
     shards = plan_shards(to_send, job.limits.max_requests_per_shard,
                          job.limits.max_bytes_per_shard, plan_limit)
-    ceiling = job.request.max_completion_tokens or job.request.max_tokens
+    ceiling = job.request.output_ceiling()
     price = price_for(job.request.model, job.price)
     estimate = Estimate(
         model=job.request.model, rows=rows, not_sent=unsent.num_rows, reused=reused,
@@ -98,7 +98,7 @@ def _scan(job: JobConfig, source: Source, tag: str, cache: AnswerCache | None,
     for batch in source.batches():
         table = pa.Table.from_batches([batch])
         if not keys:
-            check_answer_columns(table, job.request.response_format)
+            check_answer_columns(table, job.request)
         keys.append(batch.column(KEY))
         rendered = render_requests(table, job.request, tag, job.dataset.path,
                                    job.storage_options)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from enrichflow.config import RequestConfig, TextPart
+from enrichflow.config import RESPONSES_ENDPOINT, RequestConfig, TextPart
 from enrichflow.errors import InputError
 from tasks.images import image_parts_json
 from tasks.load import KEY, ROW
@@ -64,20 +64,23 @@ def render_requests(table: pa.Table, request: RequestConfig, job_tag: str,
 
     fail_reason = no_reason
     columns = {}
-    if isinstance(request.user, str):
-        content = ['"', *_template_pieces(request.user, texts), '"']
-        columns[USER_TEXT] = _join(_template_pieces(request.user, texts, escape=False))
+    responses = request.endpoint == RESPONSES_ENDPOINT
+    if not isinstance(request.user, list):  # one template: the user message or the input
+        template = request.text_parts()[0]
+        content = ['"', *_template_pieces(template, texts), '"']
+        columns[USER_TEXT] = _join(_template_pieces(template, texts, escape=False))
     else:
         content = ["["]
         keys = table[KEY].to_pylist()
+        text_part = '{"type":"input_text","text":"' if responses else '{"type":"text","text":"'
         for i, part in enumerate(request.user):
             content += [","] if i else []
             if isinstance(part, TextPart):
-                content += ['{"type":"text","text":"', *_template_pieces(part.text, texts), '"}']
+                content += [text_part, *_template_pieces(part.text, texts), '"}']
                 continue
             images, errors = image_parts_json(table[part.column], part.column, keys,
                                               part.detail, request.image_max_side,
-                                              storage_options)
+                                              storage_options, responses)
             fail_reason = pc.coalesce(fail_reason, errors)
             content.append(images)
         content.append("]")
@@ -119,10 +122,18 @@ def _join(pieces: list) -> pa.ChunkedArray:
 
 
 def _skeleton(request: RequestConfig) -> str:
-    messages = [{"role": "system", "content": request.system}] if request.system else []
-    messages.append({"role": "user", "content": _USER_SLOT})
-    line = {"custom_id": _ID_SLOT, "method": "POST", "url": request.endpoint,
-            "body": {**request.body_parameters(), "messages": messages}}
+    """The request line with slots for the `custom_id` and the user content."""
+    body = request.body_parameters()
+    if request.embeddings:
+        body["input"] = _USER_SLOT
+    elif request.endpoint == RESPONSES_ENDPOINT:
+        if request.system:
+            body["instructions"] = request.system
+        body["input"] = [{"role": "user", "content": _USER_SLOT}]
+    else:
+        messages = [{"role": "system", "content": request.system}] if request.system else []
+        body["messages"] = [*messages, {"role": "user", "content": _USER_SLOT}]
+    line = {"custom_id": _ID_SLOT, "method": "POST", "url": request.endpoint, "body": body}
     return json.dumps(line, ensure_ascii=False, separators=(",", ":"))
 
 

@@ -33,6 +33,7 @@ from tasks.answers import answer_columns
 from tasks.estimate import Estimate, usd
 
 TABLE_ROWS = 20
+CELL_ITEMS = 8  # a longer list (an embedding) shows its first items
 CELL_CHARS = 160
 
 
@@ -99,7 +100,7 @@ def first_rows(first: pa.Table, job: JobConfig) -> list[dict[str, Any]]:
     """The output's first rows led by what a reader looks for: the key, the answer, the
     status and error, the cost; the input columns after them."""
     key = job.dataset.id_column or first.column_names[0]
-    lead = [key, *answer_columns(job.request.response_format), "_status", "_error",
+    lead = [key, *answer_columns(job.request), "_status", "_error",
             "_cost_usd"]
     rest = [c for c in first.column_names if c not in lead and not c.startswith("_")]
     rows = first.select(lead + rest).slice(0, TABLE_ROWS).to_pylist()
@@ -128,4 +129,6 @@ def _cell(value: Any) -> Any:
         return round(value, 6)  # money: no float noise such as 0.000017024999999999997
     if isinstance(value, str) and len(value) > CELL_CHARS:
         return value[:CELL_CHARS] + "…"
+    if isinstance(value, list) and len(value) > CELL_ITEMS:  # an embedding
+        return [_cell(v) for v in value[:CELL_ITEMS]] + [f"… {len(value):,} in all"]
     return value

@@ -318,13 +318,18 @@ def present(value):
     return [present(v) for v in value] if isinstance(value, list) else value
 
 
+def asking(response_format: ResponseFormat) -> RequestConfig:
+    """A chat request whose answers have `response_format`."""
+    return RequestConfig(model="m", user="{title}", response_format=response_format)
+
+
 @pytest.mark.parametrize("schema", [CLOSED, NESTED], ids=["closed", "open"])
 def test_answers_read_column_wise_agree_with_jsonschema(schema):
     """Every answer valid by jsonschema is kept, typed; every other one has jsonschema's
     error; `{...}\n` pretty-printed answers are read one by one."""
     answers = [json.dumps(a) for a in ANSWERS] + [json.dumps(ANSWERS[0], indent=1)]
     expected = ANSWERS + [ANSWERS[0]]
-    fmt = ResponseFormat(type="json_schema", schema=schema)
+    fmt = asking(ResponseFormat(type="json_schema", schema=schema))
     values, problems = read_answers(pa.array(answers), pa.array(["stop"] * len(answers)), fmt)
     validator = Draft202012Validator(schema)
     for answer, value, problem in zip(expected, values.to_pylist(), problems, strict=True):
@@ -339,11 +344,12 @@ def test_valid_answers_of_a_closed_schema_are_never_checked_one_by_one(monkeypat
     valid = [json.dumps(a) for a in ANSWERS[:2]] * 50
     monkeypatch.setattr(answers, "answer_reader", lambda fmt: pytest.fail("read one by one"))
     values, problems = read_answers(pa.array(valid), pa.array(["stop"] * len(valid)),
-                                    ResponseFormat(type="json_schema", schema=CLOSED))
+                                    asking(ResponseFormat(type="json_schema", schema=CLOSED)))
     assert problems == [None] * 100 and values.to_pylist()[1]["who"]["age"] == 3.5
 
 
 # merge ----------------------------------------------------------------------------------
+
 
 def result(row, attempt, ok, value=None, error=None, tokens=(10, 5)):
     return {ROW: row, "_custom_id": f"t-{row}", "_batch_id": f"batch_{attempt}", "_ok": ok,
@@ -352,8 +358,8 @@ def result(row, attempt, ok, value=None, error=None, tokens=(10, 5)):
             "_completion_tokens": tokens[1], "_value": value, "_attempt": attempt}
 
 
-def results(response_format: ResponseFormat, *rows: dict) -> pa.Table:
-    return pa.Table.from_pylist(list(rows), schema=attempt_results_schema(response_format))
+def results(request: RequestConfig, *rows: dict) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=attempt_results_schema(request))
 
 
 def unsent_rows(*rows: dict) -> pa.Table:
@@ -364,15 +370,15 @@ def unsent_rows(*rows: dict) -> pa.Table:
 def test_merge_keeps_every_row_once_with_typed_answers():
     rows = table(title=["a", "b", "c", "d", "e"])
     unsent = unsent_rows({ROW: 3, "_status": "skipped", "_error": "skipped: column 'x' is empty"})
-    response_format = ResponseFormat(type="json_schema", schema=SCHEMA)
+    request = asking(ResponseFormat(type="json_schema", schema=SCHEMA))
     merged = merge_part(rows, "t", results(
-        response_format,
+        request,
         result(2, 1, False, error="batch_expired: late", tokens=(None, None)),
         result(0, 1, True, {"tags": ["x", "y"], "score": 3}),
         result(1, 1, False, error="HTTP 500: boom", tokens=(None, None)),
         result(1, 2, True, {"tags": [], "score": 1}),
         result(2, 2, False, error="not valid JSON", tokens=(7, 3)),
-    ), unsent, response_format,
+    ), unsent, request,
         Price(input=2, output=8, batch_input=1, batch_output=4, source="test"))
     assert merged.column_names == ["title", "tags", "score", "_status", "_error", "_attempts",
                                    "_reused", "_custom_id", "_batch_id", "_prompt_tokens",
@@ -401,38 +407,38 @@ def test_a_recursive_schema_keeps_its_recursive_part_as_json_text():
                            "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}
     schema = {"type": "object", "additionalProperties": False, "required": ["tree"],
               "properties": {"tree": {"$ref": "#/$defs/node"}}, "$defs": {"node": node}}
-    response_format = ResponseFormat(type="json_schema", schema=schema)
+    request = asking(ResponseFormat(type="json_schema", schema=schema))
     status, body = MockEngine().answer("/v1/chat/completions", {
         "model": "m", "messages": [{"role": "user", "content": "oak tree"}],
         "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}})
     answer = body["choices"][0]["message"]["content"]
     assert status == 200
-    value, problem = answer_reader(response_format)(answer, "stop")
+    value, problem = answer_reader(request)(answer, "stop")
     assert problem is None
-    merged = merge_part(table(title=["a"]), "t", results(response_format, result(0, 1, True)),
-                        unsent_rows(), response_format)
+    merged = merge_part(table(title=["a"]), "t", results(request, result(0, 1, True)),
+                        unsent_rows(), request)
     assert merged.schema.field("tree").type == pa.struct([
         ("name", pa.string()), ("children", pa.list_(pa.string()))])
     merged = merge_part(table(title=["a"]), "t", pa.concat_tables([
-        results(response_format), _with_value(response_format, value)]), unsent_rows(),
-        response_format)
+        results(request), _with_value(request, value)]), unsent_rows(),
+        request)
     (tree,) = merged["tree"].to_pylist()
     assert tree["name"] == "oak tree"
     assert [json.loads(child)["name"] for child in tree["children"]] == ["oak tree"] * 3
 
 
-def _with_value(response_format: ResponseFormat, value: dict) -> pa.Table:
+def _with_value(request: RequestConfig, value: dict) -> pa.Table:
     from tasks.answers import answer_type, typed_answers
-    row = results(response_format, result(0, 1, True))
+    row = results(request, result(0, 1, True))
     return row.set_column(row.schema.get_field_index("_value"), "_value",
-                          typed_answers([value], answer_type(response_format)))
+                          typed_answers([value], answer_type(request)))
 
 
 def test_merge_of_a_text_answer_is_one_response_column():
-    response_format = ResponseFormat()
+    request = asking(ResponseFormat())
     merged = merge_part(table(title=["a"]), "t", results(
-        response_format, result(0, 1, True, {"response": "A fine film."})), unsent_rows(),
-        response_format)
+        request, result(0, 1, True, {"response": "A fine film."})), unsent_rows(),
+        request)
     assert merged.to_pylist()[0]["response"] == "A fine film."
 
 
