@@ -23,8 +23,18 @@ def _run(args: argparse.Namespace) -> int:
     job = resolve_job(args.config, args.output, args.limit, args.provider, args.base_url)
     manifest = enrich(args.config, output=args.output, limit=args.limit,
                       provider=args.provider, base_url=args.base_url, force=args.force,
-                      use_cache=not args.no_cache, wait_for_lock=args.wait_for_lock)
+                      use_cache=not args.no_cache, wait_for_lock=args.wait_for_lock,
+                      canary_only=args.canary_only)
     print()
+    if args.canary_only:
+        canary = manifest["canary"]
+        cost = "unknown" if canary["cost_usd"] is None else usd(canary["cost_usd"])
+        print(f"canary:   {canary['rows'] - canary['failed']} of {canary['rows']} sample rows "
+              f"answered usably ({canary['mode']}, {canary['seconds']} s, cost {cost}); "
+              "their answers are kept for the full run")
+        for error in canary["errors"]:
+            print(f"  {error}")
+        return 0
     print(f"output:   {manifest['output']}  (read it with pandas.read_parquet)")
     print("rows:     " + ", ".join(f"{n:,} {s}" for s, n in manifest["rows_by_status"].items()))
     print(f"batches:  {sum(1 for s in manifest['shards'] if s['batch_id'])}, "
@@ -166,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="send every row, even those whose request was answered before")
     run.add_argument("--wait-for-lock", action="store_true",
                      help="if another run is writing the same output, wait for it to end")
+    run.add_argument("--canary-only", action="store_true",
+                     help="only answer and check a sample of rows (the job's canary, or "
+                          "20 rows), then stop")
     run.set_defaults(handler=_run)
 
     estimate = commands.add_parser("estimate", help="rows, tokens and cost of a job, before")

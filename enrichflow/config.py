@@ -289,6 +289,19 @@ class LimitsConfig(_Strict):
         return self
 
 
+class CanaryConfig(_Strict):
+    """A sample of rows answered first and checked, before any batch is uploaded."""
+
+    rows: int = Field(default=20, gt=0, le=1000, description="Rows in the sample: the first "
+                                                              "rows to send, at most half.")
+    max_failure_rate: float = Field(
+        default=0.1, ge=0, le=1, description="Stop the job when a larger share of the sample "
+                                             "has no usable answer.")
+    mode: Literal["sync", "batch"] = Field(
+        default="sync", description="sync: the synchronous API, in seconds, at synchronous "
+                                    "prices; batch: one small batch, at batch prices.")
+
+
 class JobConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$",
                       description="Job name: letters, digits, '.', '_' or '-'.")
@@ -305,6 +318,8 @@ class JobConfig(_Strict):
     max_cost_usd: float | None = Field(
         default=None, gt=0, description="Stop before uploading if the estimate may pass this.")
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    canary: CanaryConfig | None = Field(
+        default=None, description="Check a sample of rows before uploading; off when absent.")
     cleanup: bool = Field(
         default=True, description="Delete a batch's files at the provider once its results "
                                   "are collected, and the collected results once the output "

@@ -21,6 +21,10 @@ class ProviderError(RuntimeError):
     """The Batch API did not answer, or a batch did not finish in time; it runs on there."""
 
 
+class CanaryFailedError(RuntimeError):
+    """Too many of the canary's sample rows got no usable answer; nothing was uploaded."""
+
+
 class RowsFailedError(RuntimeError):
     """More rows failed than `limits.max_failed_share` allows; the output is written."""
 

@@ -1,5 +1,5 @@
-"""The job flow: prepare → (render → upload → create → wait → collect) per shard → merge
-and write part by part.
+"""The job flow: prepare → the canary, if on → (render → upload → create → wait →
+collect) per shard → merge and write part by part.
 
 Sending (attempts, shards, batches) is `flows.send`; this module is the flow itself, what
 it reports, and the rules around a run: one at a time per output, cancel, failed share.
@@ -26,18 +26,19 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.logging.loggers import flow_run_logger
 from pydantic import Field
 
-from enrichflow.config import JobConfig, load_job
-from enrichflow.errors import ConfigError, RowsFailedError
+from enrichflow.config import CanaryConfig, JobConfig, load_job
+from enrichflow.errors import CanaryFailedError, ConfigError, RowsFailedError
 from enrichflow.provider import describe, open_client, provider_kind
 from enrichflow.storage import Location
 from flows.output import Written, write_parts
 from flows.send import WaitMode, run_attempts
+from tasks.canary import CanaryOutcome, run_canary_task, sample_size
 from tasks.cancel import cancel_run
 from tasks.estimate import usd
 from tasks.lease import Lease
 from tasks.load import KEY
 from tasks.prepare import Prepared, check_cost_cap, prepare_job_task
-from tasks.report import publish_estimate, publish_results
+from tasks.report import publish_canary, publish_estimate, publish_results
 from tasks.state import RunState
 from tasks.write import finish_output, read_manifest, start_output
 
@@ -72,6 +73,7 @@ def enrich(
     force: bool = False,
     use_cache: bool = True,
     wait_for_lock: bool = False,
+    canary_only: bool = False,
 ) -> dict[str, Any]:
     """Enrich the rows of a job file's dataset through the Batch API; returns the manifest.
 
@@ -88,6 +90,8 @@ def enrich(
         use_cache: Reuse answers to requests answered before (not paid again).
         wait_for_lock: If another run is writing the same output, wait for it to end
             instead of failing at once (only one run writes an output at a time).
+        canary_only: Only send and check the canary's sample rows (the job's `canary`, or
+            20 rows), then stop; their answers are kept for the full run.
     """
     job = resolve_job(config_path, output, limit, provider, base_url, model)
     if wait_mode == "suspend":
@@ -101,7 +105,7 @@ def enrich(
     with Lease.acquire(location, run_name, wait_for_lock, on_wait=log.info) as lease:
         done = read_manifest(location)
         if done and done.get("job_key") == prepared.job_key and not done.get("cancelled") \
-                and not force:
+                and not force and not canary_only:
             log.info("%s is already complete in %s; nothing sent (use --force to run it again)",
                      job.name, location.uri)
             RunState.finish_run(location, done["run_id"])  # if killed before it could
@@ -115,6 +119,14 @@ def enrich(
             lease=lease)
         if resumed:
             log.info("resuming run %s from %s/_state", state.run_id, location.uri)
+        canary = job.canary or CanaryConfig()
+        if canary_only and state.shards:
+            log.info("canary: this run has sent its batches already; nothing to check")
+            return {"canary": CanaryOutcome.nothing().summary(canary)}
+        if (job.canary or canary_only) and not state.shards:  # nothing sent yet
+            outcome = check_with_canary(job, location, prepared, state, canary)
+            if canary_only:
+                return {"canary": outcome.summary(canary)}
         manifest, written = send_and_write(job, location, prepared, state, wait_mode)
     check_failed_share(manifest, written.first_error, job.limits.max_failed_share)
     return manifest
@@ -141,6 +153,34 @@ def send_and_write(job: JobConfig, location: Location, prepared: Prepared, state
              "; the job was cancelled: run it again to send the rest" if manifest["cancelled"]
              else "")
     return manifest, written
+
+
+def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
+                      state: RunState, canary: CanaryConfig) -> CanaryOutcome:
+    """Answer and check the canary's sample; raise CanaryFailedError, before any of the
+    job's batches is uploaded, when too much of it failed; else journal its answers as
+    the run's own."""
+    log = get_run_logger()
+    if sample_size(prepared, canary) == 0:
+        log.info("canary: fewer than 2 rows to send; nothing to check")
+        return CanaryOutcome.nothing()
+    with open_client(job.provider, location) as client:
+        outcome = run_canary_task(client, job, prepared, canary)
+    publish_canary(job.name, outcome, canary)
+    failed = outcome.failed
+    for key, error in zip(failed[KEY].to_pylist()[:5], failed["_error"].to_pylist()[:5],
+                          strict=True):
+        log.warning("canary: row %r: %s", key, error)
+    if not outcome.passed(canary):
+        raise CanaryFailedError(
+            f"{outcome.text(canary)}. The job is stopped before uploading its batches. "
+            f"First failure, row {failed[KEY][0].as_py()!r}: {failed['_error'][0].as_py()}. Fix "
+            "the prompt, schema or max_tokens and check again with `enrichflow run "
+            "--canary-only`")
+    log.info(outcome.text(canary))
+    if outcome.results is not None:
+        state.save_canary(outcome.results, outcome.batch_id)
+    return outcome
 
 
 def resolve_job(config_path: str, output: str | None = None, limit: int | None = None,

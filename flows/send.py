@@ -66,11 +66,13 @@ def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: JobCo
                 log.warning("the job was cancelled: %s rows are not sent again",
                             f"{pending.num_rows:,}")
                 break
-            shards = plan_shards(pending, limits.max_requests_per_shard, limits.max_bytes_per_shard,
+            sending = pending if attempt > 1 else pending.filter(  # the canary's are answered
+                pc.invert(pc.is_in(pending[ROW], value_set=state.canary_rows())))
+            shards = plan_shards(sending, limits.max_requests_per_shard, limits.max_bytes_per_shard,
                                  state.plan_limit(attempt, budget.plan_limit))
-            log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{pending.num_rows:,}",
+            log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{sending.num_rows:,}",
                      len(shards))
-            run_shards(client, state, attempt, pending, shards, budget, job, wait_mode, progress,
+            run_shards(client, state, attempt, sending, shards, budget, job, wait_mode, progress,
                        lines)
             outcome = state.attempt_outcome(attempt)
             retry = outcome.filter(pc.and_(pc.invert(outcome["_ok"]), outcome["_retryable"]))

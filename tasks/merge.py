@@ -18,7 +18,7 @@ from tasks.collect import VALUE, results_schema
 from tasks.estimate import Price
 from tasks.load import KEY, ROW
 from tasks.render import custom_ids
-from tasks.state import ATTEMPT
+from tasks.state import ATTEMPT, CANARY_BATCH
 
 NOT_SENT = "cancelled before it was sent"
 
@@ -51,7 +51,8 @@ def merge_part(table: pa.Table, job_tag: str, results: pa.Table, unsent: pa.Tabl
     """The part's rows (`table`, with `_key` and `_row`) with their `results` (all
     attempts and reused answers, `attempt_results_schema`) and the rows render did not
     send (`unsent`: `_row`, `_status`, `_error`). A row sent without a result is one a
-    cancel kept from being sent. `_cost_usd` is at batch prices, null if unknown."""
+    cancel kept from being sent. `_cost_usd` is at batch prices (a synchronous canary's
+    rows at synchronous ones), null if unknown."""
     count, first = table.num_rows, (table[ROW][0].as_py() if table.num_rows else 0)
     ordered = results.sort_by([(ROW, "ascending"), (ATTEMPT, "ascending")])
     rows = ordered[ROW].to_numpy()
@@ -70,10 +71,13 @@ def merge_part(table: pa.Table, job_tag: str, results: pa.Table, unsent: pa.Tabl
     completion = _sums(ordered["_completion_tokens"], starts).take(at_row)
     if price is None:
         cost = pa.nulls(count, pa.float64())
-    else:
-        cost = pc.divide(pc.add(pc.multiply(pc.cast(prompt, pa.float64()), price.batch_input),
-                                pc.multiply(pc.cast(completion, pa.float64()),
-                                            price.batch_output)), 1e6)
+    else:  # a synchronous canary's answers were paid at synchronous prices
+        sync = pc.fill_null(pc.equal(final["_batch_id"], CANARY_BATCH), False)
+        cost = pc.divide(pc.add(
+            pc.multiply(pc.cast(prompt, pa.float64()),
+                        pc.if_else(sync, price.input, price.batch_input)),
+            pc.multiply(pc.cast(completion, pa.float64()),
+                        pc.if_else(sync, price.output, price.batch_output))), 1e6)
     no_text = pa.scalar(None, pa.string())
     meta = {
         "_status": pc.if_else(ok, "ok", pc.coalesce(unsent["_status"], "failed")),

@@ -28,9 +28,11 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
 )
 
-from enrichflow.config import JobConfig
+from enrichflow.config import CanaryConfig, JobConfig
 from tasks.answers import answer_columns
+from tasks.canary import CanaryOutcome
 from tasks.estimate import Estimate, usd
+from tasks.load import KEY
 
 TABLE_ROWS = 20
 CELL_ITEMS = 8  # a longer list (an embedding) shows its first items
@@ -57,6 +59,24 @@ def publish_estimate(job_name: str, estimate: Estimate) -> None:
     create_markdown_artifact(f"# Estimate for {job_name}\n\n{estimate.markdown()}",
                              key=artifact_key(job_name, "estimate"),
                              description="Rows, tokens and cost, before sending")
+
+
+def publish_canary(job_name: str, outcome: CanaryOutcome, canary: CanaryConfig) -> None:
+    """The canary's verdict, with its failed sample rows and why."""
+    verdict = "passed" if outcome.passed(canary) else "FAILED: the job was stopped before " \
+                                                       "any batch was uploaded"
+    rows = "".join(f"| {_markdown(key)} | {_markdown(error)} |\n" for key, error in zip(
+        outcome.failed[KEY].to_pylist()[:TABLE_ROWS],
+        outcome.failed["_error"].to_pylist()[:TABLE_ROWS], strict=True))
+    failed = f"\n\n| row | error |\n| --- | --- |\n{rows}" if rows else ""
+    create_markdown_artifact(f"# Canary for {job_name}: {verdict}\n\n{outcome.text(canary)}"
+                             f"{failed}", key=artifact_key(job_name, "canary"),
+                             description="A sample of rows answered and checked first")
+
+
+def _markdown(text: str | None) -> str:
+    """Text for a cell of a Markdown table: on one line, without column bars."""
+    return _cell(text or "").replace("|", "\\|").replace("\n", " ")
 
 
 def start_progress(job_name: str) -> UUID:

@@ -31,6 +31,8 @@ STATE_FILE = "_state/run.json"
 CANCEL_FILE = "_state/cancel-requested.json"
 ATTEMPT = "_attempt"  # of a result: its attempt
 RESULTS_DIR = "_state/results"
+CANARY_SHARD = -1  # the canary's results are journaled as this shard of attempt 1
+CANARY_BATCH = "canary"  # the `_batch_id` of a synchronous canary's answers
 
 
 @dataclass
@@ -53,11 +55,17 @@ class ShardRecord:
     last_row: int | None = None  # ...to (both included)
 
     @property
+    def canary(self) -> bool:
+        return self.shard == CANARY_SHARD
+
+    @property
     def name(self) -> str:
-        return f"attempt {self.attempt}, shard {self.shard}"
+        return "the canary" if self.canary else f"attempt {self.attempt}, shard {self.shard}"
 
     @property
     def results_name(self) -> str:
+        if self.canary:
+            return f"{RESULTS_DIR}/canary.parquet"
         return f"{RESULTS_DIR}/attempt-{self.attempt}-shard-{self.shard}.parquet"
 
 
@@ -202,6 +210,20 @@ class RunState:
                                     results.append_column(ATTEMPT, attempt))
         span = pc.min_max(results[ROW]).as_py()
         self.update(record, status="collected", first_row=span["min"], last_row=span["max"])
+
+    def save_canary(self, results: pa.Table, batch_id: str | None) -> None:
+        """Journal a passed canary's results as attempt 1's: its rows are not sent again."""
+        record = ShardRecord(1, CANARY_SHARD, results.num_rows, 0, "", batch_id=batch_id)
+        with self._lock:
+            self.shards.append(record)
+        self.save_results(record, results)
+
+    def canary_rows(self) -> pa.Array:
+        """The rows the canary answered (or tried): the first attempt does not send them."""
+        records = [r for r in self.collected(1) if r.canary]
+        if not records:
+            return pa.array([], pa.int64())
+        return self.location.read_parquet(records[0].results_name, columns=[ROW])[ROW]
 
     def remove_results(self) -> None:
         """Drop the collected results, once they are in the written output."""

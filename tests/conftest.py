@@ -32,10 +32,14 @@ def free_port() -> int:
 
 
 def job_file(tmp_path: Path, rows: pd.DataFrame | None = None, config: str = "movies",
-             **changes) -> Path:
+             canary: bool = False, **changes) -> Path:
     """A copy of a shipped job (configs/<config>.yaml) writing under tmp_path, optionally
-    on other rows; `changes` set dotted fields (`limits.max_attempts=2`)."""
+    on other rows; `changes` set dotted fields (`limits.max_attempts=2`). The shipped
+    jobs answer a canary sample first; the copy leaves it out unless `canary`, so that
+    tests of the batches see every row go through them (tests/test_canary.py keeps it)."""
     job = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())
+    if not canary:
+        job.pop("canary", None)
     job["dataset"]["path"] = str(REPO / job["dataset"]["path"])
     if rows is not None:
         job["dataset"]["path"] = str(tmp_path / "rows.csv")
@@ -83,13 +87,15 @@ def python_job(path: Path, base_url: str, prefect_api: str) -> subprocess.Popen:
 
 def wait_for_batches(run: subprocess.Popen, read_journal: Callable[[], dict | None],
                      shards: int, timeout: float = 120) -> dict:
-    """The run's journal once it holds `shards` shards that all have a batch."""
+    """The run's journal once it holds `shards` shards that all have a batch (the
+    canary, journaled as shard -1, is not one of them)."""
     deadline = time.monotonic() + timeout
     while True:
         assert run.poll() is None, "the run ended before its batches were all created"
         assert time.monotonic() < deadline, "the run never created its batches"
         journal = read_journal() or {"shards": []}
-        if len(journal["shards"]) == shards and all(s["batch_id"] for s in journal["shards"]):
+        sent = [s for s in journal["shards"] if s["shard"] >= 0]
+        if len(sent) == shards and all(s["batch_id"] for s in sent):
             return journal
         time.sleep(0.1)
 

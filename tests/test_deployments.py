@@ -204,9 +204,11 @@ def test_a_triggered_deployment_writes_parquet_and_artifacts(prefect_env, start_
     assert len(data) == 12 and (data["_status"] == "ok").all()
     artifacts = api.artifacts(run)  # those we made (the server keeps the result as one too)
     by_key = {a["key"]: a for a in artifacts if a["type"]}
-    assert len(by_key) == len([a for a in artifacts if a["type"]]) == 5
-    assert {"movies-estimate", "movies-progress", "movies-summary", "movies-rows",
-            "movies-output"} == set(by_key)
+    assert len(by_key) == len([a for a in artifacts if a["type"]]) == 6
+    assert {"movies-estimate", "movies-canary", "movies-progress", "movies-summary",
+            "movies-rows", "movies-output"} == set(by_key)
+    assert "passed" in by_key["movies-canary"]["data"]
+    assert "6 of 6 sample rows answered usably" in by_key["movies-canary"]["data"]
     assert by_key["movies-progress"]["type"] == "progress"
     assert by_key["movies-progress"]["data"] == 100.0
     assert "12 rows enriched" in by_key["movies-summary"]["data"]

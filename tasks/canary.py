@@ -1,0 +1,167 @@
+"""The canary: a few rows sent before the job's batches, their answers checked exactly as
+the collect step will check the batches', so that a broken prompt or schema stops the job
+in seconds rather than a day later, after it was paid for.
+
+The sample is the first `canary.rows` rows to send (at most half of them, so that a small
+job still goes through the Batch API), answered through the synchronous API
+(at synchronous prices: a few cents) or, with `canary.mode: batch`, as one small batch.
+A canary that passes is journaled as part of the run's first attempt, so its rows are
+not sent again: their answers are the run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pyarrow as pa
+import pyarrow.compute as pc
+from openai import OpenAI
+
+from enrichflow.config import CanaryConfig, JobConfig
+from enrichflow.errors import ProviderError
+from tasks import as_task
+from tasks.collect import collect_results, read_result_lines, results_of_lines
+from tasks.load import KEY, ROW, RowReader
+from tasks.prepare import Prepared
+from tasks.render import CUSTOM_ID, LINE, render_requests
+from tasks.state import CANARY_BATCH
+from tasks.submit import delete_files
+from tasks.wait import TERMINAL
+
+SYNC_AT_ONCE = 8
+JOB_ERRORS = (401, 403, 404)  # a wrong key or address: an error of the job, not of its rows
+
+
+@dataclass(frozen=True)
+class CanaryOutcome:
+    rows: int
+    failed: pa.Table  # `_key` and `_error` of the sample rows without a usable answer
+    results: pa.Table | None  # as collect makes them (`results_schema`); None: no sample
+    batch_id: str | None  # mode batch: the canary's batch
+    cost_usd: float | None
+    seconds: float
+
+    @classmethod
+    def nothing(cls) -> CanaryOutcome:
+        """The outcome when no row is left to send."""
+        failed = pa.table({KEY: pa.array([], pa.string()), "_error": pa.array([], pa.string())})
+        return cls(0, failed, None, None, 0.0, 0.0)
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failed.num_rows / self.rows if self.rows else 0.0
+
+    def passed(self, canary: CanaryConfig) -> bool:
+        return self.failure_rate <= canary.max_failure_rate
+
+    def summary(self, canary: CanaryConfig) -> dict:
+        """The outcome as plain values (the flow's result with --canary-only)."""
+        return {"mode": canary.mode, "rows": self.rows, "failed": self.failed.num_rows,
+                "failure_rate": self.failure_rate, "passed": self.passed(canary),
+                "cost_usd": self.cost_usd, "seconds": round(self.seconds, 2),
+                "errors": [f"row {key!r}: {error}" for key, error in zip(
+                    self.failed[KEY].to_pylist(), self.failed["_error"].to_pylist(),
+                    strict=True)]}
+
+    def text(self, canary: CanaryConfig) -> str:
+        cost = "unknown" if self.cost_usd is None else f"${self.cost_usd:,.4f}"
+        return (f"canary ({canary.mode}): {self.rows - self.failed.num_rows} of {self.rows} "
+                f"sample rows answered usably, {self.failed.num_rows} failed "
+                f"({self.failure_rate:.0%}; at most {canary.max_failure_rate:.0%} passes) in "
+                f"{self.seconds:.1f} s; cost {cost}")
+
+
+def run_canary(client: OpenAI, job: JobConfig, prepared: Prepared,
+               canary: CanaryConfig) -> CanaryOutcome:
+    """Send the sample and check its answers as collect does."""
+    started = time.monotonic()
+    rows = prepared.to_send[ROW].slice(0, sample_size(prepared, canary)).combine_chunks()
+    with closing(RowReader(prepared.source)) as reader:
+        requests = render_requests(reader.take(rows), job.request, prepared.tag,
+                                   job.dataset.path, job.storage_options).requests
+    if canary.mode == "sync":
+        results, batch_id = _answer_now(client, requests, job), None
+    else:
+        results, batch_id = _answer_in_a_batch(client, requests, job, prepared.job_key)
+    price = prepared.price
+    cost = None
+    if price is not None:
+        tokens = [pc.sum(results[c]).as_py() or 0 for c in ("_prompt_tokens",
+                                                             "_completion_tokens")]
+        cost = (price.sync_cost if canary.mode == "sync" else price.batch_cost)(*tokens)
+    failed = pa.table({KEY: requests[KEY], "_error": results["_error"]}).filter(
+        pc.invert(pc.fill_null(results["_ok"], False)))
+    return CanaryOutcome(rows=results.num_rows, failed=failed, results=results,
+                         batch_id=batch_id, cost_usd=cost, seconds=time.monotonic() - started)
+
+
+def sample_size(prepared: Prepared, canary: CanaryConfig) -> int:
+    """The first `canary.rows` rows to send, but at most half of them."""
+    return min(canary.rows, prepared.to_send.num_rows // 2)
+
+
+def _answer_now(client: OpenAI, requests: pa.Table, job: JobConfig) -> pa.Table:
+    """Each request through the synchronous API, its answer as a Batch API output line."""
+    path = job.request.endpoint.removeprefix("/v1")
+
+    def answer(custom_id: str, line: str) -> dict:
+        body = json.loads(line)["body"]
+        try:
+            response = client.post(path, body=body, cast_to=httpx.Response)
+            status, answer = response.status_code, response.json()
+        except openai.APIStatusError as exc:
+            if exc.status_code in JOB_ERRORS:
+                raise
+            status, answer = exc.status_code, {"error": exc.body}
+        return {"custom_id": custom_id, "response": {"status_code": status, "body": answer}}
+
+    with ThreadPoolExecutor(SYNC_AT_ONCE) as pool:
+        lines = list(pool.map(answer, requests[CUSTOM_ID].to_pylist(),
+                              requests[LINE].to_pylist()))
+    handle, scratch = tempfile.mkstemp(suffix=".jsonl")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.writelines(json.dumps(line) + "\n" for line in lines)
+        read = read_result_lines(scratch, job.request.endpoint)
+    finally:
+        os.remove(scratch)
+    return results_of_lines(read, CANARY_BATCH, requests[ROW].combine_chunks(),
+                            requests[CUSTOM_ID].combine_chunks(), job.request)
+
+
+def _answer_in_a_batch(client: OpenAI, requests: pa.Table, job: JobConfig,
+                       job_key: str) -> tuple[pa.Table, str]:
+    """The requests as one small batch, waited for and collected as a shard's; (the
+    results, the batch's id)."""
+    limits = job.limits
+    payload = "".join(requests[LINE].to_pylist()).encode()
+    file_id = client.files.create(file=(f"{job.name}-canary.jsonl", payload),
+                                  purpose="batch").id
+    batch = client.batches.create(input_file_id=file_id, endpoint=job.request.endpoint,
+                                  completion_window="24h",
+                                  metadata={"enrichflow_canary": job_key})
+    deadline, interval = time.monotonic() + limits.max_wait_hours * 3600, \
+        limits.poll_interval_min
+    while batch.status not in TERMINAL:
+        if time.monotonic() > deadline:
+            raise ProviderError(f"the canary batch {batch.id} did not finish within "
+                                f"limits.max_wait_hours ({limits.max_wait_hours} h)")
+        time.sleep(interval)
+        interval = min(interval * 2, limits.poll_interval_max)
+        batch = client.batches.retrieve(batch.id)
+    results = collect_results(client, batch, requests[ROW].combine_chunks(),
+                              requests[CUSTOM_ID].combine_chunks(), job.request)
+    if job.cleanup:
+        delete_files(client, [batch.input_file_id, batch.output_file_id, batch.error_file_id])
+    return results, batch.id
+
+
+run_canary_task = as_task(run_canary, "canary")

@@ -1,0 +1,75 @@
+"""The canary: a sample answered and checked before any batch, through real Prefect and
+the local server over HTTP."""
+
+from __future__ import annotations
+
+import httpx
+import pandas as pd
+import pytest
+from conftest import job_file, sdk_client
+
+from enrichflow.cli import main
+from enrichflow.errors import CanaryFailedError
+from flows.enrich import enrich
+
+# The mock answers the summary with words of the request: never one that fits this.
+UNFILLABLE = {"request.response_format.schema.properties.summary.pattern": "^[0-9]{3}$"}
+
+
+def requests_in_batches(client) -> int:
+    return sum(b.request_counts.total for b in client.batches.list(limit=100))
+
+
+def test_a_schema_the_model_cannot_fill_stops_the_job_with_nothing_uploaded(
+        prefect_api, start_localbatch, tmp_path, capsys):
+    server = start_localbatch()
+    path = job_file(tmp_path, canary=True, **UNFILLABLE)
+    with pytest.raises(CanaryFailedError) as info:
+        enrich(str(path), base_url=server.base_url)
+    message = str(info.value)
+    assert "0 of 20 sample rows answered usably" in message
+    assert "stopped before uploading its batches" in message
+    assert "does not match '^[0-9]{3}$'" in message and "--canary-only" in message
+    client = sdk_client(server.base_url)
+    assert client.files.list().data == [] and client.batches.list().data == []
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+
+    artifact = httpx.post(f"{prefect_api}/artifacts/filter", json={
+        "artifacts": {"key": {"any_": ["movies-canary"]}}, "sort": "CREATED_DESC",
+        "limit": 1}).json()[0]
+    assert "FAILED" in artifact["data"] and "The Burning Lantern" in artifact["data"]
+
+    assert main(["run", str(path), "--base-url", server.base_url]) == 2
+    assert "error: canary (sync): 0 of 20" in capsys.readouterr().err
+    assert client.files.list().data == []
+
+
+def test_a_passing_canary_is_not_paid_twice(prefect_api, start_localbatch, tmp_path):
+    server = start_localbatch()
+    manifest = enrich(str(job_file(tmp_path, canary=True)), base_url=server.base_url)
+    data = pd.read_parquet(tmp_path / "out")
+    assert (data["_status"] == "ok").all() and manifest["rows"] == len(data)
+    assert requests_in_batches(sdk_client(server.base_url)) == len(data) - 20
+    canary = data.iloc[:20]
+    assert (canary["_batch_id"] == "canary").all() and (canary["_attempts"] == 1).all()
+    assert not canary["_reused"].any()
+    # paid at synchronous prices (twice the batch price), the rest at batch prices
+    per_token = data["_cost_usd"] / (data["_prompt_tokens"] + 4 * data["_completion_tokens"])
+    assert per_token.iloc[:20].min() == pytest.approx(2 * per_token.iloc[20:].max())
+
+
+def test_canary_only_checks_and_keeps_the_sample_for_the_full_run(prefect_api, start_localbatch,
+                                                                  tmp_path, capsys):
+    server = start_localbatch()
+    path = job_file(tmp_path, canary=True, **{"canary.mode": "batch", "canary.rows": 5})
+    client = sdk_client(server.base_url)
+    assert main(["run", str(path), "--base-url", server.base_url, "--canary-only"]) == 0
+    assert "5 of 5 sample rows answered usably (batch" in capsys.readouterr().out
+    (batch,) = client.batches.list().data
+    assert batch.request_counts.total == 5 and batch.metadata["enrichflow_canary"]
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+
+    manifest = enrich(str(path), base_url=server.base_url)
+    assert requests_in_batches(client) == manifest["rows"]  # the sample was not sent again
+    data = pd.read_parquet(tmp_path / "out")
+    assert (data["_batch_id"].iloc[:5] == batch.id).all() and (data["_status"] == "ok").all()
