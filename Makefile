@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/render_throughput.py
 	$(BIN)/python bench/collect_throughput.py
 	$(BIN)/python bench/e2e_scale.py
+	$(BIN)/python bench/runner_scale.py
 
 third-party: install
 	tests/third_party/run.sh

@@ -20,11 +20,13 @@ def _run(args: argparse.Namespace) -> int:
     from tasks.estimate import usd
     from tasks.write import part_name
 
-    job = resolve_job(args.config, args.output, args.limit, args.provider, args.base_url)
+    job = resolve_job(args.config, args.output, args.limit, args.provider, args.base_url,
+                      args.model, args.runner)
     manifest = enrich(args.config, output=args.output, limit=args.limit,
-                      provider=args.provider, base_url=args.base_url, force=args.force,
-                      use_cache=not args.no_cache, wait_for_lock=args.wait_for_lock,
-                      canary_only=args.canary_only)
+                      provider=args.provider, base_url=args.base_url, model=args.model,
+                      force=args.force, use_cache=not args.no_cache,
+                      wait_for_lock=args.wait_for_lock, canary_only=args.canary_only,
+                      runner=args.runner)
     print()
     if args.canary_only:
         canary = manifest["canary"]
@@ -170,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--provider", choices=["local", "openai"],
                      help="default: openai when OPENAI_API_KEY is set, else local")
     run.add_argument("--base-url", help="API base URL (a running `enrichflow serve`, ...)")
+    run.add_argument("--model", help="the model (overrides the job's request.model)")
+    run.add_argument("--runner", choices=["threads", "dask"],
+                     help="where the per-shard work runs (overrides the job's runner.kind)")
     run.add_argument("--force", action="store_true",
                      help="run again even if the output is complete")
     run.add_argument("--no-cache", action="store_true",
@@ -242,6 +247,9 @@ def _quiet_tracebacks(expected: tuple[type[BaseException], ...]) -> None:
     for handler in logging.getLogger().handlers:  # Prefect puts its console handler on root
         if isinstance(handler, PrefectConsoleHandler):
             handler.addFilter(DropExpectedTraceback())
+    # "Still processing items" at exit: Prefect's own events still going out to its API
+    # after a run that failed at once, printed after the error line; not the job's
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -302,6 +302,21 @@ class CanaryConfig(_Strict):
                                     "prices; batch: one small batch, at batch prices.")
 
 
+class RunnerConfig(_Strict):
+    """Where the per-shard work (reading, rendering and counting rows; collecting
+    batches) runs."""
+
+    kind: Literal["threads", "dask"] = Field(
+        default="threads", description="threads: in the run's process; dask: on a Dask "
+                                       "cluster, through prefect-dask.")
+    address: str | None = Field(
+        default=None, description="dask: an existing scheduler, e.g. tcp://10.0.0.5:8786; "
+                                  "default: a LocalCluster of worker processes here.")
+    workers: int | None = Field(
+        default=None, gt=0, description="dask LocalCluster: worker processes; default: one "
+                                        "per CPU.")
+
+
 class JobConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$",
                       description="Job name: letters, digits, '.', '_' or '-'.")
@@ -318,6 +333,7 @@ class JobConfig(_Strict):
     max_cost_usd: float | None = Field(
         default=None, gt=0, description="Stop before uploading if the estimate may pass this.")
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
     canary: CanaryConfig | None = Field(
         default=None, description="Check a sample of rows before uploading; off when absent.")
     cleanup: bool = Field(

@@ -29,6 +29,13 @@ def provider_kind(provider: ProviderConfig) -> str:
     return provider.kind or ("openai" if os.environ.get("OPENAI_API_KEY") else "local")
 
 
+def as_reached(provider: ProviderConfig, client: OpenAI) -> ProviderConfig:
+    """The provider as a task in another process reaches it: its kind and the client's
+    base URL (an embedded server's too, on loopback); the task finds the key itself."""
+    return provider.model_copy(update={"kind": provider_kind(provider),
+                                       "base_url": str(client.base_url)})
+
+
 def describe(provider: ProviderConfig, output: Location) -> dict[str, Any]:
     """What the run journal records of the provider: never a key."""
     kind = provider_kind(provider)

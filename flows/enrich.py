@@ -37,12 +37,13 @@ from tasks.cancel import cancel_run
 from tasks.estimate import usd
 from tasks.lease import Lease
 from tasks.load import KEY
-from tasks.prepare import Prepared, check_cost_cap, prepare_job_task
+from tasks.prepare import Prepared, check_cost_cap, prepare_job
 from tasks.report import publish_canary, publish_estimate, publish_results
+from tasks.runner import Runner, open_runner
 from tasks.state import RunState
 from tasks.write import finish_output, read_manifest, start_output
 
-JOB_PARAMETERS = ("config_path", "output", "limit", "provider", "base_url", "model")
+JOB_PARAMETERS = ("config_path", "output", "limit", "provider", "base_url", "model", "runner")
 
 
 def cancel_batches_on_cancellation(flow: Flow, flow_run: FlowRun, state: State) -> None:
@@ -74,6 +75,7 @@ def enrich(
     use_cache: bool = True,
     wait_for_lock: bool = False,
     canary_only: bool = False,
+    runner: Literal["threads", "dask"] | None = None,
 ) -> dict[str, Any]:
     """Enrich the rows of a job file's dataset through the Batch API; returns the manifest.
 
@@ -92,13 +94,26 @@ def enrich(
             instead of failing at once (only one run writes an output at a time).
         canary_only: Only send and check the canary's sample rows (the job's `canary`, or
             20 rows), then stop; their answers are kept for the full run.
+        runner: Where the per-shard work runs: threads (here) or dask (the job's
+            runner.address, or a LocalCluster of worker processes); default: the job's.
     """
-    job = resolve_job(config_path, output, limit, provider, base_url, model)
+    job = resolve_job(config_path, output, limit, provider, base_url, model, runner)
     if wait_mode == "suspend":
         check_can_suspend(job)
-    log = get_run_logger()
     location = Location(job.output, job.storage_options)
-    prepared = prepare_job_task(job, use_cache, force)
+    resume = resume_command(config_path, location.uri, limit, provider, base_url, model,
+                            runner)
+    with open_runner(job.runner) as shard_runner:
+        return run_job(job, location, shard_runner, wait_mode, force, use_cache,
+                       wait_for_lock, canary_only, resume)
+
+
+def run_job(job: JobConfig, location: Location, shard_runner: Runner, wait_mode: WaitMode,
+            force: bool, use_cache: bool, wait_for_lock: bool, canary_only: bool,
+            resume: dict[str, str]) -> dict[str, Any]:
+    """The flow's body, with the job's runner up."""
+    log = get_run_logger()
+    prepared = prepare_job(job, use_cache, force, shard_runner.map)
     report_prepared(job, prepared)
 
     run_name = f"flow run {runtime.flow_run.name} ({runtime.flow_run.id})"
@@ -115,7 +130,7 @@ def enrich(
         state, resumed = RunState.open(
             location, prepared.job_key, job.config_hash(), prepared.fingerprint,
             describe(job.provider, location), force, flow_run_id=str(runtime.flow_run.id),
-            resume=resume_command(config_path, location.uri, limit, provider, base_url, model),
+            resume=resume,
             lease=lease)
         if resumed:
             log.info("resuming run %s from %s/_state", state.run_id, location.uri)
@@ -127,18 +142,19 @@ def enrich(
             outcome = check_with_canary(job, location, prepared, state, canary)
             if canary_only:
                 return {"canary": outcome.summary(canary)}
-        manifest, written = send_and_write(job, location, prepared, state, wait_mode)
+        manifest, written = send_and_write(job, location, prepared, state, shard_runner,
+                                           wait_mode)
     check_failed_share(manifest, written.first_error, job.limits.max_failed_share)
     return manifest
 
 
 def send_and_write(job: JobConfig, location: Location, prepared: Prepared, state: RunState,
-                   wait_mode: WaitMode) -> tuple[dict[str, Any], Written]:
+                   shard_runner: Runner, wait_mode: WaitMode) -> tuple[dict[str, Any], Written]:
     """Send what is left to send, merge every answer into the rows, write the output and
     its manifest; (the manifest, what was written)."""
     log = get_run_logger()
     with open_client(job.provider, location) as client:
-        run_attempts(client, state, prepared, job, wait_mode)
+        run_attempts(client, state, prepared, job, shard_runner, wait_mode)
     start_output(location)
     written = write_parts(job, location, prepared, state)
     manifest = build_manifest(job, state, prepared, written, location)
@@ -185,11 +201,11 @@ def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
 
 def resolve_job(config_path: str, output: str | None = None, limit: int | None = None,
                 provider: str | None = None, base_url: str | None = None,
-                model: str | None = None) -> JobConfig:
+                model: str | None = None, runner: str | None = None) -> JobConfig:
     """The job file with the run's overrides applied; raises ConfigError if invalid."""
     return load_job(config_path, output=output, **{
         "dataset.limit": limit, "provider.kind": provider, "provider.base_url": base_url,
-        "request.model": model})
+        "request.model": model, "runner.kind": runner})
 
 
 def job_from_parameters(parameters: dict[str, Any]) -> JobConfig:
@@ -198,10 +214,11 @@ def job_from_parameters(parameters: dict[str, Any]) -> JobConfig:
 
 
 def resume_command(config_path: str, output: str, limit: int | None, provider: str | None,
-                   base_url: str | None, model: str | None) -> dict[str, str]:
+                   base_url: str | None, model: str | None,
+                   runner: str | None = None) -> dict[str, str]:
     """The directory and the `enrichflow run` command that resume this run, for `status`."""
     options = {"--output": output, "--limit": limit, "--provider": provider,
-               "--base-url": base_url, "--model": model}
+               "--base-url": base_url, "--model": model, "--runner": runner}
     words = ["enrichflow", "run", config_path]
     for option, value in options.items():
         if value is not None:

@@ -29,13 +29,15 @@ from prefect.futures import PrefectFuture
 
 from enrichflow.config import JobConfig, LimitsConfig
 from enrichflow.errors import InputError
+from enrichflow.provider import as_reached
 from tasks.budget import TokenBudget
-from tasks.collect import collect_results_task
+from tasks.collect import collect_shard_task
 from tasks.load import KEY, ROW, RowReader
 from tasks.plan import BYTES, TOKENS, Shard, jsonl, plan_shards
 from tasks.prepare import Prepared
 from tasks.render import CUSTOM_ID, custom_ids, render_requests
 from tasks.report import start_progress
+from tasks.runner import Runner
 from tasks.state import RunState, ShardRecord
 from tasks.submit import (
     create_batch_task,
@@ -50,7 +52,7 @@ UPLOADS_AT_ONCE = 2  # a shard's lines are held from its render until its upload
 
 
 def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: JobConfig,
-                 wait_mode: WaitMode = "poll") -> None:
+                 runner: Runner, wait_mode: WaitMode = "poll") -> None:
     """Send the rows, then again the ones worth retrying; their results are journaled."""
     log = get_run_logger()
     limits = job.limits
@@ -73,7 +75,7 @@ def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: JobCo
             log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{sending.num_rows:,}",
                      len(shards))
             run_shards(client, state, attempt, sending, shards, budget, job, wait_mode, progress,
-                       lines)
+                       lines, runner)
             outcome = state.attempt_outcome(attempt)
             retry = outcome.filter(pc.and_(pc.invert(outcome["_ok"]), outcome["_retryable"]))
             ok = pc.sum(outcome["_ok"]).as_py() or 0
@@ -104,6 +106,15 @@ class ShardLines:
     def custom_ids(self, rows: pa.Array) -> pa.Array:
         return custom_ids(self.reader.take(rows)[KEY], self.prepared.tag).combine_chunks()
 
+    def save(self, state: RunState, run: ShardRun, ids: pa.Array | None = None) -> None:
+        """Write the shard's requests file (rows, custom ids), which collecting it reads;
+        a shard journaled by an older run without it gets it here."""
+        if ids is None and state.location.exists(run.record.requests_name):
+            return
+        ids = self.custom_ids(run.rows) if ids is None else ids
+        state.location.write_parquet(run.record.requests_name,
+                                     pa.table({ROW: run.rows, CUSTOM_ID: ids}))
+
 
 @dataclass
 class ShardRun:
@@ -112,7 +123,6 @@ class ShardRun:
     shard: Shard
     record: ShardRecord
     rows: pa.Array  # its row numbers
-    custom_ids: pa.Array | None = None  # known once rendered (or read again to collect)
 
     @classmethod
     def of(cls, state: RunState, attempt: int, pending: pa.Table, shard: Shard,
@@ -128,9 +138,10 @@ class ShardRun:
 
 def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
                shards: list[Shard], budget: TokenBudget, job: JobConfig, wait_mode: WaitMode,
-               progress: UUID, lines: ShardLines) -> None:
+               progress: UUID, lines: ShardLines, runner: Runner) -> None:
     """Run one attempt's shards, starting each only when it fits the enqueued-token
-    budget, and collect (and journal) each as soon as its batch is finished. A shard
+    budget, and collect (and journal) each as soon as its batch is finished: the
+    collects are tasks on the job's runner, each writing its shard's results. A shard
     refused for `token_limit_exceeded` is cut into smaller shards under the limit the
     refusal named (or, refused alone, into halves), or waits for running batches and
     goes again; a refusal is never one of its rows' attempts. In `suspend` mode the run,
@@ -170,6 +181,7 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
         finished = [batch for batch in batches if batch.status in TERMINAL]
         if not finished and wait_mode == "suspend":
             suspend(state, limits.max_wait_hours)
+        to_collect: list[tuple[ShardRun, Batch]] = []
         for batch in finished:
             run = running.pop(batch.id)
             budget.release(run.shard.tokens)
@@ -180,15 +192,27 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
                 if again:
                     queue.extendleft(reversed(again))
                     continue
-            ids = lines.custom_ids(run.rows) if run.custom_ids is None else run.custom_ids
-            table = collect_results_task(client, batch, run.rows, ids, job.request)
-            state.save_results(run.record, table)
-            ok = pc.sum(table["_ok"]).as_py() or 0
-            log.info("%s: batch %s is %s; collected %s ok, %s failed", run.record.name,
-                     batch.id, batch.status, f"{ok:,}", f"{table.num_rows - ok:,}")
-            if job.cleanup:
-                delete_files_task(client, [batch.input_file_id, batch.output_file_id,
-                                           batch.error_file_id])
+            to_collect.append((run, batch))
+        collect_shards(client, state, to_collect, job, lines, runner)
+
+
+def collect_shards(client: OpenAI, state: RunState, finished: list[tuple[ShardRun, Batch]],
+                   job: JobConfig, lines: ShardLines, runner: Runner) -> None:
+    """Collect finished shards on the runner, then journal each, then delete its files."""
+    log = get_run_logger()
+    provider = as_reached(job.provider, client)
+    for run, _ in finished:
+        lines.save(state, run)
+    collected = runner.map(collect_shard_task, [
+        {"provider": provider, "location": state.location, "batch": batch,
+         "record": run.record, "request": job.request} for run, batch in finished])
+    for (run, batch), shard in zip(finished, collected, strict=True):
+        state.mark_collected(run.record, shard.rows)
+        log.info("%s: batch %s is %s; collected %s ok, %s failed", run.record.name,
+                 batch.id, batch.status, f"{shard.ok:,}", f"{shard.failed:,}")
+        if job.cleanup:
+            delete_files_task(client, [batch.input_file_id, batch.output_file_id,
+                                       batch.error_file_id])
 
 
 def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
@@ -215,7 +239,7 @@ def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
                 _uploaded(state, *uploads.popleft())
             orphans_since = state.started_at if record.status == "uploading" else None
             requests = lines.requests(run.rows)  # rendered here: only shards going up hold lines
-            run.custom_ids = requests[CUSTOM_ID].combine_chunks()
+            lines.save(state, run, requests[CUSTOM_ID].combine_chunks())
             state.update(record, status="uploading")
             uploads.append((run, upload_shard_task.submit(
                 client, state.upload_name(record), jsonl(requests), orphans_since)))

@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,11 +24,21 @@ import pyarrow.json
 from openai import OpenAI
 from openai.types import Batch
 
-from enrichflow.config import CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, RESPONSES_ENDPOINT, RequestConfig
+from enrichflow.config import (
+    CHAT_ENDPOINT,
+    EMBEDDINGS_ENDPOINT,
+    RESPONSES_ENDPOINT,
+    ProviderConfig,
+    RequestConfig,
+)
+from enrichflow.provider import open_client
+from enrichflow.storage import Location
 from tasks import as_task
 from tasks.answers import answer_type, read_answers
 from tasks.api import TRANSIENT, retry_on
 from tasks.load import ROW
+from tasks.render import CUSTOM_ID
+from tasks.state import ShardRecord, write_results
 
 RESULT_FIELDS = [
     (ROW, pa.int64()), ("_custom_id", pa.string()), ("_batch_id", pa.string()),
@@ -75,6 +86,29 @@ def line_schema(endpoint: str) -> pa.Schema:
         ("response", pa.struct([("status_code", pa.int64()), ("body", _BODIES[endpoint])])),
         ("error", pa.struct([("code", pa.string()), ("message", pa.string())])),
     ])
+
+
+@dataclass(frozen=True)
+class CollectedShard:
+    """What the journal records of a collected shard."""
+
+    ok: int
+    failed: int
+    rows: tuple[int, int]  # the first and the last row of its results
+
+
+def collect_shard(provider: ProviderConfig, location: Location, batch: Batch,
+                  record: ShardRecord, request: RequestConfig) -> CollectedShard:
+    """Collect a finished shard's results (for the rows and custom ids its requests file
+    names) and write them where its journal entry says: the work of a task that may run
+    in another process, with its own client. The flow journals the shard collected once
+    this returns."""
+    requests = location.read_parquet(record.requests_name)
+    with open_client(provider, location) as client:
+        results = collect_results(client, batch, requests[ROW].combine_chunks(),
+                                  requests[CUSTOM_ID].combine_chunks(), request)
+    ok = pc.sum(results["_ok"]).as_py() or 0
+    return CollectedShard(ok, results.num_rows - ok, write_results(location, record, results))
 
 
 def results_schema(request: RequestConfig) -> pa.Schema:
@@ -269,6 +303,6 @@ def _shaped(value: Any, kind: pa.DataType) -> Any:
     return None
 
 
-collect_results_task = as_task(collect_results, "collect results", retries=3,
-                               retry_delay_seconds=[2, 10, 30],
-                               retry_condition_fn=retry_on(*TRANSIENT))
+collect_shard_task = as_task(collect_shard, "collect shard", retries=3,
+                             retry_delay_seconds=[2, 10, 30],
+                             retry_condition_fn=retry_on(*TRANSIENT))

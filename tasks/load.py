@@ -54,6 +54,7 @@ class Source:
     # a text file's column types as its first block shows them, found once for all passes
     _schemas: dict[str, pa.Schema | None] = field(default_factory=dict, repr=False,
                                                   compare=False)
+    _counts: list[int] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(cls, dataset: DatasetConfig, storage_options: dict[str, Any] | None = None
@@ -102,13 +103,48 @@ class Source:
                     digest.update(chunk)
         return digest.hexdigest()
 
+    def row_counts(self) -> list[int] | None:
+        """Each file's rows when its metadata tells them (Parquet); None for text files,
+        whose rows are known only by parsing them."""
+        if self.format == "parquet" and self._counts is None:
+            counts = []
+            for path in self.files:
+                with self.fs.open(path, "rb") as handle:
+                    counts.append(pq.ParquetFile(handle).metadata.num_rows)
+            self._counts = counts
+        return self._counts
+
+    def pieces(self, rows: int) -> list[tuple[int, int | None]]:
+        """Ranges of rows [start, stop) of about `rows` rows each that tasks can read
+        apart: runs of whole files whose row counts the metadata tells (files before a
+        range are skipped, not read); else the whole dataset, one range."""
+        counts = self.row_counts()
+        if counts is None or len(counts) == 1:
+            return [(0, None)]
+        ranges, start, end = [], 0, 0
+        for count in counts:
+            end += count
+            if end - start >= rows:
+                ranges.append((start, end))
+                start = end
+        if end > start or not ranges:
+            ranges.append((start, end))
+        limit = self.dataset.limit
+        if limit is not None:
+            ranges = [(a, min(b, limit)) for a, b in ranges if a < limit] or [(0, limit)]
+        return ranges
+
     def batches(self, start: int = 0, stop: int | None = None) -> Iterator[pa.RecordBatch]:
         """Rows [start, stop) (all by default, up to dataset.limit), checked, with `_key`
         and `_row`, in record batches of at most BATCH_ROWS rows."""
         limit = self.dataset.limit
         stop = limit if stop is None else stop if limit is None else min(stop, limit)
         offset, seen = 0, False
-        for path in self.files:
+        for index, path in enumerate(self.files):
+            if self._counts is not None and offset + self._counts[index] <= start:
+                offset += self._counts[index]  # a file before the range: skipped unread
+                seen = seen or self._counts[index] > 0
+                continue
             for batch in self._read_file(path):
                 seen = seen or batch.num_rows > 0
                 end = offset + batch.num_rows

@@ -4,7 +4,9 @@ Stream the dataset, render each batch of rows, set aside the requests answered b
 runs, count the tokens and bytes of the rest, plan the first shards and price the job.
 What is kept is a few numbers per row (which rows to send, their tokens and bytes), never
 the rows or their lines: each shard renders its own lines again when it is sent. The
-flow runs it as a task; `enrichflow estimate` runs the very same function without Prefect.
+scan is cut into pieces of whole files where the files' row counts are known, each a
+task on the job's runner (`tasks.runner`); `enrichflow estimate` scans them in turn,
+without Prefect.
 """
 
 from __future__ import annotations
@@ -27,11 +29,23 @@ from tasks.estimate import Estimate, Price, default_token_budget, price_for, req
 from tasks.load import KEY, ROW, Source, TypesWidened, check_unique_keys
 from tasks.plan import BYTES, TOKENS, Shard, check_rows_fit, line_bytes, plan_shards
 from tasks.render import render_requests
+from tasks.runner import Calls, in_turn
 from tasks.state import RunState
 
 UNSENT = pa.schema([(ROW, pa.int64()), (KEY, pa.string()), ("_status", pa.string()),
                     ("_error", pa.string())])
 TO_SEND = pa.schema([(ROW, pa.int64()), (TOKENS, pa.int64()), (BYTES, pa.int64())])
+PIECE_ROWS = 100_000  # rows a scan task reads, at least (whole files)
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """What the scan of rows [start, stop) found: a few numbers per row."""
+
+    keys: pa.Array
+    to_send: pa.Table  # TO_SEND
+    unsent: pa.Table  # UNSENT
+    reused: int
 
 
 @dataclass(frozen=True)
@@ -54,7 +68,9 @@ class Prepared:
         return self.job_key[:8]
 
 
-def prepare_job(job: JobConfig, use_cache: bool = True, force: bool = False) -> Prepared:
+def prepare_job(job: JobConfig, use_cache: bool = True, force: bool = False,
+                calls: Calls = in_turn) -> Prepared:
+    """Everything known before the first upload; `calls` runs the scan's pieces."""
     source = Source.open(job.dataset, job.storage_options)
     fingerprint = source.fingerprint()
     job_key = hashlib.sha256(f"{job.config_hash()}:{fingerprint}".encode()).hexdigest()[:24]
@@ -69,14 +85,19 @@ def prepare_job(job: JobConfig, use_cache: bool = True, force: bool = False) -> 
     plan_limit = TokenBudget(budget).plan_limit
     while True:
         try:
-            keys, to_send, unsent, reused = _scan(job, source, job_key[:8], cache, plan_limit)
+            pieces = calls(scan_rows_task, [
+                {"job": job, "source": source, "tag": job_key[:8], "cache": cache,
+                 "plan_limit": plan_limit, "start": start, "stop": stop}
+                for start, stop in source.pieces(PIECE_ROWS)])
             break
-        except TypesWidened:
-            continue  # the column is text from now on: every row is scanned alike
-    check_unique_keys(pa.chunked_array(keys, pa.string()), job.dataset)
-    rows = sum(len(k) for k in keys)
-    to_send = pa.concat_tables(to_send).combine_chunks()
-    unsent = pa.concat_tables(unsent).combine_chunks()
+        except TypesWidened as exc:  # the column is text from now on: rows are scanned alike
+            if str(exc) not in source.text_columns:  # widened in another process
+                source.text_columns.append(str(exc))
+    check_unique_keys(pa.chunked_array([p.keys for p in pieces], pa.string()), job.dataset)
+    rows = sum(len(p.keys) for p in pieces)
+    reused = sum(p.reused for p in pieces)
+    to_send = pa.concat_tables([p.to_send for p in pieces]).combine_chunks()
+    unsent = pa.concat_tables([p.unsent for p in pieces]).combine_chunks()
     shards = plan_shards(to_send, job.limits.max_requests_per_shard,
                          job.limits.max_bytes_per_shard, plan_limit)
     ceiling = job.request.output_ceiling()
@@ -90,14 +111,14 @@ def prepare_job(job: JobConfig, use_cache: bool = True, force: bool = False) -> 
                     budget, price, estimate)
 
 
-def _scan(job: JobConfig, source: Source, tag: str, cache: AnswerCache | None,
-          plan_limit: int | None) -> tuple[list, list[pa.Table], list[pa.Table], int]:
-    """One pass over the rows: (their keys, their requests to send, the rows not sent,
-    how many were answered before)."""
+def scan_rows(job: JobConfig, source: Source, tag: str, cache: AnswerCache | None,
+              plan_limit: int | None, start: int = 0, stop: int | None = None) -> Scanned:
+    """One pass over rows [start, stop): their keys, their requests to send (tokens and
+    bytes), the rows not sent, how many were answered before."""
     keys, to_send, unsent, reused = [], [], [], 0
-    for batch in source.batches():
+    for batch in source.batches(start, stop):
         table = pa.Table.from_batches([batch])
-        if not keys:
+        if not keys and start == 0:
             check_answer_columns(table, job.request)
         keys.append(batch.column(KEY))
         rendered = render_requests(table, job.request, tag, job.dataset.path,
@@ -113,7 +134,9 @@ def _scan(job: JobConfig, source: Source, tag: str, cache: AnswerCache | None,
         check_rows_fit(requests, job.limits.max_bytes_per_shard, plan_limit)
         to_send.append(requests.select(TO_SEND.names))
         unsent.append(rendered.unsent.cast(UNSENT))
-    return keys, to_send, unsent, reused
+    return Scanned(pa.chunked_array(keys, pa.string()).combine_chunks(),
+                   pa.concat_tables(to_send) if to_send else TO_SEND.empty_table(),
+                   pa.concat_tables(unsent) if unsent else UNSENT.empty_table(), reused)
 
 
 def unfinished_batches(output: Location, job_key: str) -> list[str]:
@@ -146,4 +169,4 @@ def check_cost_cap(estimate: Estimate, max_cost_usd: float | None) -> None:
                              "cap (enrichflow estimate shows the figures)")
 
 
-prepare_job_task = as_task(prepare_job, "prepare requests")
+scan_rows_task = as_task(scan_rows, "scan rows")

@@ -68,6 +68,20 @@ class ShardRecord:
             return f"{RESULTS_DIR}/canary.parquet"
         return f"{RESULTS_DIR}/attempt-{self.attempt}-shard-{self.shard}.parquet"
 
+    @property
+    def requests_name(self) -> str:
+        """Its rows and their `custom_id`s (written as it goes up, read to collect it)."""
+        return f"{RESULTS_DIR}/attempt-{self.attempt}-shard-{self.shard}-requests.parquet"
+
+
+def write_results(location: Location, record: ShardRecord, results: pa.Table
+                  ) -> tuple[int, int]:
+    """Write a shard's results where its journal entry says; (its first row, its last)."""
+    attempt = pa.array([record.attempt] * results.num_rows, pa.int64())
+    location.write_parquet(record.results_name, results.append_column(ATTEMPT, attempt))
+    span = pc.min_max(results[ROW]).as_py()
+    return span["min"], span["max"]
+
 
 @dataclass
 class RunState:
@@ -205,11 +219,12 @@ class RunState:
             self.save()
 
     def save_results(self, record: ShardRecord, results: pa.Table) -> None:
-        attempt = pa.array([record.attempt] * results.num_rows, pa.int64())
-        self.location.write_parquet(record.results_name,
-                                    results.append_column(ATTEMPT, attempt))
-        span = pc.min_max(results[ROW]).as_py()
-        self.update(record, status="collected", first_row=span["min"], last_row=span["max"])
+        self.mark_collected(record, write_results(self.location, record, results))
+
+    def mark_collected(self, record: ShardRecord, rows: tuple[int, int]) -> None:
+        """Journal a shard's results, written (to `record.results_name`) for its `rows`,
+        the first and the last."""
+        self.update(record, status="collected", first_row=rows[0], last_row=rows[1])
 
     def save_canary(self, results: pa.Table, batch_id: str | None) -> None:
         """Journal a passed canary's results as attempt 1's: its rows are not sent again."""

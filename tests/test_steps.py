@@ -96,6 +96,26 @@ def test_rows_stream_in_batches_and_read_back_by_range(tmp_path, monkeypatch, fm
     assert reader.read(40, 99).num_rows == 5
 
 
+def test_parquet_files_are_pieces_that_are_read_apart(tmp_path):
+    """A scan task reads its own files only: files before its range are skipped by their
+    row counts (a file that is not Parquet there would fail the read)."""
+    root = tmp_path / "rows"
+    root.mkdir()
+    for i in range(6):
+        pa.parquet.write_table(pa.table({"n": list(range(10 * i, 10 * i + 10))}),
+                               root / f"part-{i}.parquet")
+    source = Source.open(DatasetConfig(path=str(root)))
+    assert source.pieces(20) == [(0, 20), (20, 40), (40, 60)]
+    assert source.pieces(25) == [(0, 30), (30, 60)]
+    limited = Source.open(DatasetConfig(path=str(root), limit=45))
+    assert limited.pieces(20) == [(0, 20), (20, 40), (40, 45)]
+    (root / "part-0.parquet").write_bytes(b"not parquet any more")
+    assert pa.Table.from_batches(source.batches(20, 35))["n"].to_pylist() == \
+        list(range(20, 35))
+    assert Source.open(DatasetConfig(path=str(root / "part-1.parquet"))).pieces(5) == \
+        [(0, None)]
+
+
 def test_a_csv_column_that_turns_to_text_past_its_first_rows_is_text_throughout(
         tmp_path, monkeypatch):
     """Types come from a file's first block: a later value that does not fit restarts the
