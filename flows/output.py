@@ -19,7 +19,7 @@ from enrichflow.config import JobConfig
 from enrichflow.storage import Location
 from tasks.cache import HASH, request_hashes
 from tasks.load import ROW, RowReader
-from tasks.merge import attempt_results_schema, merge_part_task, reused_results
+from tasks.merge import MERGED, attempt_results_schema, merge_part_task, reused_results
 from tasks.prepare import Prepared
 from tasks.render import render_requests
 from tasks.report import TABLE_ROWS
@@ -51,8 +51,9 @@ class Written:
         if self.first_error is None:
             failed = part.filter(pc.equal(part["_status"], "failed"))
             self.first_error = failed["_error"][0].as_py() if failed.num_rows else None
-        if self.first_rows is None:
-            self.first_rows = part.slice(0, TABLE_ROWS)
+        if self.first_rows is None:  # a copy: a slice would keep the whole part in memory
+            self.first_rows = pa.Table.from_pylist(part.slice(0, TABLE_ROWS).to_pylist(),
+                                                   schema=part.schema)
 
 
 def write_parts(job: JobConfig, location: Location, prepared: Prepared,
@@ -60,16 +61,18 @@ def write_parts(job: JobConfig, location: Location, prepared: Prepared,
     """Merge and write every part; the new answers are kept in the cache."""
     written = Written()
     schema = attempt_results_schema(job.request)
+    # the answers' text is read only to keep new answers in the cache
+    columns = schema.names if prepared.cache is not None else MERGED
     with closing(RowReader(prepared.source)) as reader:
         for index, start in enumerate(range(0, prepared.rows, PART_ROWS)):
             stop = min(start + PART_ROWS, prepared.rows)
             table = reader.read(start, stop)
-            results = state.results_for(start, stop)
-            results = schema.empty_table() if results is None else results.select(schema.names)
+            results = state.results_for(start, stop, columns)
+            results = (schema.empty_table() if results is None else results).select(columns)
             unsent = prepared.unsent.filter(pc.and_(pc.greater_equal(prepared.unsent[ROW], start),
                                                     pc.less(prepared.unsent[ROW], stop)))
             if prepared.cache is not None:
-                results = _with_cache(job, prepared, table, results, unsent)
+                results = _with_cache(job, prepared, table, results, unsent).select(MERGED)
             part = merge_part_task(table, prepared.tag, results, unsent,
                                    job.request, prepared.price)
             write_part(location, index, part)

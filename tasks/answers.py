@@ -12,7 +12,6 @@ struct. An embedding (base64, as requested) becomes a fixed-size list of float32
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import json
@@ -29,7 +28,7 @@ from jsonschema import Draft202012Validator
 from enrichflow.config import RequestConfig
 from enrichflow.errors import InputError
 from tasks.load import BLOCK_BYTES
-from tasks.render import string_data
+from tasks.render import string_buffers, string_data
 
 TEXT_COLUMN = "response"
 EMBEDDING_COLUMN = "embedding"
@@ -147,23 +146,25 @@ def _vectors(contents: pa.Array, kind: pa.StructType) -> tuple[pa.StructArray, l
     """Base64 embeddings as the struct of one fixed-size float32 list; an embedding that
     does not decode to that many numbers is a problem of its row."""
     size = kind[0].type.list_size
-    data = bytearray()
+    data = np.zeros((len(contents), 4 * size), dtype=np.uint8)
     problems: list[str | None] = []
-    for text in contents.to_pylist():
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (binascii.Error, TypeError, ValueError):
-            raw = None
-        if raw is not None and len(raw) == 4 * size:
-            problems.append(None)
-        else:
-            problems.append(f"the embedding has {len(raw) / 4:g} numbers, not {size}"
-                            if raw is not None else "the embedding is not base64")
-            raw = bytes(4 * size)
-        data += raw
+    row = 0
+    for buffer, bounds in string_buffers(contents.cast(pa.string())):
+        for begin, end in zip(bounds, bounds[1:], strict=False):
+            try:  # from Arrow's buffer: no Python string per embedding
+                raw = binascii.a2b_base64(buffer[begin:end], strict_mode=True)
+            except (binascii.Error, ValueError):
+                raw = None
+            if raw is not None and len(raw) == 4 * size:
+                data[row] = np.frombuffer(raw, dtype=np.uint8)
+                problems.append(None)
+            else:
+                problems.append(f"the embedding has {len(raw) / 4:g} numbers, not {size}"
+                                if raw is not None else "the embedding is not base64")
+            row += 1
     bad = pa.array([p is not None for p in problems], pa.bool_())
     vectors = pa.FixedSizeListArray.from_arrays(
-        pa.array(np.frombuffer(data, dtype="<f4")), size)
+        pa.array(data.reshape(-1).view("<f4")), size)
     return pa.StructArray.from_arrays([vectors], fields=list(kind), mask=bad), problems
 
 

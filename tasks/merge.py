@@ -21,6 +21,9 @@ from tasks.render import custom_ids
 from tasks.state import ATTEMPT, CANARY_BATCH
 
 NOT_SENT = "cancelled before it was sent"
+# The results' columns a merge reads (not the answers' text, the largest)
+MERGED = [ROW, "_batch_id", "_ok", "_error", "_prompt_tokens", "_completion_tokens", VALUE,
+          ATTEMPT]
 
 
 def attempt_results_schema(request: RequestConfig) -> pa.Schema:
@@ -49,10 +52,10 @@ def reused_results(reused: pa.Table, request: RequestConfig) -> pa.Table:
 def merge_part(table: pa.Table, job_tag: str, results: pa.Table, unsent: pa.Table,
                request: RequestConfig, price: Price | None = None) -> pa.Table:
     """The part's rows (`table`, with `_key` and `_row`) with their `results` (all
-    attempts and reused answers, `attempt_results_schema`) and the rows render did not
-    send (`unsent`: `_row`, `_status`, `_error`). A row sent without a result is one a
-    cancel kept from being sent. `_cost_usd` is at batch prices (a synchronous canary's
-    rows at synchronous ones), null if unknown."""
+    attempts and reused answers, `attempt_results_schema` or just its MERGED columns)
+    and the rows render did not send (`unsent`: `_row`, `_status`, `_error`). A row sent
+    without a result is one a cancel kept from being sent. `_cost_usd` is at batch
+    prices (a synchronous canary's rows at synchronous ones), null if unknown."""
     count, first = table.num_rows, (table[ROW][0].as_py() if table.num_rows else 0)
     ordered = results.sort_by([(ROW, "ascending"), (ATTEMPT, "ascending")])
     rows = ordered[ROW].to_numpy()

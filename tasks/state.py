@@ -257,11 +257,13 @@ class RunState:
             {ROW: pa.array([], pa.int64()), "_ok": pa.array([], pa.bool_()),
              "_retryable": pa.array([], pa.bool_())})
 
-    def results_for(self, start: int, stop: int) -> pa.Table | None:
-        """Every collected result, of every attempt, of rows [start, stop); None if none.
-        Only the shards whose rows reach into the range are read."""
+    def results_for(self, start: int, stop: int,
+                    columns: list[str] | None = None) -> pa.Table | None:
+        """Every collected result (its `columns`, default all), of every attempt, of rows
+        [start, stop); None if none. Only the shards whose rows reach into the range are
+        read."""
         wanted = (pc.field(ROW) >= start) & (pc.field(ROW) < stop)
-        found = [self.location.read_parquet(r.results_name, filters=wanted)
+        found = [self.location.read_parquet(r.results_name, columns=columns, filters=wanted)
                  for r in self.collected() if r.first_row is not None and
                  r.first_row < stop and r.last_row >= start]
         found = [table for table in found if table.num_rows]
