@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Screenshots of the Prefect UI for the README, taken as a user sees it: a real Prefect
 # server with its scheduler, the deployments of prefect.yaml, a worker, one movies run on
-# a local Batch API server, then headless Chromium on the run page, two of its artifacts,
+# a local Batch API server, then headless Chromium on the run page, three of its artifacts,
 # the deployment's run form and its upcoming (scheduled) runs. Needs Debian's chromium
 # (apt-get install chromium) and `make install`.
 #   bash docs/screenshots.sh
@@ -50,6 +50,7 @@ artifact() {  # the id of this run's artifact with key $1
 }
 shot rows-artifact "/artifacts/artifact/$(artifact movies-rows)"
 shot summary-artifact "/artifacts/artifact/$(artifact movies-summary)"
+shot canary-artifact "/artifacts/artifact/$(artifact movies-canary)"
 shot run-form "/deployments/deployment/$DEPLOYMENT/run"
 shot upcoming-runs "/deployments/deployment/$DEPLOYMENT?tab=Upcoming"
 ls docs/*.png
