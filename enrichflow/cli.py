@@ -213,9 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     from enrichflow.errors import StorageError
     from tasks.api import describe_api_error
 
-    # ConfigError, InputError and CostLimitError are ValueErrors; ProviderError, LeaseError
-    # and RowsFailedError are RuntimeErrors, and so is a local server's data folder in use;
-    # an openai.APIError is a Batch API call that failed after its retries
+    # ConfigError, InputError and CostLimitError are ValueErrors; ProviderError, LeaseError,
+    # CanaryFailedError and RowsFailedError are RuntimeErrors, and so is a local server's
+    # data folder in use;
+    # an openai.APIError is an API call (Files, Batches, or the canary's) that failed after
+    # its retries
     expected = (ValueError, StorageError, RuntimeError, openai.APIError)
     if not args.verbose:
         _quiet_tracebacks(expected)

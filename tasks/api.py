@@ -45,6 +45,6 @@ def describe_api_error(exc: openai.APIError) -> str:
         message = body.get("message") or exc.message
         hint = _HINTS.get(exc.status_code, "the provider is in trouble: run the job again "
                           "later; it re-attaches to what was already created")
-        return f"the Batch API call {call} failed: HTTP {exc.status_code}: {message} ({hint})"
-    return (f"the Batch API call {call} failed: {exc.message} (is the server at that address "
+        return f"the API call {call} failed: HTTP {exc.status_code}: {message} ({hint})"
+    return (f"the API call {call} failed: {exc.message} (is the server at that address "
             "up? running the job again re-attaches to what was already created)")

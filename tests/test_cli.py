@@ -80,7 +80,7 @@ def test_a_provider_error_names_the_call_the_status_and_the_fix(prefect_api, sta
                                prefect_api=prefect_api)
     assert code == 2 and "Traceback" not in stdout + stderr
     assert stderr.strip().splitlines()[-1] == (
-        f"error: the Batch API call POST {server.base_url}/chat/completions failed: HTTP 401: "
+        f"error: the API call POST {server.base_url}/chat/completions failed: HTTP 401: "
         "Incorrect API key provided. (check the API key: OPENAI_API_KEY, or LOCALBATCH_API_KEY "
         "for an "
         "`enrichflow serve` started with --api-key)")
