@@ -167,18 +167,18 @@ def request_tokens(requests: pa.Table, request: RequestConfig) -> np.ndarray:
     row's user message; else each line's whole body. Both count exactly as
     `chat_prompt_tokens` does. An embedding's input is counted as it is, with no
     overhead."""
-    encode = _encoding(request.model).encode_ordinary
-    if request.embeddings:
-        return np.fromiter((len(encode(text)) for text in requests[USER_TEXT].to_pylist()),
-                           dtype=np.int64, count=requests.num_rows)
     if USER_TEXT not in requests.column_names:
         return np.array([chat_prompt_tokens(json.loads(line)["body"])
                          for line in requests[LINE].to_pylist()], dtype=np.int64)
+    encode = _encoding(request.model).encode_ordinary
+    texts = np.fromiter((len(encode(text)) for text in requests[USER_TEXT].to_pylist()),
+                        dtype=np.int64, count=requests.num_rows)
+    if request.embeddings:
+        return texts
     shared = {"model": request.model, "messages": [{"role": "user", "content": ""}]}
     if request.system:
         shared["messages"].insert(0, {"role": "system", "content": request.system})
-    return np.fromiter((len(encode(text)) for text in requests[USER_TEXT].to_pylist()),
-                       dtype=np.int64, count=requests.num_rows) + chat_prompt_tokens(shared)
+    return texts + chat_prompt_tokens(shared)
 
 
 @dataclass(frozen=True)
