@@ -26,15 +26,15 @@ import pyarrow.compute as pc
 from openai import OpenAI
 
 from enrichflow.config import CanaryConfig, JobConfig
-from enrichflow.errors import ProviderError
 from tasks import as_task
 from tasks.collect import collect_results, read_result_lines, results_of_lines
 from tasks.load import KEY, ROW, RowReader
+from tasks.plan import jsonl
 from tasks.prepare import Prepared
 from tasks.render import CUSTOM_ID, LINE, render_requests
 from tasks.state import CANARY_BATCH
-from tasks.submit import delete_files
-from tasks.wait import TERMINAL
+from tasks.submit import create_batch, delete_files, upload_shard
+from tasks.wait import TERMINAL, wait_for_batches
 
 SYNC_AT_ONCE = 8
 JOB_ERRORS = (401, 403, 404)  # a wrong key or address: an error of the job, not of its rows
@@ -139,24 +139,15 @@ def _answer_now(client: OpenAI, requests: pa.Table, job: JobConfig) -> pa.Table:
 
 def _answer_in_a_batch(client: OpenAI, requests: pa.Table, job: JobConfig,
                        job_key: str) -> tuple[pa.Table, str]:
-    """The requests as one small batch, waited for and collected as a shard's; (the
-    results, the batch's id)."""
+    """The requests as one small batch, uploaded, created (never twice), waited for and
+    collected as a shard's are; (the results, the batch's id)."""
     limits = job.limits
-    payload = "".join(requests[LINE].to_pylist()).encode()
-    file_id = client.files.create(file=(f"{job.name}-canary.jsonl", payload),
-                                  purpose="batch").id
-    batch = client.batches.create(input_file_id=file_id, endpoint=job.request.endpoint,
-                                  completion_window="24h",
-                                  metadata={"enrichflow_canary": job_key})
-    deadline, interval = time.monotonic() + limits.max_wait_hours * 3600, \
-        limits.poll_interval_min
+    file_id = upload_shard(client, f"{job.name}-canary.jsonl", jsonl(requests))
+    batch = create_batch(client, file_id, job.request.endpoint,
+                         {"enrichflow_canary": job_key}, time.time())
     while batch.status not in TERMINAL:
-        if time.monotonic() > deadline:
-            raise ProviderError(f"the canary batch {batch.id} did not finish within "
-                                f"limits.max_wait_hours ({limits.max_wait_hours} h)")
-        time.sleep(interval)
-        interval = min(interval * 2, limits.poll_interval_max)
-        batch = client.batches.retrieve(batch.id)
+        (batch,) = wait_for_batches(client, [batch.id], limits.poll_interval_min,
+                                    limits.poll_interval_max, limits.max_wait_hours)
     results = collect_results(client, batch, requests[ROW].combine_chunks(),
                               requests[CUSTOM_ID].combine_chunks(), job.request)
     if job.cleanup:
