@@ -172,13 +172,17 @@ class RequestConfig(_Strict):
         if self.user is None:
             raise ValueError("`user` is required: the user message, a template with {column} "
                              "fields, or a list of parts")
-        if self.endpoint == RESPONSES_ENDPOINT and self.seed is not None:
+        if self.responses and self.seed is not None:
             raise ValueError("seed: the Responses API does not take it")
         return self
 
     @property
     def embeddings(self) -> bool:
         return self.endpoint == EMBEDDINGS_ENDPOINT
+
+    @property
+    def responses(self) -> bool:
+        return self.endpoint == RESPONSES_ENDPOINT
 
     @property
     def vector_size(self) -> int:
@@ -218,13 +222,12 @@ class RequestConfig(_Strict):
             if self.dimensions is not None:
                 body["dimensions"] = self.dimensions
             return {**body, **self.extra}
-        responses = self.endpoint == RESPONSES_ENDPOINT
         for name in ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed"):
             value = getattr(self, name)
             if value is not None:
-                body["max_output_tokens" if responses and name.startswith("max_") else
+                body["max_output_tokens" if self.responses and name.startswith("max_") else
                      name] = value
-        if responses:
+        if self.responses:
             text_format = self.response_format.responses_value()
             if text_format:
                 body["text"] = {"format": text_format}

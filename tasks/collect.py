@@ -198,13 +198,10 @@ def _answer_fields(body: pa.ChunkedArray, endpoint: str) -> list[pa.Array]:
         return [embedding, none, none, pc.struct_field(usage, "prompt_tokens"),
                 pa.array(np.zeros(len(body), dtype=np.int64))]
     if endpoint == RESPONSES_ENDPOINT:
-        output = pc.struct_field(body, "output")
-        message = _first(output, pc.equal(pc.struct_field(pc.list_flatten(output), "type"),
-                                           "message"))
+        message = _first(pc.struct_field(body, "output"), of_type="message")
         parts = pc.struct_field(message, "content")
-        kinds = pc.struct_field(pc.list_flatten(parts), "type")
-        text = pc.struct_field(_first(parts, pc.equal(kinds, "output_text")), "text")
-        refusal = pc.struct_field(_first(parts, pc.equal(kinds, "refusal")), "refusal")
+        text = pc.struct_field(_first(parts, of_type="output_text"), "text")
+        refusal = pc.struct_field(_first(parts, of_type="refusal"), "refusal")
         reason = pc.struct_field(pc.struct_field(body, "incomplete_details"), "reason")
         finish = pc.if_else(pc.equal(pc.struct_field(body, "status"), "incomplete"),
                             pc.coalesce(_renamed(reason, _INCOMPLETE), "incomplete"), "stop")
@@ -242,15 +239,16 @@ def _line_error(batch_id: str, line: dict[str, Any] | None, refusal: str | None,
     return f"the model gave no answer: {reason}", True
 
 
-def _first(lists: pa.Array | pa.ChunkedArray, keep: pa.Array | None = None) -> pa.Array:
-    """Each list's first item (of those where `keep`, a mask over the flattened items,
-    is true); null where it has none."""
+def _first(lists: pa.Array | pa.ChunkedArray, of_type: str | None = None) -> pa.Array:
+    """Each list's first item (of those whose `type` is `of_type`, if given); null where
+    it has none."""
     lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
     parents = pc.list_parent_indices(lists).to_numpy()
     flat = pc.list_flatten(lists)
     at = np.arange(len(flat))
-    if keep is not None:
-        kept = pc.fill_null(keep, False).to_numpy(zero_copy_only=False)
+    if of_type is not None:
+        kept = pc.fill_null(pc.equal(pc.struct_field(flat, "type"), of_type),
+                            False).to_numpy(zero_copy_only=False)
         parents, at = parents[kept], at[kept]
     first = np.full(len(lists), -1, dtype=np.int64)
     positions, where = np.unique(parents, return_index=True)

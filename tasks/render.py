@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from enrichflow.config import RESPONSES_ENDPOINT, RequestConfig, TextPart
+from enrichflow.config import RequestConfig, TextPart
 from enrichflow.errors import InputError
 from tasks.images import image_parts_json
 from tasks.load import KEY, ROW
@@ -64,7 +64,6 @@ def render_requests(table: pa.Table, request: RequestConfig, job_tag: str,
 
     fail_reason = no_reason
     columns = {}
-    responses = request.endpoint == RESPONSES_ENDPOINT
     if not isinstance(request.user, list):  # one template: the user message or the input
         template = request.text_parts()[0]
         content = ['"', *_template_pieces(template, texts), '"']
@@ -72,7 +71,8 @@ def render_requests(table: pa.Table, request: RequestConfig, job_tag: str,
     else:
         content = ["["]
         keys = table[KEY].to_pylist()
-        text_part = '{"type":"input_text","text":"' if responses else '{"type":"text","text":"'
+        text_part = '{"type":"input_text","text":"' if request.responses else \
+            '{"type":"text","text":"'
         for i, part in enumerate(request.user):
             content += [","] if i else []
             if isinstance(part, TextPart):
@@ -80,7 +80,7 @@ def render_requests(table: pa.Table, request: RequestConfig, job_tag: str,
                 continue
             images, errors = image_parts_json(table[part.column], part.column, keys,
                                               part.detail, request.image_max_side,
-                                              storage_options, responses)
+                                              storage_options, request.responses)
             fail_reason = pc.coalesce(fail_reason, errors)
             content.append(images)
         content.append("]")
@@ -126,7 +126,7 @@ def _skeleton(request: RequestConfig) -> str:
     body = request.body_parameters()
     if request.embeddings:
         body["input"] = _USER_SLOT
-    elif request.endpoint == RESPONSES_ENDPOINT:
+    elif request.responses:
         if request.system:
             body["instructions"] = request.system
         body["input"] = [{"role": "user", "content": _USER_SLOT}]
