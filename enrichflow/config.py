@@ -19,14 +19,12 @@ from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from enrichflow.errors import ConfigError
+from localbatch.engines import EMBEDDING_DIMENSIONS
 from localbatch.simulation import MAX_BATCH_FILE_BYTES, MAX_REQUESTS_PER_BATCH
 
 SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "credential")
 CHAT_ENDPOINT, RESPONSES_ENDPOINT, EMBEDDINGS_ENDPOINT = \
     "/v1/chat/completions", "/v1/responses", "/v1/embeddings"
-# Length of the vectors of OpenAI's embedding models when `dimensions` is not given.
-EMBEDDING_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072,
-                        "text-embedding-ada-002": 1536}
 # Parameters of a request that generates text, which an embeddings request does not take.
 GENERATION_FIELDS = ("system", "user", "temperature", "top_p", "max_tokens",
                      "max_completion_tokens", "seed")

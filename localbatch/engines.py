@@ -45,7 +45,9 @@ MODERATION_CATEGORIES = {  # category: the input types it applies to
     "sexual": ["text"], "sexual/minors": ["text"], "violence": ["text"],
     "violence/graphic": ["text"],
 }
-DEFAULT_EMBEDDING_DIMENSIONS = {"text-embedding-3-large": 3072}
+# The length of OpenAI's embedding models' vectors when a request gives no `dimensions`.
+EMBEDDING_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072,
+                        "text-embedding-ada-002": 1536}
 MOCK_MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o4-mini",
                "gpt-5", "gpt-5-mini", "gpt-5-nano", "text-embedding-3-small",
                "text-embedding-3-large"]
@@ -241,7 +243,7 @@ class MockEngine:
             inputs = [inputs]
         if not isinstance(inputs, list) or not inputs:
             return 400, error_body("'input' must be a string or a non-empty array", param="input")
-        dims = body.get("dimensions") or DEFAULT_EMBEDDING_DIMENSIONS.get(body["model"], 1536)
+        dims = body.get("dimensions") or EMBEDDING_DIMENSIONS.get(body["model"], 1536)
         as_base64 = body.get("encoding_format") == "base64"
         data = []
         for index, item in enumerate(inputs):
