@@ -64,7 +64,7 @@ def publish_estimate(job_name: str, estimate: Estimate) -> None:
 def publish_canary(job_name: str, outcome: CanaryOutcome, canary: CanaryConfig) -> None:
     """The canary's verdict, with its failed sample rows and why."""
     verdict = "passed" if outcome.passed(canary) else "FAILED: the job was stopped before " \
-                                                       "any batch was uploaded"
+                                                       "uploading its batches"
     rows = "".join(f"| {_markdown(key)} | {_markdown(error)} |\n" for key, error in zip(
         outcome.failed[KEY].to_pylist()[:TABLE_ROWS],
         outcome.failed["_error"].to_pylist()[:TABLE_ROWS], strict=True))
