@@ -11,6 +11,7 @@ shards, attempts and re-runs; it must be unique and never empty.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 from collections.abc import Iterator
@@ -182,7 +183,10 @@ class Source:
                 read = 0
                 with self.fs.open(path, "rb") as handle:
                     if path not in self._schemas and self.format != "parquet":
-                        first = next(iter(self._parse(handle, path, INFER_BYTES)), None)
+                        # A copy of the head, not the handle: Arrow reads ahead in the
+                        # background, and an abandoned reader would race the next one.
+                        head = io.BytesIO(handle.read(2 * INFER_BYTES))
+                        first = next(iter(self._parse(head, path, INFER_BYTES)), None)
                         self._schemas[path] = None if first is None else first.schema
                         handle.seek(0)
                     for batch in self._parse(handle, path, block_bytes,
