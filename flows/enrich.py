@@ -181,7 +181,8 @@ def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
         log.info("canary: fewer than 2 rows to send; nothing to check")
         return CanaryOutcome.nothing()
     with open_client(job.provider, location) as client:
-        outcome = run_canary_task(client, job, prepared, canary)
+        outcome = run_canary_task(client, job, prepared, canary, state.canary_metadata(),
+                                  state.started_at)
     publish_canary(job.name, outcome, canary)
     failed = outcome.failed
     for key, error in zip(failed[KEY].to_pylist()[:5], failed["_error"].to_pylist()[:5],

@@ -6,7 +6,8 @@ The sample is the first `canary.rows` rows to send (at most half of them, so tha
 job still goes through the Batch API), answered through the synchronous API
 (at synchronous prices: a few cents) or, with `canary.mode: batch`, as one small batch.
 A canary that passes is journaled as part of the run's first attempt, so its rows are
-not sent again: their answers are the run's.
+not sent again: their answers are the run's. A canary batch carries the run's metadata: a
+run killed while it waits finds it again rather than paying for another.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import openai
 import pyarrow as pa
 import pyarrow.compute as pc
 from openai import OpenAI
+from prefect import get_run_logger
 
 from enrichflow.config import CanaryConfig, JobConfig
 from tasks import as_task
@@ -33,11 +35,12 @@ from tasks.plan import jsonl
 from tasks.prepare import Prepared
 from tasks.render import CUSTOM_ID, LINE, render_requests
 from tasks.state import CANARY_BATCH
-from tasks.submit import create_batch, delete_files, upload_shard
+from tasks.submit import create_batch, delete_files, find_batch, upload_shard
 from tasks.wait import TERMINAL, wait_for_batches
 
 SYNC_AT_ONCE = 8
 JOB_ERRORS = (401, 403, 404)  # a wrong key or address: an error of the job, not of its rows
+UNUSABLE = frozenset({"failed", "expired", "cancelling", "cancelled"})  # a batch to replace
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,11 @@ class CanaryOutcome:
                 f"{self.seconds:.1f} s; cost {cost}")
 
 
-def run_canary(client: OpenAI, job: JobConfig, prepared: Prepared,
-               canary: CanaryConfig) -> CanaryOutcome:
-    """Send the sample and check its answers as collect does."""
+def run_canary(client: OpenAI, job: JobConfig, prepared: Prepared, canary: CanaryConfig,
+               batch_metadata: dict[str, str], since: float) -> CanaryOutcome:
+    """Send the sample and check its answers as collect does. A canary batch is tagged
+    with `batch_metadata`; one so tagged since `since` and still usable is waited for
+    instead of a new one."""
     started = time.monotonic()
     rows = prepared.to_send[ROW].slice(0, sample_size(prepared, canary)).combine_chunks()
     with closing(RowReader(prepared.source)) as reader:
@@ -90,7 +95,7 @@ def run_canary(client: OpenAI, job: JobConfig, prepared: Prepared,
     if canary.mode == "sync":
         results, batch_id = _answer_now(client, requests, job), None
     else:
-        results, batch_id = _answer_in_a_batch(client, requests, job, prepared.job_key)
+        results, batch_id = _answer_in_a_batch(client, requests, job, batch_metadata, since)
     price = prepared.price
     cost = None
     if price is not None:
@@ -138,13 +143,19 @@ def _answer_now(client: OpenAI, requests: pa.Table, job: JobConfig) -> pa.Table:
 
 
 def _answer_in_a_batch(client: OpenAI, requests: pa.Table, job: JobConfig,
-                       job_key: str) -> tuple[pa.Table, str]:
+                       metadata: dict[str, str], since: float) -> tuple[pa.Table, str]:
     """The requests as one small batch, uploaded, created (never twice), waited for and
     collected as a shard's are; (the results, the batch's id)."""
     limits = job.limits
-    file_id = upload_shard(client, f"{job.name}-canary.jsonl", jsonl(requests))
-    batch = create_batch(client, file_id, job.request.endpoint,
-                         {"enrichflow_canary": job_key}, time.time())
+    batch = find_batch(client, metadata, since)
+    if batch is not None and batch.status not in UNUSABLE:
+        get_run_logger().info("canary: batch %s of this run exists already (the run stopped "
+                              "after creating it); using it rather than paying for another "
+                              "(--force starts a new run)", batch.id)
+    else:
+        file_id = upload_shard(client, f"{job.name}-canary.jsonl", jsonl(requests),
+                               orphans_since=since)
+        batch = create_batch(client, file_id, job.request.endpoint, metadata, time.time())
     while batch.status not in TERMINAL:
         (batch,) = wait_for_batches(client, [batch.id], limits.poll_interval_min,
                                     limits.poll_interval_max, limits.max_wait_hours)

@@ -209,6 +209,10 @@ class RunState:
                 "attempt": str(record.attempt), "shard": str(record.shard),
                 "submission": str(record.submission)}
 
+    def canary_metadata(self) -> dict[str, str]:
+        """What a canary batch carries (no shard's metadata matches it)."""
+        return {"enrichflow_canary": self.job_key, "enrichflow_run": self.run_id}
+
     def upload_name(self, record: ShardRecord) -> str:
         return f"{self.job_key[:12]}-a{record.attempt}-s{record.shard}.jsonl"
 

@@ -3,14 +3,18 @@ the local server over HTTP."""
 
 from __future__ import annotations
 
+import signal
+import time
+
 import httpx
 import pandas as pd
 import pytest
-from conftest import job_file, sdk_client
+from conftest import generated_movies, job_file, python_job, sdk_client
 
 from enrichflow.cli import main
 from enrichflow.errors import CanaryFailedError
 from flows.enrich import enrich
+from localbatch import Simulation
 
 # The mock answers the summary with words of the request: never one that fits this.
 UNFILLABLE = {"request.response_format.schema.properties.summary.pattern": "^[0-9]{3}$"}
@@ -73,3 +77,27 @@ def test_canary_only_checks_and_keeps_the_sample_for_the_full_run(prefect_api, s
     assert requests_in_batches(client) == manifest["rows"]  # the sample was not sent again
     data = pd.read_parquet(tmp_path / "out")
     assert (data["_batch_id"].iloc[:5] == batch.id).all() and (data["_status"] == "ok").all()
+
+
+def test_a_run_killed_while_its_canary_batch_waits_does_not_pay_for_another(
+        prefect_api, start_localbatch, tmp_path):
+    server = start_localbatch(Simulation(validating_seconds=3))
+    path = job_file(tmp_path, generated_movies(10), canary=True,
+                    **{"canary.mode": "batch", "canary.rows": 5})
+    client = sdk_client(server.base_url)
+    run = python_job(path, server.base_url, prefect_api)
+    deadline = time.monotonic() + 120
+    while not client.batches.list().data:
+        assert run.poll() is None and time.monotonic() < deadline, "no canary batch"
+        time.sleep(0.1)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    (canary,) = client.batches.list().data
+    assert canary.status == "validating"
+
+    enrich(str(path), base_url=server.base_url)
+    batches = client.batches.list().data
+    assert [b.id for b in batches if "enrichflow_canary" in b.metadata] == [canary.id]
+    assert sum(b.request_counts.total for b in batches) == 10
+    data = pd.read_parquet(tmp_path / "out")
+    assert (data["_batch_id"].iloc[:5] == canary.id).all() and (data["_status"] == "ok").all()
