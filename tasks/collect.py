@@ -198,14 +198,13 @@ def _answer_fields(body: pa.ChunkedArray, endpoint: str) -> list[pa.Array]:
         return [embedding, none, none, pc.struct_field(usage, "prompt_tokens"),
                 pa.array(np.zeros(len(body), dtype=np.int64))]
     if endpoint == RESPONSES_ENDPOINT:
-        message = _first(pc.struct_field(body, "output"), of_type="message")
-        parts = pc.struct_field(message, "content")
-        text = pc.struct_field(_first(parts, of_type="output_text"), "text")
+        output = pc.struct_field(body, "output")
+        parts = pc.struct_field(_first(output, of_type="message"), "content")
         refusal = pc.struct_field(_first(parts, of_type="refusal"), "refusal")
         reason = pc.struct_field(pc.struct_field(body, "incomplete_details"), "reason")
         finish = pc.if_else(pc.equal(pc.struct_field(body, "status"), "incomplete"),
                             pc.coalesce(_renamed(reason, _INCOMPLETE), "incomplete"), "stop")
-        return [text, refusal, finish, pc.struct_field(usage, "input_tokens"),
+        return [_output_text(output), refusal, finish, pc.struct_field(usage, "input_tokens"),
                 pc.struct_field(usage, "output_tokens")]
     choice = _first(pc.struct_field(body, "choices"))
     message = pc.struct_field(choice, "message")
@@ -239,21 +238,42 @@ def _line_error(batch_id: str, line: dict[str, Any] | None, refusal: str | None,
     return f"the model gave no answer: {reason}", True
 
 
+def _items(lists: pa.Array | pa.ChunkedArray, of_type: str | None = None
+           ) -> tuple[np.ndarray, pa.Array]:
+    """The lists' items (those whose `type` is `of_type`, if given), in order, and the
+    index of the list each is from."""
+    lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    parents = pc.list_parent_indices(lists).to_numpy()
+    items = pc.list_flatten(lists)
+    if of_type is None:
+        return parents, items
+    kept = pc.fill_null(pc.equal(pc.struct_field(items, "type"), of_type), False)
+    return parents[kept.to_numpy(zero_copy_only=False)], items.filter(kept)
+
+
 def _first(lists: pa.Array | pa.ChunkedArray, of_type: str | None = None) -> pa.Array:
     """Each list's first item (of those whose `type` is `of_type`, if given); null where
     it has none."""
-    lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
-    parents = pc.list_parent_indices(lists).to_numpy()
-    flat = pc.list_flatten(lists)
-    at = np.arange(len(flat))
-    if of_type is not None:
-        kept = pc.fill_null(pc.equal(pc.struct_field(flat, "type"), of_type),
-                            False).to_numpy(zero_copy_only=False)
-        parents, at = parents[kept], at[kept]
-    first = np.full(len(lists), -1, dtype=np.int64)
-    positions, where = np.unique(parents, return_index=True)
-    first[positions] = at[where]
-    return flat.take(pa.array(first, mask=first < 0))
+    parents, items = _items(lists, of_type)
+    return items.take(_at(len(lists), *np.unique(parents, return_index=True)))
+
+
+def _output_text(output: pa.ChunkedArray) -> pa.Array:
+    """Each Responses output's text: its messages' `output_text` parts, joined as the
+    SDK's `Response.output_text` joins them; null where it has none."""
+    lines, messages = _items(output, of_type="message")
+    of_message, parts = _items(pc.struct_field(messages, "content"), of_type="output_text")
+    texts = pa.table({"line": lines[of_message], "text": pc.struct_field(parts, "text")})
+    joined = texts.group_by("line", use_threads=False).aggregate([("text", "list")])
+    return pc.binary_join(joined["text_list"], "").combine_chunks().take(
+        _at(len(output), joined["line"].to_numpy(), np.arange(joined.num_rows)))
+
+
+def _at(count: int, positions: np.ndarray, items: np.ndarray) -> pa.Array:
+    """Indices of `count` values: item `items[i]` at `positions[i]`, null elsewhere."""
+    at = np.full(count, -1, dtype=np.int64)
+    at[positions] = items
+    return pa.array(at, mask=at < 0)
 
 
 def read_result_lines(path: str, endpoint: str = CHAT_ENDPOINT) -> pa.Table:

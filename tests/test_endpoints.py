@@ -96,13 +96,19 @@ def test_responses_answers_refusals_and_cut_answers_are_told_apart(tmp_path):
         responses_line("cut", "incomplete", "max_output_tokens",
                        content=[{"type": "output_text", "text": '{"tags": ["a'}]),
         responses_line("nothing", output=[]),
+        responses_line("in parts", output=[
+            {"type": "message", "content": [{"type": "output_text", "text": '{"tags": '}]},
+            {"type": "reasoning", "summary": []},
+            {"type": "message", "content": [{"type": "refusal", "refusal": "no"},
+                                            {"type": "output_text", "text": '["b"]}'}]}]),
     ], request, tmp_path)
-    ok, refused, cut, nothing = results
+    ok, refused, cut, nothing, in_parts = results
     assert ok["_ok"] and ok["_value"] == {"tags": ["a"]} and ok["_prompt_tokens"] == 11
     assert ok["_completion_tokens"] == 7 and ok["_finish_reason"] == "stop"
     assert refused["_error"] == "the model gave no answer: I can't help"
     assert "cut at max_tokens" in cut["_error"] and cut["_retryable"]
     assert "no content" in nothing["_error"]
+    assert in_parts["_ok"] and in_parts["_value"] == {"tags": ["b"]}, "parts are joined"
 
 
 def test_an_embedding_of_the_wrong_length_is_an_error_of_its_row(tmp_path):
