@@ -78,7 +78,8 @@ def open_runner(config: RunnerConfig) -> Iterator[Runner]:
             "dashboard_address": ":0", "silence_logs": logging.WARNING,
             "env": {"PREFECT_API_URL": api_url, "DASK_LOGGING__DISTRIBUTED": "warning"}})
     with task_runner:
-        task_runner.client.run(import_steps)  # at start-up, not in the first tasks
+        # at start-up, not in the first tasks; a worker lost meanwhile is Dask's to replace
+        task_runner.client.run(import_steps, on_error="ignore")
         yield Runner(task_runner, at_once=2 * workers)
 
 

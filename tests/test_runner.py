@@ -1,6 +1,7 @@
 """Shards on a Dask cluster (prefect-dask): a LocalCluster of 2 worker processes gives the
-output the run's own threads give, on local disk and on S3, and a killed worker leaves
-the job resumable without a second batch for any shard."""
+output the run's own threads give, on local disk and on S3; workers killed in the middle
+of a shard are replaced and the run goes on, and a run killed with them resumes, without
+a second batch for any shard."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ import collections
 import json
 import signal
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import psutil
 import pytest
 from conftest import generated_movies, job_file, sdk_client, start_job, wait_for_batches
 
 from flows.enrich import enrich
-from localbatch import Simulation
+from localbatch import HttpFault, Simulation
 from tasks import prepare
 
 ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
@@ -65,6 +68,46 @@ def test_dask_workers_give_the_rows_and_answers_of_threads(
                                   outputs["threads"][ANSWER_COLUMNS])
 
 
+def dask_workers(run) -> list[psutil.Process]:
+    return [p for p in psutil.Process(run.pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())]
+
+
+def created_once_each(base_url: str, shards: int) -> bool:
+    batches = sdk_client(base_url).batches.list(limit=100).data
+    created = collections.Counter((b.metadata["attempt"], b.metadata["shard"]) for b in batches)
+    return created == {("1", str(shard)): 1 for shard in range(shards)}
+
+
+def test_workers_killed_in_the_middle_of_a_shard_are_replaced_and_the_run_goes_on(
+        prefect_api, start_localbatch, tmp_path):
+    """Dask runs the task of a lost worker again on a new one; Prefect takes the task run
+    back: the run ends by itself, every row ok, each shard's batch created once."""
+    server = start_localbatch(Simulation(http_faults=[HttpFault(  # the first download waits
+        path="/v1/files/file-", method="GET", status=503, retry_after=5, rate=1.0, times=1)]))
+    path = job_file(tmp_path, generated_movies(90), **{"limits.max_requests_per_shard": 30,
+                                                        "runner.kind": "dask",
+                                                        "runner.workers": 2})
+    run = start_job([ENRICHFLOW, "run", str(path), "--base-url", server.base_url],
+                    prefect_api)
+    collecting = {"task_runs": {"name": {"like_": "collect shard"},
+                                "state": {"type": {"any_": ["RUNNING"]}}}}
+    deadline = time.monotonic() + 120
+    while not httpx.post(f"{prefect_api}/task_runs/filter", json=collecting).json():
+        assert run.poll() is None and time.monotonic() < deadline, "no shard was collected"
+        time.sleep(0.1)
+    workers = dask_workers(run)
+    assert len(workers) == 2
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
+
+    assert run.wait(timeout=180) == 0
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert created_once_each(server.base_url, shards=3)
+    data = pd.read_parquet(tmp_path / "out")
+    assert len(data) == 90 and (data["_status"] == "ok").all()
+
+
 def test_a_killed_worker_leaves_the_job_resumable_without_a_second_batch(
         prefect_api, start_localbatch, tmp_path):
     server = start_localbatch(Simulation(requests_per_second=20, chunk_size=5))
@@ -76,8 +119,7 @@ def test_a_killed_worker_leaves_the_job_resumable_without_a_second_batch(
     journal = tmp_path / "out" / "_state" / "run.json"
     wait_for_batches(run, lambda: journal.exists() and json.loads(journal.read_text()),
                      shards=3)
-    workers = [p for p in psutil.Process(run.pid).children(recursive=True)
-               if "spawn_main" in " ".join(p.cmdline())]
+    workers = dask_workers(run)
     assert len(workers) == 2, [p.cmdline() for p in workers]
     workers[0].send_signal(signal.SIGKILL)
     run.send_signal(signal.SIGKILL)  # and the run with it: the re-run resumes
@@ -85,8 +127,6 @@ def test_a_killed_worker_leaves_the_job_resumable_without_a_second_batch(
     psutil.wait_procs(workers, timeout=30)
 
     enrich(str(path), base_url=server.base_url)
-    batches = sdk_client(server.base_url).batches.list(limit=100).data
-    created = collections.Counter((b.metadata["attempt"], b.metadata["shard"]) for b in batches)
-    assert created == {("1", "0"): 1, ("1", "1"): 1, ("1", "2"): 1}
+    assert created_once_each(server.base_url, shards=3)
     data = pd.read_parquet(tmp_path / "out")
     assert len(data) == 90 and (data["_status"] == "ok").all()
