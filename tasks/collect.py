@@ -160,11 +160,13 @@ def results_of_lines(lines: pa.Table, batch_id: str, rows: pa.Array, custom_ids:
             errors[i], retryable[i] = problem, True
     failed = pa.array(np.flatnonzero(pc.invert(answered).to_numpy(zero_copy_only=False)),
                       pa.int64())
-    for i, line, refused, reason in zip(
-            failed.to_pylist(), lines.take(found.take(failed)).to_pylist(),
+    at = found.take(failed)
+    for i, has_line, line, refused, reason in zip(
+            failed.to_pylist(), at.is_valid().to_pylist(), lines.take(at).to_pylist(),
             refusal.take(failed).to_pylist(), finish_reason.take(failed).to_pylist(),
             strict=True):
-        errors[i], retryable[i] = _line_error(batch_id, line, refused, reason)
+        errors[i], retryable[i] = _line_error(batch_id, line if has_line else None, refused,
+                                              reason)
     ok = pa.array([e is None for e in errors])
     where = np.full(len(custom_ids), -1, dtype=np.int64)
     where[answered_at] = np.arange(len(answered_at))

@@ -128,6 +128,20 @@ def chat_line(custom_id: str, text: str, model: str = "gpt-4o-mini", **body) -> 
     })
 
 
+def collected(lines: list[dict], request, tmp_path: Path,
+              custom_ids: list[str] | None = None) -> list[dict]:
+    """The results collect makes of a batch's output `lines` (of batch `batch_x`) for the
+    rows of `custom_ids` (by default, the lines' own)."""
+    from tasks.collect import read_result_lines, results_of_lines
+
+    path = tmp_path / "output.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    ids = custom_ids or [line["custom_id"] for line in lines]
+    return results_of_lines(read_result_lines(str(path), request.endpoint), "batch_x",
+                            pa.array(range(len(ids)), pa.int64()), pa.array(ids),
+                            request).to_pylist()
+
+
 def wait_until(client: OpenAI, batch_id: str, statuses=TERMINAL, timeout: float = 30):
     deadline = time.monotonic() + timeout
     while True:

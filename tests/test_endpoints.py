@@ -11,11 +11,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
-from conftest import job_file, sdk_client
+from conftest import collected, job_file, sdk_client
 
 from enrichflow.config import RequestConfig, ResponseFormat
 from flows.enrich import enrich
-from tasks.collect import results_of_lines
 from tasks.render import LINE, render_requests
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["tags"],
@@ -73,17 +72,6 @@ def responses_line(custom_id: str, status: str = "completed", reason: str | None
             "usage": {"input_tokens": 11, "output_tokens": 7}}
     return {"custom_id": custom_id, "response": {"status_code": 200, "body": body},
             "error": None}
-
-
-def collected(lines: list[dict], request: RequestConfig, tmp_path) -> list[dict]:
-    from tasks.collect import read_result_lines
-
-    path = tmp_path / "output.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    ids = [line["custom_id"] for line in lines]
-    return results_of_lines(read_result_lines(str(path), request.endpoint), "batch_x",
-                            pa.array(range(len(ids)), pa.int64()), pa.array(ids),
-                            request).to_pylist()
 
 
 def test_responses_answers_refusals_and_cut_answers_are_told_apart(tmp_path):

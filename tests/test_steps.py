@@ -6,7 +6,7 @@ import json
 
 import pyarrow as pa
 import pytest
-from conftest import chat_line, read_all, sdk_client, wait_until
+from conftest import chat_line, collected, read_all, sdk_client, wait_until
 from jsonschema import Draft202012Validator
 
 from enrichflow.config import DatasetConfig, RequestConfig, ResponseFormat, load_job
@@ -479,3 +479,16 @@ def test_batches_are_looked_at_with_one_list_call_and_found_past_it(start_localb
     done = [wait_until(client, batch_id) for batch_id in ids]
     seen = wait.look_at_batches(client, ids)
     assert [b.model_dump() for b in seen] == [b.model_dump() for b in done]
+
+
+def test_a_row_the_batch_returned_no_line_for_goes_round_again(tmp_path):
+    """A batch cancelled before it ran, or one that lost a line: the row is retried."""
+    body = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    line = {"custom_id": "answered", "response": {"status_code": 200, "body": body},
+            "error": None}
+    answered, missing = collected([line], RequestConfig(model="m", user="{x}"), tmp_path,
+                                  custom_ids=["answered", "missing"])
+    assert answered["_ok"] and answered["_value"] == {"response": "hi"}
+    assert missing["_error"] == "batch batch_x returned no result for this row"
+    assert missing["_retryable"] and not missing["_ok"]
