@@ -174,8 +174,8 @@ def send_and_write(job: JobConfig, location: Location, prepared: Prepared, state
 def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
                       state: RunState, canary: CanaryConfig) -> CanaryOutcome:
     """Answer and check the canary's sample; raise CanaryFailedError, before any of the
-    job's batches is uploaded, when too much of it failed; else journal its answers as
-    the run's own."""
+    job's batches is uploaded, when too much of it failed; else (or when the job was
+    cancelled meanwhile) journal its answers as the run's own."""
     log = get_run_logger()
     if sample_size(prepared, canary) == 0:
         log.info("canary: fewer than 2 rows to send; nothing to check")
@@ -183,6 +183,10 @@ def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
     with open_client(job.provider, location) as client:
         outcome = run_canary_task(client, job, prepared, canary, state.canary_metadata(),
                                   state.started_at)
+    if state.cancel_requested():  # no verdict: its answers are kept, nothing more is sent
+        log.warning("the job was cancelled during its canary")
+        state.save_canary(outcome.results, outcome.batch_id)
+        return outcome
     publish_canary(job.name, outcome, canary)
     failed = outcome.failed
     for key, error in zip(failed[KEY].to_pylist()[:5], failed["_error"].to_pylist()[:5],

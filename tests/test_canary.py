@@ -3,8 +3,11 @@ the local server over HTTP."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pandas as pd
@@ -79,9 +82,9 @@ def test_canary_only_checks_and_keeps_the_sample_for_the_full_run(prefect_api, s
     assert (data["_batch_id"].iloc[:5] == batch.id).all() and (data["_status"] == "ok").all()
 
 
-def test_a_run_killed_while_its_canary_batch_waits_does_not_pay_for_another(
-        prefect_api, start_localbatch, tmp_path):
-    server = start_localbatch(Simulation(validating_seconds=3))
+def run_to_its_canary_batch(server, tmp_path, prefect_api) -> tuple[Path, subprocess.Popen]:
+    """A job on 10 rows with a 5-row canary batch, in its own process, once that batch
+    is created; (its job file, its process)."""
     path = job_file(tmp_path, generated_movies(10), canary=True,
                     **{"canary.mode": "batch", "canary.rows": 5})
     client = sdk_client(server.base_url)
@@ -90,6 +93,14 @@ def test_a_run_killed_while_its_canary_batch_waits_does_not_pay_for_another(
     while not client.batches.list().data:
         assert run.poll() is None and time.monotonic() < deadline, "no canary batch"
         time.sleep(0.1)
+    return path, run
+
+
+def test_a_run_killed_while_its_canary_batch_waits_does_not_pay_for_another(
+        prefect_api, start_localbatch, tmp_path):
+    server = start_localbatch(Simulation(validating_seconds=3))
+    client = sdk_client(server.base_url)
+    path, run = run_to_its_canary_batch(server, tmp_path, prefect_api)
     run.send_signal(signal.SIGKILL)
     run.wait()
     (canary,) = client.batches.list().data
@@ -101,3 +112,20 @@ def test_a_run_killed_while_its_canary_batch_waits_does_not_pay_for_another(
     assert sum(b.request_counts.total for b in batches) == 10
     data = pd.read_parquet(tmp_path / "out")
     assert (data["_batch_id"].iloc[:5] == canary.id).all() and (data["_status"] == "ok").all()
+
+
+def test_a_cancel_while_the_canary_batch_waits_cancels_it_and_sends_nothing_more(
+        prefect_api, start_localbatch, tmp_path, capsys):
+    server = start_localbatch(Simulation(validating_seconds=600))
+    _, run = run_to_its_canary_batch(server, tmp_path, prefect_api)
+    assert main(["cancel", str(tmp_path / "out")]) == 0
+    assert "(the canary)" in capsys.readouterr().out
+    assert run.wait(timeout=120) == 0
+
+    (canary,) = sdk_client(server.base_url).batches.list().data
+    assert canary.status == "cancelled"
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text())["cancelled"]
+    data = pd.read_parquet(tmp_path / "out")
+    assert len(data) == 10 and (data["_status"] == "failed").all()
+    assert (data["_error"].iloc[:5] == f"batch {canary.id} returned no result for this row").all()
+    assert (data["_error"].iloc[5:] == "cancelled before it was sent").all()
