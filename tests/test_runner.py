@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -17,13 +19,14 @@ import httpx
 import pandas as pd
 import psutil
 import pytest
-from conftest import generated_movies, job_file, sdk_client, start_job, wait_for_batches
+from conftest import free_port, generated_movies, job_file, sdk_client, start_job, wait_for_batches
 
 from flows.enrich import enrich
 from localbatch import HttpFault, Simulation
 from tasks import prepare
 
 ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
+DASK = str(Path(sys.executable).with_name("dask"))
 ANSWER_COLUMNS = ["Series_Title", "Overview", "categories", "summary", "_status", "_error",
                   "_attempts", "_custom_id", "_prompt_tokens", "_completion_tokens"]
 
@@ -66,6 +69,37 @@ def test_dask_workers_give_the_rows_and_answers_of_threads(
     assert outputs["dask"]["Series_Title"].tolist() == rows["Series_Title"].tolist()
     pd.testing.assert_frame_equal(outputs["dask"][ANSWER_COLUMNS],
                                   outputs["threads"][ANSWER_COLUMNS])
+
+
+def test_a_job_runs_its_shards_on_an_existing_dask_cluster(prefect_api, start_localbatch,
+                                                           tmp_path):
+    """`runner.address`: a scheduler and workers started apart, as `dask scheduler` and
+    `dask worker` start them, their workers given the Prefect API to report to."""
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    cluster = [subprocess.Popen([DASK, "scheduler", "--port", str(port), "--no-dashboard"],
+                                env=env, stderr=subprocess.DEVNULL),
+               subprocess.Popen([DASK, "worker", address, "--nworkers", "2", "--nthreads",
+                                 "1", "--no-dashboard"], env=env, stderr=subprocess.DEVNULL)]
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+            server = start_localbatch()
+            path = job_file(tmp_path, generated_movies(90), **{
+                "limits.max_requests_per_shard": 30, "runner.kind": "dask",
+                "runner.address": address})
+            manifest = enrich(str(path), base_url=server.base_url)
+            ran = client.run_on_scheduler(lambda dask_scheduler: set(dask_scheduler.task_prefixes))
+    finally:
+        for process in cluster:
+            process.terminate()
+            process.wait(timeout=30)
+    assert len(manifest["shards"]) == 3 and {"scan_rows", "collect_shard"} <= ran
+    data = pd.read_parquet(tmp_path / "out")
+    assert len(data) == 90 and (data["_status"] == "ok").all()
 
 
 def dask_workers(run) -> list[psutil.Process]:
