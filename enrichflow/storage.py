@@ -43,6 +43,15 @@ class Location:
         with self._errors("read", name):
             return self.fs.exists(self.path(name))
 
+    def version(self, name: str) -> str | None:
+        """A key that changes when `name` does (fsspec's `ukey`: an ETag on S3); None if
+        there is no such file."""
+        try:
+            with self._errors("read", name, expected=FileNotFoundError):
+                return self.fs.ukey(self.path(name))
+        except FileNotFoundError:
+            return None
+
     def read_json(self, name: str) -> Any | None:
         try:
             with self._errors("read", name, expected=FileNotFoundError), \

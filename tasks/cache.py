@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -24,6 +26,9 @@ from tasks.render import LINE, string_buffers
 
 HASH = "_request_hash"
 DEFAULT_FILE = "_cache/answers.parquet"
+DIGEST = "S64"  # a request's hash, its sha256 in hex, as numpy's fixed-width bytes
+_KNOWN: dict[tuple, np.ndarray] = {}  # the requests a cache answered, by file and version
+_KNOWN_LOCK = threading.Lock()
 CACHED = pa.schema([(HASH, pa.string()), ("_answer", pa.string()),
                     ("_finish_reason", pa.string()), ("_batch_id", pa.string())])
 
@@ -42,12 +47,14 @@ def request_hashes(requests: pa.Table) -> pa.Array:
 
 @dataclass
 class AnswerCache:
-    """Where the kept answers live, and which requests they answered when the run started
-    (less the answers of `excluded` batches, which are not reused)."""
+    """Where the kept answers live, and the version of that file the run started with
+    (less the answers of `excluded` batches, which are not reused). Which requests it
+    answered is read where it is asked, once per process and version: a scan task on a
+    Dask worker reads it there, rather than have it shipped along with every task."""
 
     location: Location
     name: str
-    known: pa.Array
+    version: str | None  # the file's fsspec key when the run started; None: no file
     excluded: list[str]
     _fresh: list[pa.Array] = field(default_factory=list, repr=False)
     _writer: pq.ParquetWriter | None = field(default=None, repr=False)
@@ -61,17 +68,33 @@ class AnswerCache:
         else:
             parent, _, name = uri.rstrip("/").rpartition("/")
             location = Location(parent, storage_options)
-        known = pa.array([], pa.string())
-        if location.exists(name):
-            kept = location.read_parquet(name, columns=[HASH, "_batch_id"])
-            known = kept.filter(pc.invert(pc.is_in(
-                kept["_batch_id"], value_set=pa.array(excluded, pa.string()))))[HASH]
-            known = known.combine_chunks()
-        return cls(location, name, known, excluded)
+        return cls(location, name, location.version(name), excluded)
 
     def reused(self, hashes: pa.Array) -> pa.Array:
-        """Which of `hashes` have a kept answer."""
-        return pc.is_in(hashes, value_set=self.known)
+        """Which of `hashes` have a kept answer. A binary search of the sorted kept
+        hashes: Arrow's `is_in` would hash all of them again for every batch asked."""
+        known = self._known()
+        if not len(known):
+            return pa.array(np.zeros(len(hashes), dtype=bool))
+        asked = hashes.to_numpy(zero_copy_only=False).astype(DIGEST)
+        return pa.array(known[np.searchsorted(known, asked).clip(max=len(known) - 1)] == asked)
+
+    def _known(self) -> np.ndarray:
+        key = (self.location.uri, self.name, self.version, tuple(self.excluded))
+        with _KNOWN_LOCK:
+            if key not in _KNOWN:
+                _KNOWN.clear()  # one cache's requests at a time
+                _KNOWN[key] = self._read_known()
+            return _KNOWN[key]
+
+    def _read_known(self) -> np.ndarray:
+        """The kept hashes, sorted."""
+        if self.version is None or not self.location.exists(self.name):
+            return np.array([], DIGEST)
+        kept = self.location.read_parquet(self.name, columns=[HASH, "_batch_id"])
+        hashes = kept.filter(pc.invert(pc.is_in(kept["_batch_id"], value_set=pa.array(
+            self.excluded, pa.string()))))[HASH]
+        return np.sort(hashes.to_numpy().astype(DIGEST))
 
     def answers_for(self, hashes: pa.Array) -> pa.Table:
         """The kept answer (CACHED columns) of each of `hashes` that has one."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -18,12 +19,15 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import psutil
+import pyarrow as pa
 import pytest
 from conftest import free_port, generated_movies, job_file, sdk_client, start_job, wait_for_batches
 
+from enrichflow.storage import Location
 from flows.enrich import enrich
 from localbatch import HttpFault, Simulation
 from tasks import prepare
+from tasks.cache import CACHED, DEFAULT_FILE, HASH, AnswerCache
 
 ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 DASK = str(Path(sys.executable).with_name("dask"))
@@ -69,6 +73,26 @@ def test_dask_workers_give_the_rows_and_answers_of_threads(
     assert outputs["dask"]["Series_Title"].tolist() == rows["Series_Title"].tolist()
     pd.testing.assert_frame_equal(outputs["dask"][ANSWER_COLUMNS],
                                   outputs["threads"][ANSWER_COLUMNS])
+
+    # the workers read the answer cache themselves: a forced re-run reuses every answer
+    batches = len(sdk_client(server.base_url).batches.list(limit=100).data)
+    again = enrich(str(path), base_url=server.base_url, runner="dask", force=True)
+    assert again["rows_reused"] == len(rows) and again["shards"] == []
+    assert len(sdk_client(server.base_url).batches.list(limit=100).data) == batches
+
+
+def test_the_answer_cache_goes_to_a_task_by_name_not_with_its_answers(tmp_path):
+    output = Location(str(tmp_path))
+    hashes = [f"{i:064x}" for i in range(20_000)]
+    output.write_parquet(DEFAULT_FILE, pa.table({
+        HASH: hashes, "_answer": ["{}"] * len(hashes), "_finish_reason": ["stop"] * len(hashes),
+        "_batch_id": ["batch_1"] * len(hashes)}, schema=CACHED))
+    cache = AnswerCache.open(None, output, None, excluded=[])
+    asked = pa.array([hashes[5], "f" * 64])
+    assert cache.reused(asked).to_pylist() == [True, False]
+    shipped = pickle.dumps(cache)
+    assert len(shipped) < 5_000  # the answers' 1.3 MB of hashes stay behind
+    assert pickle.loads(shipped).reused(asked).to_pylist() == [True, False]
 
 
 def test_a_job_runs_its_shards_on_an_existing_dask_cluster(prefect_api, start_localbatch,
