@@ -45,6 +45,20 @@ def request_hashes(requests: pa.Table) -> pa.Array:
     return pa.array(hashes, pa.string())
 
 
+def _digests(hashes: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The hashes as sorted DIGEST values, to search (an Arrow `is_in` would hash a
+    million kept hashes again for every batch it is asked about)."""
+    return np.sort(hashes.to_numpy(zero_copy_only=False).astype(DIGEST))
+
+
+def _among(hashes: pa.Array | pa.ChunkedArray, digests: np.ndarray) -> np.ndarray:
+    """Which of `hashes` are among the sorted `digests`."""
+    if not len(digests):
+        return np.zeros(len(hashes), dtype=bool)
+    asked = hashes.to_numpy(zero_copy_only=False).astype(DIGEST)
+    return digests[np.searchsorted(digests, asked).clip(max=len(digests) - 1)] == asked
+
+
 @dataclass
 class AnswerCache:
     """Where the kept answers live, and the version of that file the run started with
@@ -71,13 +85,8 @@ class AnswerCache:
         return cls(location, name, location.version(name), excluded)
 
     def reused(self, hashes: pa.Array) -> pa.Array:
-        """Which of `hashes` have a kept answer. A binary search of the sorted kept
-        hashes: Arrow's `is_in` would hash all of them again for every batch asked."""
-        known = self._known()
-        if not len(known):
-            return pa.array(np.zeros(len(hashes), dtype=bool))
-        asked = hashes.to_numpy(zero_copy_only=False).astype(DIGEST)
-        return pa.array(known[np.searchsorted(known, asked).clip(max=len(known) - 1)] == asked)
+        """Which of `hashes` have a kept answer."""
+        return pa.array(_among(hashes, self._known()))
 
     def _known(self) -> np.ndarray:
         key = (self.location.uri, self.name, self.version, tuple(self.excluded))
@@ -94,14 +103,22 @@ class AnswerCache:
         kept = self.location.read_parquet(self.name, columns=[HASH, "_batch_id"])
         hashes = kept.filter(pc.invert(pc.is_in(kept["_batch_id"], value_set=pa.array(
             self.excluded, pa.string()))))[HASH]
-        return np.sort(hashes.to_numpy().astype(DIGEST))
+        return _digests(hashes)
 
     def answers_for(self, hashes: pa.Array) -> pa.Table:
-        """The kept answer (CACHED columns) of each of `hashes` that has one."""
+        """The kept answer (CACHED columns) of each of `hashes` that has one. The file is
+        read a row group at a time, and a group's answers only if it has one asked for."""
         if len(hashes) == 0 or not self.location.exists(self.name):
             return CACHED.empty_table()
-        kept = self.location.read_parquet(self.name, filters=pc.is_in(
-            pc.field(HASH), value_set=hashes)).select(CACHED.names).cast(CACHED)
+        asked, found = _digests(hashes), []
+        with self.location.open(self.name) as handle:
+            kept = pq.ParquetFile(handle)
+            for group in range(kept.num_row_groups):
+                wanted = _among(kept.read_row_group(group, columns=[HASH])[HASH], asked)
+                if wanted.any():
+                    table = kept.read_row_group(group, columns=CACHED.names).cast(CACHED)
+                    found.append(table.filter(wanted))
+        kept = pa.concat_tables(found) if found else CACHED.empty_table()
         return kept.filter(pc.invert(pc.is_in(
             kept["_batch_id"], value_set=pa.array(self.excluded, pa.string()))))
 
@@ -121,14 +138,13 @@ class AnswerCache:
         (other outputs may share it), as the cache file."""
         if self._writer is None:
             return
-        fresh = pa.concat_arrays(self._fresh)
+        fresh = _digests(pa.chunked_array(self._fresh, pa.string()))
         if self.location.exists(self.name):
             with self.location.open(self.name) as handle:
                 kept = pq.ParquetFile(handle)
                 for group in range(kept.num_row_groups):
                     table = kept.read_row_group(group, columns=CACHED.names).cast(CACHED)
-                    self._writer.write_table(table.filter(pc.invert(pc.is_in(
-                        table[HASH], value_set=fresh))))
+                    self._writer.write_table(table.filter(~_among(table[HASH], fresh)))
         self._writer.close()
         try:
             self.location.put_file(self.name, self._scratch)
