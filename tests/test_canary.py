@@ -98,7 +98,7 @@ def run_to_its_canary_batch(server, tmp_path, prefect_api) -> tuple[Path, subpro
 
 def test_a_run_killed_while_its_canary_batch_waits_does_not_pay_for_another(
         prefect_api, start_localbatch, tmp_path):
-    server = start_localbatch(Simulation(validating_seconds=3))
+    server = start_localbatch(Simulation(validating_seconds=5))
     client = sdk_client(server.base_url)
     path, run = run_to_its_canary_batch(server, tmp_path, prefect_api)
     run.send_signal(signal.SIGKILL)
