@@ -94,6 +94,8 @@ def _status(args: argparse.Namespace) -> int:
     if state.resume:
         where = "" if state.resume["cwd"] == os.getcwd() else f"cd {state.resume['cwd']} && "
         print(f"resume it: {where}{state.resume['command']}")
+    if not state.shards:
+        print("  no batch journaled yet: it was preparing, or checking its canary")
     for shard in state.shards:
         counts = shard.request_counts or {}
         done = counts.get("completed", 0) + counts.get("failed", 0)

@@ -97,7 +97,7 @@ def run_to_its_canary_batch(server, tmp_path, prefect_api) -> tuple[Path, subpro
 
 
 def test_a_run_killed_while_its_canary_batch_waits_does_not_pay_for_another(
-        prefect_api, start_localbatch, tmp_path):
+        prefect_api, start_localbatch, tmp_path, capsys):
     server = start_localbatch(Simulation(validating_seconds=5))
     client = sdk_client(server.base_url)
     path, run = run_to_its_canary_batch(server, tmp_path, prefect_api)
@@ -105,6 +105,9 @@ def test_a_run_killed_while_its_canary_batch_waits_does_not_pay_for_another(
     run.wait()
     (canary,) = client.batches.list().data
     assert canary.status == "validating"
+    assert main(["status", str(tmp_path / "out")]) == 0
+    assert "no batch journaled yet: it was preparing, or checking its canary" in \
+        capsys.readouterr().out
 
     enrich(str(path), base_url=server.base_url)
     batches = client.batches.list().data
