@@ -46,9 +46,9 @@ def request_hashes(requests: pa.Table) -> pa.Array:
 
 
 def _digests(hashes: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """The hashes as sorted DIGEST values, to search (an Arrow `is_in` would hash a
-    million kept hashes again for every batch it is asked about)."""
-    return np.sort(hashes.to_numpy(zero_copy_only=False).astype(DIGEST))
+    """The hashes as sorted, distinct DIGEST values, to search (an Arrow `is_in` would
+    hash a million kept hashes again for every batch it is asked about)."""
+    return np.unique(hashes.to_numpy(zero_copy_only=False).astype(DIGEST))
 
 
 def _among(hashes: pa.Array | pa.ChunkedArray, digests: np.ndarray) -> np.ndarray:
@@ -73,6 +73,7 @@ class AnswerCache:
     _fresh: list[pa.Array] = field(default_factory=list, repr=False)
     _writer: pq.ParquetWriter | None = field(default=None, repr=False)
     _scratch: str | None = field(default=None, repr=False)
+    _next_group: int = field(default=0, repr=False)  # where `answers_for` looks first
 
     @classmethod
     def open(cls, uri: str | None, output: Location, storage_options: dict | None,
@@ -107,20 +108,32 @@ class AnswerCache:
 
     def answers_for(self, hashes: pa.Array) -> pa.Table:
         """The kept answer (CACHED columns) of each of `hashes` that has one. The file is
-        read a row group at a time, and a group's answers only if it has one asked for."""
+        read a row group at a time, a group's answers only if it has one asked for, from
+        the group where the last call found its last answer, until every hash has one:
+        a run keeps its answers in the order of its parts, so the next run's parts find
+        theirs in a group or two, not in a read of the whole file each."""
         if len(hashes) == 0 or not self.location.exists(self.name):
             return CACHED.empty_table()
         asked, found = _digests(hashes), []
+        missing = np.ones(len(asked), dtype=bool)
+        excluded = pa.array(self.excluded, pa.string())
         with self.location.open(self.name) as handle:
             kept = pq.ParquetFile(handle)
-            for group in range(kept.num_row_groups):
+            groups, first = kept.num_row_groups, self._next_group
+            for group in ((first + i) % groups for i in range(groups)):
                 wanted = _among(kept.read_row_group(group, columns=[HASH])[HASH], asked)
-                if wanted.any():
-                    table = kept.read_row_group(group, columns=CACHED.names).cast(CACHED)
-                    found.append(table.filter(wanted))
-        kept = pa.concat_tables(found) if found else CACHED.empty_table()
-        return kept.filter(pc.invert(pc.is_in(
-            kept["_batch_id"], value_set=pa.array(self.excluded, pa.string()))))
+                if not wanted.any():
+                    continue
+                table = kept.read_row_group(group, columns=CACHED.names).cast(CACHED)
+                table = table.filter(wanted)
+                table = table.filter(pc.invert(pc.is_in(table["_batch_id"], value_set=excluded)))
+                if table.num_rows:
+                    found.append(table)
+                    missing[np.searchsorted(asked, _digests(table[HASH]))] = False
+                    self._next_group = group
+                    if not missing.any():
+                        break
+        return pa.concat_tables(found) if found else CACHED.empty_table()
 
     def add(self, answers: pa.Table) -> None:
         """Keep this run's new answers (CACHED columns); written by `save`."""

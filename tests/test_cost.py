@@ -7,6 +7,8 @@ import io
 import json
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import generated_movies, job_file, sdk_client
 from PIL import Image
@@ -14,8 +16,10 @@ from PIL import Image
 from enrichflow.cli import main
 from enrichflow.config import PriceOverride, load_job
 from enrichflow.errors import CostLimitError
+from enrichflow.storage import Location
 from flows.enrich import enrich
 from localbatch import Simulation
+from tasks.cache import CACHED, DEFAULT_FILE, HASH, AnswerCache
 from tasks.estimate import chat_prompt_tokens, image_tokens, price_for
 from tasks.prepare import prepare_job
 
@@ -114,6 +118,26 @@ def test_a_rerun_pays_only_for_new_or_changed_requests(prefect_api, start_localb
     enrich(str(job_file(tmp_path, generated_movies(41))), base_url=server.base_url,
            use_cache=False)
     assert client.batches.list().data[0].request_counts.total == 41
+
+
+def test_kept_answers_are_found_wherever_they_are_in_the_cache(tmp_path):
+    """A lookup starts where the last one found its last answer and stops once each hash
+    has one: parts asked in or out of the cache's order, or scattered, get every answer
+    kept, and none of an excluded batch."""
+    hashes = [f"{i:064x}" for i in range(1000)]
+    (tmp_path / "_cache").mkdir()
+    pq.write_table(pa.table({
+        HASH: hashes, "_answer": [f"answer {i}" for i in range(1000)],
+        "_finish_reason": ["stop"] * 1000, "_batch_id": ["b1"] * 500 + ["b2"] * 500},
+        schema=CACHED), tmp_path / DEFAULT_FILE, row_group_size=100)
+    cache = AnswerCache.open(None, Location(str(tmp_path)), None, excluded=["b2"])
+    for asked in (hashes[300:400], hashes[:100], hashes[100:200], hashes[450:550],
+                  hashes[::7] + ["f" * 64], hashes[300:400] * 2):
+        found = cache.answers_for(pa.array(asked)).to_pydict()
+        expected = {h for h in asked if int(h, 16) < 500}
+        assert sorted(found[HASH]) == sorted(expected)
+        assert all(answer == f"answer {int(h, 16)}" for h, answer in
+                   zip(found[HASH], found["_answer"], strict=True))
 
 
 def test_a_run_killed_after_its_cache_before_its_output_still_counts_what_it_paid(
