@@ -31,7 +31,7 @@ from enrichflow.errors import CanaryFailedError, ConfigError, RowsFailedError
 from enrichflow.provider import describe, open_client, provider_kind
 from enrichflow.storage import Location
 from flows.output import Written, write_parts
-from flows.send import WaitMode, run_attempts
+from flows.send import WaitMode, run_attempts, suspend
 from tasks.canary import CanaryOutcome, run_canary_task, sample_size
 from tasks.cancel import cancel_run
 from tasks.estimate import usd
@@ -139,7 +139,7 @@ def run_job(job: JobConfig, location: Location, shard_runner: Runner, wait_mode:
             log.info("canary: this run has sent its batches already; nothing to check")
             return {"canary": CanaryOutcome.nothing().summary(canary)}
         if (job.canary or canary_only) and not state.shards:  # nothing sent yet
-            outcome = check_with_canary(job, location, prepared, state, canary)
+            outcome = check_with_canary(job, location, prepared, state, canary, wait_mode)
             if canary_only:
                 return {"canary": outcome.summary(canary)}
         manifest, written = send_and_write(job, location, prepared, state, shard_runner,
@@ -172,17 +172,21 @@ def send_and_write(job: JobConfig, location: Location, prepared: Prepared, state
 
 
 def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
-                      state: RunState, canary: CanaryConfig) -> CanaryOutcome:
+                      state: RunState, canary: CanaryConfig,
+                      wait_mode: WaitMode) -> CanaryOutcome:
     """Answer and check the canary's sample; raise CanaryFailedError, before any of the
     job's batches is uploaded, when too much of it failed; else (or when the job was
-    cancelled meanwhile) journal its answers as the run's own."""
+    cancelled meanwhile) journal its answers as the run's own. In suspend mode, the run
+    suspends while a canary batch runs."""
     log = get_run_logger()
     if sample_size(prepared, canary) == 0:
         log.info("canary: fewer than 2 rows to send; nothing to check")
         return CanaryOutcome.nothing()
     with open_client(job.provider, location) as client:
         outcome = run_canary_task(client, job, prepared, canary, state.canary_metadata(),
-                                  state.started_at)
+                                  state.started_at, wait=wait_mode == "poll")
+    if outcome.waiting:
+        suspend(state, job.limits.max_wait_hours, f"the canary's batch {outcome.batch_id}")
     if state.cancel_requested():  # no verdict: its answers are kept, nothing more is sent
         log.warning("the job was cancelled during its canary")
         state.save_canary(outcome.results, outcome.batch_id)

@@ -26,6 +26,7 @@ from enrichflow.storage import Location
 from flows.enrich import job_from_parameters
 from tasks import as_task
 from tasks.state import RunState
+from tasks.submit import awaited_batches
 from tasks.wait import TERMINAL, look_at_batches
 
 
@@ -39,15 +40,15 @@ def reasons_to_resume(parameters: dict) -> list[str]:
         return ["nothing is journaled: it starts over and sees for itself"]
     if state.cancel_requested():
         return ["it was cancelled"]
-    waiting = state.awaited()
     with open_client(job.provider, location) as client:
         try:
-            batches = look_at_batches(client, [r.batch_id for r in waiting])
+            waiting = awaited_batches(client, state)
+            batches = look_at_batches(client, [batch_id for _, batch_id in waiting])
         except Exception as exc:
             raise RuntimeError(f"the Batch API at {client.base_url} answered "
                                f"{type(exc).__name__}: {exc}") from exc
-    return [f"{r.name}: batch {b.id} is {b.status}"
-            for r, b in zip(waiting, batches, strict=True) if b.status in TERMINAL]
+    return [f"{name}: batch {b.id} is {b.status}"
+            for (name, _), b in zip(waiting, batches, strict=True) if b.status in TERMINAL]
 
 
 reasons_to_resume_task = as_task(reasons_to_resume, "check suspended run")

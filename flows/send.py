@@ -180,7 +180,7 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
         update_progress_artifact(progress, state.progress(attempt))
         finished = [batch for batch in batches if batch.status in TERMINAL]
         if not finished and wait_mode == "suspend":
-            suspend(state, limits.max_wait_hours)
+            suspend(state, limits.max_wait_hours, ", ".join(r.name for r in state.awaited()))
         to_collect: list[tuple[ShardRun, Batch]] = []
         for batch in finished:
             run = running.pop(batch.id)
@@ -328,14 +328,15 @@ def _split(state: RunState, attempt: int, pending: pa.Table, run: ShardRun, cap:
     return runs
 
 
-def suspend(state: RunState, max_wait_hours: float) -> NoReturn:
-    """Suspend the run while its batches run (suspend mode): the process exits, the worker
-    is free; a resumed run starts over from the journal, so nothing is submitted twice."""
+def suspend(state: RunState, max_wait_hours: float, awaited: str) -> NoReturn:
+    """Suspend the run while its batches (`awaited`, by name) run (suspend mode): the
+    process exits, the worker is free; a resumed run starts over from the journal, so
+    nothing is submitted twice."""
     state.suspensions += 1
     state.save()
     get_run_logger().info("waiting for %s: suspending the run, which frees the worker; the "
                           "resume-ready deployment resumes it when one of them is finished",
-                          ", ".join(r.name for r in state.awaited()))
+                          awaited)
     suspend_flow_run(key=f"{state.run_id}-wait-{state.suspensions}",
                      timeout=int(max_wait_hours * 3600))
     raise AssertionError("unreachable: suspend_flow_run ends the run")

@@ -40,14 +40,15 @@ from tasks.wait import TERMINAL, wait_for_batches
 
 SYNC_AT_ONCE = 8
 JOB_ERRORS = (401, 403, 404)  # a wrong key or address: an error of the job, not of its rows
-UNUSABLE = frozenset({"failed", "expired", "cancelling", "cancelled"})  # a batch to replace
+REPLACED = frozenset({"failed", "expired"})  # a canary batch that another one replaces
 
 
 @dataclass(frozen=True)
 class CanaryOutcome:
     rows: int
     failed: pa.Table  # `_key` and `_error` of the sample rows without a usable answer
-    results: pa.Table | None  # as collect makes them (`results_schema`); None: no sample
+    results: pa.Table | None  # as collect makes them (`results_schema`); None: no sample,
+    # or its batch still runs
     batch_id: str | None  # mode batch: the canary's batch
     cost_usd: float | None
     seconds: float
@@ -57,6 +58,11 @@ class CanaryOutcome:
         """The outcome when no row is left to send."""
         failed = pa.table({KEY: pa.array([], pa.string()), "_error": pa.array([], pa.string())})
         return cls(0, failed, None, None, 0.0, 0.0)
+
+    @property
+    def waiting(self) -> bool:
+        """Its batch still runs (a run that suspends rather than wait)."""
+        return self.results is None and self.batch_id is not None
 
     @property
     def failure_rate(self) -> float:
@@ -83,10 +89,12 @@ class CanaryOutcome:
 
 
 def run_canary(client: OpenAI, job: JobConfig, prepared: Prepared, canary: CanaryConfig,
-               batch_metadata: dict[str, str], since: float) -> CanaryOutcome:
+               batch_metadata: dict[str, str], since: float,
+               wait: bool = True) -> CanaryOutcome:
     """Send the sample and check its answers as collect does. A canary batch is tagged
-    with `batch_metadata`; one so tagged since `since` and still usable is waited for
-    instead of a new one."""
+    with `batch_metadata`; one so tagged since `since` (and not failed or expired) is
+    used instead of a new one. Without `wait`, a canary batch still running is left to
+    run: the outcome is `waiting`."""
     started = time.monotonic()
     rows = prepared.to_send[ROW].slice(0, sample_size(prepared, canary)).combine_chunks()
     with closing(RowReader(prepared.source)) as reader:
@@ -95,7 +103,11 @@ def run_canary(client: OpenAI, job: JobConfig, prepared: Prepared, canary: Canar
     if canary.mode == "sync":
         results, batch_id = _answer_now(client, requests, job), None
     else:
-        results, batch_id = _answer_in_a_batch(client, requests, job, batch_metadata, since)
+        results, batch_id = _answer_in_a_batch(client, requests, job, batch_metadata, since,
+                                               wait)
+        if results is None:
+            return CanaryOutcome(len(rows), CanaryOutcome.nothing().failed, None, batch_id,
+                                 None, time.monotonic() - started)
     price = prepared.price
     cost = None
     if price is not None:
@@ -143,12 +155,14 @@ def _answer_now(client: OpenAI, requests: pa.Table, job: JobConfig) -> pa.Table:
 
 
 def _answer_in_a_batch(client: OpenAI, requests: pa.Table, job: JobConfig,
-                       metadata: dict[str, str], since: float) -> tuple[pa.Table, str]:
-    """The requests as one small batch, uploaded, created (never twice), waited for and
-    collected as a shard's are; (the results, the batch's id)."""
+                       metadata: dict[str, str], since: float,
+                       wait: bool) -> tuple[pa.Table | None, str]:
+    """The requests as one small batch, uploaded, created (never twice), waited for (or,
+    without `wait`, left running: no results) and collected as a shard's are; (the
+    results, the batch's id)."""
     limits = job.limits
     batch = find_batch(client, metadata, since)
-    if batch is not None and batch.status not in UNUSABLE:
+    if batch is not None and batch.status not in REPLACED:
         get_run_logger().info("canary: batch %s of this run exists already (the run stopped "
                               "after creating it); using it rather than paying for another "
                               "(--force starts a new run)", batch.id)
@@ -156,6 +170,8 @@ def _answer_in_a_batch(client: OpenAI, requests: pa.Table, job: JobConfig,
         file_id = upload_shard(client, f"{job.name}-canary.jsonl", jsonl(requests),
                                orphans_since=since)
         batch = create_batch(client, file_id, job.request.endpoint, metadata, time.time())
+    if not wait and batch.status not in TERMINAL:
+        return None, batch.id
     while batch.status not in TERMINAL:
         (batch,) = wait_for_batches(client, [batch.id], limits.poll_interval_min,
                                     limits.poll_interval_max, limits.max_wait_hours)

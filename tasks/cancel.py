@@ -12,7 +12,7 @@ from enrichflow.config import ProviderConfig
 from enrichflow.provider import open_client
 from enrichflow.storage import Location
 from tasks.state import RunState
-from tasks.submit import find_batch
+from tasks.submit import awaited_batches
 from tasks.wait import TERMINAL
 
 
@@ -25,11 +25,7 @@ def cancel_run(location: Location) -> tuple[RunState | None, list[str]]:
     cancelled = []
     provider = ProviderConfig(**state.provider)
     with open_client(provider, location, share_running=True) as client:
-        waiting = [(shard.batch_id, shard.name) for shard in state.awaited()]
-        if not state.shards:  # before its shards, a run may wait for its canary's batch
-            canary = find_batch(client, state.canary_metadata(), state.started_at)
-            waiting += [(canary.id, "the canary")] if canary else []
-        for batch_id, name in waiting:
+        for name, batch_id in awaited_batches(client, state):
             batch = client.batches.retrieve(batch_id)
             if batch.status not in TERMINAL and batch.status != "cancelling":
                 try:

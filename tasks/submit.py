@@ -14,6 +14,7 @@ shard's results are collected and journaled, its files at the provider can go.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from openai import NotFoundError, OpenAI
 from openai.types import Batch
@@ -21,6 +22,9 @@ from prefect import get_run_logger
 
 from tasks import as_task
 from tasks.api import TRANSIENT, retry_on
+
+if TYPE_CHECKING:
+    from tasks.state import RunState
 
 CREATE_ATTEMPTS = 6
 SLACK_SECONDS = 300  # clock differences between us and the provider
@@ -34,6 +38,16 @@ def find_batch(client: OpenAI, metadata: dict[str, str], since: float) -> Batch 
         if batch.metadata and all(batch.metadata.get(k) == v for k, v in metadata.items()):
             return batch
     return None
+
+
+def awaited_batches(client: OpenAI, state: RunState) -> list[tuple[str, str]]:
+    """(what, batch id) of the batches the run waits for: its shards' and, before it has
+    any, its canary's, which only the provider's list knows of until it is collected."""
+    awaited = [(record.name, record.batch_id) for record in state.awaited()]
+    if not state.shards:
+        canary = find_batch(client, state.canary_metadata(), state.started_at)
+        awaited += [("the canary", canary.id)] if canary else []
+    return awaited
 
 
 def upload_shard(client: OpenAI, filename: str, payload: bytes,

@@ -310,6 +310,36 @@ def test_a_suspended_run_collects_each_shard_and_holds_a_cancel(prefect_env, sta
     assert len(client.batches.list().data) == 2, "the cancelled rows were not sent again"
 
 
+def test_a_run_in_suspend_mode_suspends_while_its_canary_batch_runs(prefect_env,
+                                                                     start_localbatch,
+                                                                     tmp_path):
+    api = PrefectAPI(prefect_env)
+    server = start_localbatch(Simulation(requests_per_second=1))
+    client = sdk_client(server.base_url)
+    job = job_file(tmp_path, canary=True, **{"canary.mode": "batch"})
+    run = api.run_with_cli("enrich/movies", config_path=job, limit=8, base_url=server.base_url,
+                           wait_mode="suspend")
+    api.wait_for(run, {"Suspended"})
+    (canary,) = client.batches.list().data
+    assert "enrichflow_canary" in canary.metadata
+    assert eventually(lambda: f"waiting for the canary's batch {canary.id}" in api.logs(run), 30)
+
+    eventually(lambda: client.batches.retrieve(canary.id).status == "completed", 60)
+    api.wait_for(api.run_with_cli("resume-ready/resume-ready"), {"Completed"})
+    # resumed: the canary's answers pass, the other 4 rows go up as a shard, and it waits
+    eventually(lambda: len(client.batches.list().data) == 2, 120)
+    api.wait_for(run, {"Suspended"})
+    shard = next(b for b in client.batches.list().data if b.id != canary.id)
+    eventually(lambda: client.batches.retrieve(shard.id).status == "completed", 60)
+    api.wait_for(api.run_with_cli("resume-ready/resume-ready"), {"Completed"})
+    api.wait_for(run, {"Completed"})
+
+    data = pd.read_parquet(tmp_path / "out")
+    assert len(data) == 8 and (data["_status"] == "ok").all()
+    assert (data["_batch_id"].iloc[:4] == canary.id).all()
+    assert len(client.batches.list().data) == 2, "nothing is submitted twice"
+
+
 def test_cancelling_the_prefect_run_cancels_its_batches(prefect_env, start_localbatch,
                                                         tmp_path):
     api = PrefectAPI(prefect_env)
