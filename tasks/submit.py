@@ -55,8 +55,10 @@ def upload_shard(client: OpenAI, filename: str, payload: bytes,
     """Upload a shard's JSONL as `filename`; its file id. With `orphans_since`, files of
     that name uploaded since then (by a run killed before it journaled them) go first."""
     if orphans_since is not None:
-        for old in client.files.list(purpose="batch"):
-            if old.filename == filename and old.created_at >= orphans_since - SLACK_SECONDS:
+        for old in client.files.list(purpose="batch", order="desc"):
+            if old.created_at < orphans_since - SLACK_SECONDS:
+                break  # newest first: the rest are older than the run
+            if old.filename == filename:
                 client.files.delete(old.id)
                 get_run_logger().info("deleted %s, an upload of %s that was never journaled",
                                       old.id, filename)
