@@ -203,8 +203,7 @@ def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
             "the prompt, schema or max_tokens and check again with `enrichflow run "
             "--canary-only`")
     log.info(outcome.text(canary))
-    if outcome.results is not None:
-        state.save_canary(outcome.results, outcome.batch_id)
+    state.save_canary(outcome.results, outcome.batch_id)
     return outcome
 
 

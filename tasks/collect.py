@@ -307,8 +307,8 @@ def _downloaded(client: OpenAI, file_id: str) -> Iterator[str]:
 
 
 def _shaped(value: Any, kind: pa.DataType) -> Any:
-    """`value` with what does not have the type `kind` gives it made null (an error
-    message that is not text, as text), so that Arrow takes any line."""
+    """`value` with what does not have the type `kind` gives it made null (an error given
+    as bare text becomes its message), so that Arrow takes any line."""
     if pa.types.is_struct(kind):
         if not isinstance(value, dict):
             return {"message": value} if isinstance(value, str) and \

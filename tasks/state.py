@@ -231,7 +231,8 @@ class RunState:
         self.update(record, status="collected", first_row=rows[0], last_row=rows[1])
 
     def save_canary(self, results: pa.Table, batch_id: str | None) -> None:
-        """Journal a passed canary's results as attempt 1's: its rows are not sent again."""
+        """Journal the canary's results (it passed, or the job was cancelled meanwhile) as
+        attempt 1's: its rows are not sent again."""
         record = ShardRecord(1, CANARY_SHARD, results.num_rows, 0, "", batch_id=batch_id)
         with self._lock:
             self.shards.append(record)
