@@ -13,7 +13,8 @@ WORK=$(mktemp -d)
 export PREFECT_HOME=$WORK/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_API_URL=http://127.0.0.1:$PORT/api PREFECT_WORKER_QUERY_SECONDS=2
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$WORK"' EXIT
+# the worker may hang in its shutdown once its server is gone: what is left after 5 s is killed
+trap 'kill "${pids[@]}" 2>/dev/null; sleep 5; kill -9 "${pids[@]}" 2>/dev/null; rm -rf "$WORK"' EXIT
 
 "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" > "$WORK/server.log" 2>&1 &
 pids+=($!)
