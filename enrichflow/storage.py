@@ -6,11 +6,17 @@ moved into place, so a reader or a crash never meets a half-written file.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import io
 import json
+import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -21,6 +27,15 @@ from fsspec.implementations.local import LocalFileSystem
 from enrichflow.errors import StorageError
 
 STAGING = "_staging"
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A small JSON file as read, with what a conditional replace of it must find."""
+
+    value: Any | None  # None: empty or not JSON (being created, or cut short by a kill)
+    version: str  # its ETag on S3; on local disk, the sha256 of its bytes
+    age: float  # seconds since it was last written
 
 
 class Location:
@@ -85,6 +100,67 @@ class Location:
             return False
         return True
 
+    def read_versioned(self, name: str) -> Versioned | None:
+        """`name` with its version and age, to replace it only if it is unchanged
+        (`replace_json`); None if there is no such file."""
+        path = self.path(name)
+        try:
+            with self._errors("read", name, expected=FileNotFoundError):
+                self.fs.invalidate_cache(path)  # a listing cached earlier is stale here
+                info = self.fs.info(path)  # the version first: a newer body only makes
+                data = self.fs.cat_file(path)  # the replace fail, never succeed wrongly
+        except FileNotFoundError:
+            return None
+        try:
+            value = json.loads(data)
+        except ValueError:
+            value = None
+        modified = self.fs.modified(path) if self.is_local else info["LastModified"]
+        return Versioned(value, _digest(data) if self.is_local else info["ETag"],
+                         time.time() - modified.timestamp())
+
+    def replace_json(self, name: str, value: Any, version: str) -> bool:
+        """Write `name` only if it is still at `version` (`read_versioned`), in one step
+        that no other writer can come between: S3's conditional put on the ETag; on local
+        disk, the compare and the rename under an advisory lock of the folder. False if it
+        changed or is gone."""
+        data = json.dumps(value).encode()
+        path = self.path(name)
+        if not self.is_local:
+            try:
+                with self._errors("write", name, expected=(FileNotFoundError, _Changed)):
+                    try:
+                        self.fs.pipe_file(path, data, IfMatch=version)
+                    except OSError as exc:  # s3fs's word for 412 Precondition Failed
+                        if exc.errno != errno.EINVAL:
+                            raise
+                        raise _Changed from exc
+            except (FileNotFoundError, _Changed):
+                return False
+            finally:
+                self.fs.invalidate_cache(path)
+            return True
+        with self._errors("write", name), self._folder_locked(path.rsplit("/", 1)[0]):
+            try:
+                with open(path, "rb") as handle:
+                    if _digest(handle.read()) != version:
+                        return False
+            except FileNotFoundError:
+                return False
+            self.write_bytes(name, data)
+        return True
+
+    @contextmanager
+    def _folder_locked(self, folder: str) -> Iterator[None]:
+        """An exclusive advisory lock of a local folder; the kernel frees it when its
+        holder dies, so a killed process never leaves it held."""
+        handle = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(handle)
+
     def write_json(self, name: str, value: Any) -> None:
         self.write_bytes(name, json.dumps(value, indent=2, default=str).encode())
 
@@ -119,13 +195,17 @@ class Location:
             return sorted(path.rsplit("/", 1)[-1] for path in self.fs.glob(self.path(pattern)))
 
     def remove(self, name: str) -> None:
-        if self.exists(name):
-            with self._errors("remove", name):
+        """Remove `name` (a file or a folder); one already gone is removed."""
+        try:
+            with self._errors("remove", name, expected=FileNotFoundError):
                 self.fs.rm(self.path(name), recursive=True)
+        except FileNotFoundError:
+            pass
 
     @contextmanager
     def _errors(self, action: str, name: str,
-                expected: type[Exception] | None = None) -> Iterator[None]:
+                expected: type[Exception] | tuple[type[Exception], ...] | None = None
+                ) -> Iterator[None]:
         """Any storage failure as one StorageError that names the file and the fix, but
         the `expected` one (a missing file when reading, an existing one when creating),
         which the caller handles."""
@@ -140,3 +220,11 @@ class Location:
                 f"cannot {action} {self.uri}/{name} ({type(exc).__name__}: {exc}); check "
                 "that the bucket or folder exists, your credentials, and, for S3-compatible "
                 "storage, storage_options.endpoint_url") from exc
+
+
+class _Changed(Exception):
+    """A conditional write found the file changed."""
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

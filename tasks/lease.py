@@ -4,7 +4,11 @@ Two runs of the same job started together would each create a batch for the same
 and pay twice. So a run first creates the lease, exclusively (O_EXCL on local disk, a
 conditional put on S3), and keeps it fresh with a heartbeat; a second run is refused with
 who holds it and since when, or waits for it. A lease whose holder is gone (its process
-is dead on this host, or its heartbeat is older than STALE_SECONDS) is taken over. The
+is dead on this host, or its heartbeat is older than STALE_SECONDS; an empty or unreadable
+lease, cut short by a kill, older than a heartbeat) is taken over by replacing exactly the
+lease that was judged gone (`Location.replace_json`): of several runs taking it over at
+once, one wins and the others find it held. Heartbeats replace it the same way, so a run
+whose lease was taken over finds out instead of writing over the new holder's. The
 journal is written only while the lease is held (`RunState.save` checks it).
 """
 
@@ -20,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from enrichflow.errors import LeaseError, StorageError
-from enrichflow.storage import Location
+from enrichflow.storage import Location, Versioned
 
 LEASE_FILE = "_state/lease.json"
 HEARTBEAT_SECONDS = 15.0
@@ -51,21 +55,25 @@ class Lease:
         while True:
             if location.create_json(LEASE_FILE, {**holder, "heartbeat": time.time()}):
                 return cls(location, holder)
-            current = _current(location)
-            if current is None:
+            seen = location.read_versioned(LEASE_FILE)
+            if seen is None:
                 continue  # released between our two looks
-            if _holder_is_gone(current):
-                if _current(location) == current:  # nobody took it over yet
-                    location.remove(LEASE_FILE)
+            if _holder_is_gone(seen):
+                if location.replace_json(LEASE_FILE, {**holder, "heartbeat": time.time()},
+                                         seen.version):
+                    return cls(location, holder)
+                continue  # another run took it over first, or its holder beat: look again
+            if not isinstance(seen.value, dict):  # being created: written in an instant
+                time.sleep(0.05)
                 continue
             if not wait:
                 raise LeaseError(f"{location.uri} is being written by another run: "
-                                 f"{describe(current)}. Wait for it to end, run again with "
+                                 f"{describe(seen.value)}. Wait for it to end, run again with "
                                  f"--wait-for-lock, or stop it (enrichflow cancel "
                                  f"{location.uri})")
             if on_wait and not told:
                 on_wait(f"waiting for the other run of {location.uri} to end: "
-                        f"{describe(current)}")
+                        f"{describe(seen.value)}")
                 told = True
             time.sleep(WAIT_SECONDS)
 
@@ -78,8 +86,8 @@ class Lease:
     def release(self) -> None:
         self._stop.set()
         self._beating.join()
-        current = _current(self.location)
-        if current and current.get("id") == self.holder["id"]:
+        seen = self.location.read_versioned(LEASE_FILE)
+        if seen and _holder_id(seen) == self.holder["id"]:
             self.location.remove(LEASE_FILE)
 
     def __enter__(self) -> Lease:
@@ -91,27 +99,27 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
-                current = _current(self.location)
-                if not current or current.get("id") != self.holder["id"]:
-                    self.lost_to = current or {"run": "nobody (the lease was removed)"}
+                seen = self.location.read_versioned(LEASE_FILE)
+                if seen is None or _holder_id(seen) != self.holder["id"] or \
+                        not self.location.replace_json(
+                            LEASE_FILE, {**self.holder, "heartbeat": time.time()},
+                            seen.version):
+                    taker = self.location.read_versioned(LEASE_FILE)
+                    self.lost_to = (taker and taker.value) or {
+                        "run": "nobody (the lease was removed)"}
                     return
-                self.location.write_json(LEASE_FILE, {**self.holder,
-                                                      "heartbeat": time.time()})
             except StorageError:
                 continue  # a storage hiccup: the next beat tries again
 
 
-def _current(location: Location) -> dict[str, Any] | None:
-    """The lease as it is. One being created is empty for an instant: read it again."""
-    for _ in range(20):
-        try:
-            return location.read_json(LEASE_FILE)
-        except StorageError:
-            time.sleep(0.05)
-    return location.read_json(LEASE_FILE)
+def _holder_id(seen: Versioned) -> str | None:
+    return seen.value.get("id") if isinstance(seen.value, dict) else None
 
 
-def _holder_is_gone(lease: dict[str, Any]) -> bool:
+def _holder_is_gone(seen: Versioned) -> bool:
+    lease = seen.value
+    if not isinstance(lease, dict):  # empty or cut short: its writer died if it is not new
+        return seen.age > HEARTBEAT_SECONDS
     if time.time() - lease.get("heartbeat", 0) > STALE_SECONDS:
         return True
     if lease.get("host") != socket.gethostname():

@@ -81,3 +81,76 @@ def test_a_run_that_lost_its_lease_stops(location, monkeypatch):
         lease.check()
     lease.release()
     assert location.read_json(LEASE_FILE)["id"] == "other", "not removed: it is not ours"
+
+
+TAKERS, ROUNDS = 8, 100
+
+
+def take_over_in_rounds(uri: str, options: dict | None, taker: int, barrier, outcomes) -> None:
+    """One of the processes of the test below: each round, once the dead lease is laid,
+    try to take it over; say what happened; let go of it once every taker has said."""
+    location = Location(uri, options)
+    for round_ in range(ROUNDS):
+        barrier.wait()
+        lease = None
+        try:
+            lease = Lease.acquire(location, f"taker {taker}")
+            outcome = "held"
+        except LeaseError:
+            outcome = "refused"
+        except Exception as exc:  # noqa: BLE001 - what the test counts as a crash
+            outcome = f"crashed: {exc!r}"
+        outcomes.put((round_, outcome))
+        barrier.wait()
+        if lease is not None:
+            lease.release()
+        barrier.wait()
+
+
+def test_of_many_runs_taking_over_a_dead_lease_at_once_exactly_one_holds_it(location):
+    """8 processes released together on the same dead lease, 100 rounds: one holder a
+    round, the others refused, none crashed (on local disk and on S3)."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    barrier, outcomes = spawn.Barrier(TAKERS + 1, timeout=120), spawn.Queue()
+    options = None if location.is_local else {"endpoint_url": location.fs.endpoint_url}
+    takers = [spawn.Process(target=take_over_in_rounds,
+                            args=(location.uri, options, taker, barrier, outcomes))
+              for taker in range(TAKERS)]
+    for process in takers:
+        process.start()
+    dead = {"host": socket.gethostname(), "pid": a_dead_pid(), "heartbeat": time.time()}
+    stale = {"host": "another-host", "pid": 1, "heartbeat": time.time() - STALE_SECONDS - 1}
+    try:
+        for round_ in range(ROUNDS):
+            location.write_json(LEASE_FILE, {"id": f"dead {round_}", "run": "a killed run",
+                                             "since": 0.0, **(dead if round_ % 2 else stale)})
+            barrier.wait()
+            seen = sorted(outcomes.get(timeout=120) for _ in range(TAKERS))
+            assert [outcome for _, outcome in seen] == ["held"] + ["refused"] * (TAKERS - 1), \
+                f"round {round_}: {seen}"
+            barrier.wait()
+            barrier.wait()
+    finally:
+        for process in takers:
+            process.join(timeout=30)
+            process.kill()
+
+
+def test_an_empty_lease_left_by_a_kill_is_taken_over(location, monkeypatch):
+    """A kill between the lease's exclusive create and its write leaves it empty: once it
+    is older than a heartbeat, it is a dead holder's, not a storage failure."""
+    monkeypatch.setattr(lease_module, "HEARTBEAT_SECONDS", 0.2)
+    location.write_bytes(LEASE_FILE, b"")
+    time.sleep(0.5)
+    with Lease.acquire(location, "the next run") as lease:
+        assert location.read_json(LEASE_FILE)["id"] == lease.holder["id"]
+    assert not location.exists(LEASE_FILE)
+
+
+def test_a_lease_removed_twice_at_once_is_no_error(location):
+    location.write_json(LEASE_FILE, {"id": "x"})
+    location.remove(LEASE_FILE)
+    location.remove(LEASE_FILE)  # as a second remover finds it: already removed
+    assert not location.exists(LEASE_FILE)
