@@ -32,7 +32,7 @@ from enrichflow.provider import describe, open_client, provider_kind
 from enrichflow.storage import Location
 from flows.output import Written, write_parts
 from flows.send import WaitMode, run_attempts, suspend
-from tasks.canary import CanaryOutcome, run_canary_task, sample_size
+from tasks.canary import CanaryOutcome, delete_canary_files, run_canary_task, sample_size
 from tasks.cancel import cancel_run
 from tasks.estimate import usd
 from tasks.lease import Lease
@@ -184,26 +184,32 @@ def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
         return CanaryOutcome.nothing()
     with open_client(job.provider, location) as client:
         outcome = run_canary_task(client, job, prepared, canary, state.canary_metadata(),
-                                  state.started_at, wait=wait_mode == "poll")
+                                  state.started_at, state.sync_canary_batch,
+                                  wait=wait_mode == "poll")
     if outcome.waiting:
         suspend(state, job.limits.max_wait_hours, f"the canary's batch {outcome.batch_id}")
-    if state.cancel_requested():  # no verdict: its answers are kept, nothing more is sent
+    cancelled = state.cancel_requested()  # no verdict: its answers are kept, nothing more sent
+    if cancelled:
         log.warning("the job was cancelled during its canary")
+    else:
+        publish_canary(job.name, outcome, canary)
+        failed = outcome.failed
+        for key, error in zip(failed[KEY].to_pylist()[:5], failed["_error"].to_pylist()[:5],
+                              strict=True):
+            log.warning("canary: row %r: %s", key, error)
+    usable = cancelled or outcome.passed(canary)
+    if usable:
         state.save_canary(outcome.results, outcome.batch_id)
-        return outcome
-    publish_canary(job.name, outcome, canary)
-    failed = outcome.failed
-    for key, error in zip(failed[KEY].to_pylist()[:5], failed["_error"].to_pylist()[:5],
-                          strict=True):
-        log.warning("canary: row %r: %s", key, error)
-    if not outcome.passed(canary):
+    delete_canary_files(job, location, outcome)  # after the journal: a kill leaves them
+    if not usable:
         raise CanaryFailedError(
             f"{outcome.text(canary)}. The job is stopped before uploading its batches. "
-            f"First failure, row {failed[KEY][0].as_py()!r}: {failed['_error'][0].as_py()}. Fix "
+            f"First failure, row {outcome.failed[KEY][0].as_py()!r}: "
+            f"{outcome.failed['_error'][0].as_py()}. Fix "
             "the prompt, schema or max_tokens and check again with `enrichflow run "
             "--canary-only`")
-    log.info(outcome.text(canary))
-    state.save_canary(outcome.results, outcome.batch_id)
+    if not cancelled:
+        log.info(outcome.text(canary))
     return outcome
 
 

@@ -7,7 +7,8 @@ job still goes through the Batch API), answered through the synchronous API
 (at synchronous prices: a few cents) or, with `canary.mode: batch`, as one small batch.
 A canary that passes is journaled as part of the run's first attempt, so its rows are
 not sent again: their answers are the run's. A canary batch carries the run's metadata: a
-run killed while it waits finds it again rather than paying for another.
+run killed while it waits finds it again rather than paying for another. Its files are
+deleted only once its answers are journaled (`delete_canary_files`), as a shard's are.
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ import openai
 import pyarrow as pa
 import pyarrow.compute as pc
 from openai import OpenAI
+from openai.types import Batch
 from prefect import get_run_logger
 
 from enrichflow.config import CanaryConfig, JobConfig
+from enrichflow.provider import open_client
+from enrichflow.storage import Location
 from tasks import as_task
 from tasks.collect import collect_results, read_result_lines, results_of_lines
 from tasks.load import KEY, ROW, RowReader
 from tasks.plan import jsonl
 from tasks.prepare import Prepared
 from tasks.render import CUSTOM_ID, LINE, render_requests
-from tasks.state import CANARY_BATCH
 from tasks.submit import create_batch, delete_files, find_batch, upload_shard
 from tasks.wait import TERMINAL, wait_for_batches
 
@@ -52,6 +55,7 @@ class CanaryOutcome:
     batch_id: str | None  # mode batch: the canary's batch
     cost_usd: float | None
     seconds: float
+    batch_files: tuple[str | None, ...] = ()  # mode batch: its input, output, error files
 
     @classmethod
     def nothing(cls) -> CanaryOutcome:
@@ -89,24 +93,25 @@ class CanaryOutcome:
 
 
 def run_canary(client: OpenAI, job: JobConfig, prepared: Prepared, canary: CanaryConfig,
-               batch_metadata: dict[str, str], since: float,
+               batch_metadata: dict[str, str], since: float, sync_batch_id: str,
                wait: bool = True) -> CanaryOutcome:
-    """Send the sample and check its answers as collect does. A canary batch is tagged
-    with `batch_metadata`; one so tagged since `since` (and not failed or expired) is
-    used instead of a new one. Without `wait`, a canary batch still running is left to
-    run: the outcome is `waiting`."""
+    """Send the sample and check its answers as collect does. Synchronous answers carry
+    `sync_batch_id` as their batch. A canary batch is tagged with `batch_metadata`; one
+    so tagged since `since` (and usable: see `_usable`) is used instead of a new one.
+    Without `wait`, a canary batch still running is left to run: the outcome is
+    `waiting`."""
     started = time.monotonic()
     rows = prepared.to_send[ROW].slice(0, sample_size(prepared, canary)).combine_chunks()
     with closing(RowReader(prepared.source)) as reader:
         requests = render_requests(reader.take(rows), job.request, prepared.tag,
                                    job.dataset.path, job.storage_options).requests
     if canary.mode == "sync":
-        results, batch_id = _answer_now(client, requests, job), None
+        results, batch = _answer_now(client, requests, job, sync_batch_id), None
     else:
-        results, batch_id = _answer_in_a_batch(client, requests, job, batch_metadata, since,
-                                               wait)
+        results, batch = _answer_in_a_batch(client, requests, job, batch_metadata, since,
+                                            wait)
         if results is None:
-            return CanaryOutcome(len(rows), CanaryOutcome.nothing().failed, None, batch_id,
+            return CanaryOutcome(len(rows), CanaryOutcome.nothing().failed, None, batch.id,
                                  None, time.monotonic() - started)
     price = prepared.price
     cost = None
@@ -117,7 +122,10 @@ def run_canary(client: OpenAI, job: JobConfig, prepared: Prepared, canary: Canar
     failed = pa.table({KEY: requests[KEY], "_error": results["_error"]}).filter(
         pc.invert(pc.fill_null(results["_ok"], False)))
     return CanaryOutcome(rows=results.num_rows, failed=failed, results=results,
-                         batch_id=batch_id, cost_usd=cost, seconds=time.monotonic() - started)
+                         batch_id=batch and batch.id, cost_usd=cost,
+                         seconds=time.monotonic() - started,
+                         batch_files=() if batch is None else (
+                             batch.input_file_id, batch.output_file_id, batch.error_file_id))
 
 
 def sample_size(prepared: Prepared, canary: CanaryConfig) -> int:
@@ -125,8 +133,9 @@ def sample_size(prepared: Prepared, canary: CanaryConfig) -> int:
     return min(canary.rows, prepared.to_send.num_rows // 2)
 
 
-def _answer_now(client: OpenAI, requests: pa.Table, job: JobConfig) -> pa.Table:
-    """Each request through the synchronous API, its answer as a Batch API output line."""
+def _answer_now(client: OpenAI, requests: pa.Table, job: JobConfig, batch_id: str) -> pa.Table:
+    """Each request through the synchronous API, its answer as a Batch API output line of
+    a batch named `batch_id`."""
     path = job.request.endpoint.removeprefix("/v1")
 
     def answer(custom_id: str, line: str) -> dict:
@@ -150,19 +159,19 @@ def _answer_now(client: OpenAI, requests: pa.Table, job: JobConfig) -> pa.Table:
         read = read_result_lines(scratch, job.request.endpoint)
     finally:
         os.remove(scratch)
-    return results_of_lines(read, CANARY_BATCH, requests[ROW].combine_chunks(),
+    return results_of_lines(read, batch_id, requests[ROW].combine_chunks(),
                             requests[CUSTOM_ID].combine_chunks(), job.request)
 
 
 def _answer_in_a_batch(client: OpenAI, requests: pa.Table, job: JobConfig,
                        metadata: dict[str, str], since: float,
-                       wait: bool) -> tuple[pa.Table | None, str]:
+                       wait: bool) -> tuple[pa.Table | None, Batch]:
     """The requests as one small batch, uploaded, created (never twice), waited for (or,
     without `wait`, left running: no results) and collected as a shard's are; (the
-    results, the batch's id)."""
+    results, the batch). Its files are left for `delete_canary_files`."""
     limits = job.limits
     batch = find_batch(client, metadata, since)
-    if batch is not None and batch.status not in REPLACED:
+    if batch is not None and _usable(client, batch):
         get_run_logger().info("canary: batch %s of this run exists already (the run stopped "
                               "after creating it); using it rather than paying for another "
                               "(--force starts a new run)", batch.id)
@@ -171,15 +180,35 @@ def _answer_in_a_batch(client: OpenAI, requests: pa.Table, job: JobConfig,
                                orphans_since=since)
         batch = create_batch(client, file_id, job.request.endpoint, metadata, time.time())
     if not wait and batch.status not in TERMINAL:
-        return None, batch.id
+        return None, batch
     while batch.status not in TERMINAL:
         (batch,) = wait_for_batches(client, [batch.id], limits.poll_interval_min,
                                     limits.poll_interval_max, limits.max_wait_hours)
-    results = collect_results(client, batch, requests[ROW].combine_chunks(),
-                              requests[CUSTOM_ID].combine_chunks(), job.request)
-    if job.cleanup:
-        delete_files(client, [batch.input_file_id, batch.output_file_id, batch.error_file_id])
-    return results, batch.id
+    return collect_results(client, batch, requests[ROW].combine_chunks(),
+                           requests[CUSTOM_ID].combine_chunks(), job.request), batch
+
+
+def _usable(client: OpenAI, batch: Batch) -> bool:
+    """Whether a canary batch found again can be used: not failed or expired, and its
+    answers not deleted (an older enrichflow deleted them before journaling them)."""
+    if batch.status in REPLACED:
+        return False
+    try:
+        for file_id in filter(None, (batch.output_file_id, batch.error_file_id)):
+            client.files.retrieve(file_id)
+    except openai.NotFoundError:
+        get_run_logger().warning("canary: the answers of batch %s of this run are gone; a "
+                                 "new canary batch replaces it", batch.id)
+        return False
+    return True
+
+
+def delete_canary_files(job: JobConfig, location: Location, outcome: CanaryOutcome) -> None:
+    """Delete a canary batch's files, once its answers are journaled (or it failed): a
+    run killed before finds them still there."""
+    if job.cleanup and outcome.batch_files:
+        with open_client(job.provider, location) as client:
+            delete_files(client, list(outcome.batch_files))
 
 
 run_canary_task = as_task(run_canary, "canary")

@@ -75,7 +75,7 @@ def merge_part(table: pa.Table, job_tag: str, results: pa.Table, unsent: pa.Tabl
     if price is None:
         cost = pa.nulls(count, pa.float64())
     else:  # a synchronous canary's answers were paid at synchronous prices
-        sync = pc.fill_null(pc.equal(final["_batch_id"], CANARY_BATCH), False)
+        sync = pc.fill_null(pc.starts_with(final["_batch_id"], f"{CANARY_BATCH}-"), False)
         cost = pc.divide(pc.add(
             pc.multiply(pc.cast(prompt, pa.float64()),
                         pc.if_else(sync, price.input, price.batch_input)),

@@ -140,13 +140,15 @@ def scan_rows(job: JobConfig, source: Source, tag: str, cache: AnswerCache | Non
 
 
 def unfinished_batches(output: Location, job_key: str) -> list[str]:
-    """The batches of this job's unfinished run. Their answers may be in the cache already
-    (a run killed after it wrote the cache, before its output): they are that run's, to
-    collect and count again as its own, not answers of an earlier run reused for free."""
+    """The batches of this job's unfinished run, its synchronous canary's included. Their
+    answers may be in the cache already (a run killed after it wrote the cache, before
+    its output): they are that run's, to collect and count again as its own, not answers
+    of an earlier run reused for free."""
     state = RunState.load(output)
     if state is None or state.finished or state.job_key != job_key:
         return []
-    return [record.batch_id for record in state.shards if record.batch_id]
+    return [state.sync_canary_batch,
+            *(record.batch_id for record in state.shards if record.batch_id)]
 
 
 def check_cost_cap(estimate: Estimate, max_cost_usd: float | None) -> None:

@@ -32,7 +32,7 @@ CANCEL_FILE = "_state/cancel-requested.json"
 ATTEMPT = "_attempt"  # of a result: its attempt
 RESULTS_DIR = "_state/results"
 CANARY_SHARD = -1  # the canary's results are journaled as this shard of attempt 1
-CANARY_BATCH = "canary"  # the `_batch_id` of a synchronous canary's answers
+CANARY_BATCH = "canary"  # a synchronous canary's answers carry `canary-<run id>` as batch
 
 
 @dataclass
@@ -208,6 +208,12 @@ class RunState:
         return {"enrichflow_job": self.job_key, "enrichflow_run": self.run_id,
                 "attempt": str(record.attempt), "shard": str(record.shard),
                 "submission": str(record.submission)}
+
+    @property
+    def sync_canary_batch(self) -> str:
+        """The `_batch_id` of this run's synchronous canary's answers: the run's own, so
+        that its answers kept in the cache are known as this run's (`unfinished_batches`)."""
+        return f"{CANARY_BATCH}-{self.run_id}"
 
     def canary_metadata(self) -> dict[str, str]:
         """What a canary batch carries (no shard's metadata matches it)."""

@@ -12,12 +12,12 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from conftest import generated_movies, job_file, python_job, sdk_client
+from conftest import generated_movies, job_file, python_job, sdk_client, wait_until
 
 from enrichflow.cli import main
 from enrichflow.errors import CanaryFailedError
 from flows.enrich import enrich
-from localbatch import Simulation
+from localbatch import HttpFault, Simulation
 
 # The mock answers the summary with words of the request: never one that fits this.
 UNFILLABLE = {"request.response_format.schema.properties.summary.pattern": "^[0-9]{3}$"}
@@ -58,7 +58,8 @@ def test_a_passing_canary_is_not_paid_twice(prefect_api, start_localbatch, tmp_p
     assert (data["_status"] == "ok").all() and manifest["rows"] == len(data)
     assert requests_in_batches(sdk_client(server.base_url)) == len(data) - 20
     canary = data.iloc[:20]
-    assert (canary["_batch_id"] == "canary").all() and (canary["_attempts"] == 1).all()
+    assert (canary["_batch_id"] == f"canary-{manifest['run_id']}").all()
+    assert (canary["_attempts"] == 1).all()
     assert not canary["_reused"].any()
     # paid at synchronous prices (twice the batch price), the rest at batch prices
     per_token = data["_cost_usd"] / (data["_prompt_tokens"] + 4 * data["_completion_tokens"])
@@ -132,3 +133,76 @@ def test_a_cancel_while_the_canary_batch_waits_cancels_it_and_sends_nothing_more
     assert len(data) == 10 and (data["_status"] == "failed").all()
     assert (data["_error"].iloc[:5] == f"batch {canary.id} returned no result for this row").all()
     assert (data["_error"].iloc[5:] == "cancelled before it was sent").all()
+
+
+def read_journal(tmp_path: Path) -> dict:
+    path = tmp_path / "out" / "_state" / "run.json"
+    return json.loads(path.read_text()) if path.exists() else {"shards": []}
+
+
+def test_a_canary_batch_is_journaled_before_its_files_are_deleted(
+        prefect_api, start_localbatch, tmp_path):
+    """Its files' deletion held 20 s by a 503 + Retry-After: the canary is journaled by
+    then, its files still at the server. Killed there, the next run completes with that
+    one canary batch (no second one, no download of a deleted file)."""
+    held = HttpFault(path="/v1/files/", method="DELETE", status=503, retry_after=20,
+                     rate=1.0, times=1)
+    server = start_localbatch(Simulation(http_faults=[held]))
+    client = sdk_client(server.base_url)
+    path, run = run_to_its_canary_batch(server, tmp_path, prefect_api)
+    deadline = time.monotonic() + 120
+    while not any(s["shard"] == -1 for s in read_journal(tmp_path)["shards"]):
+        assert run.poll() is None and time.monotonic() < deadline, "canary never journaled"
+        time.sleep(0.1)
+    (canary,) = client.batches.list().data
+    files = {f.id for f in client.files.list().data}
+    assert {canary.input_file_id, canary.output_file_id} <= files, "deleted before journaled"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+
+    enrich(str(path), base_url=server.base_url)
+    batches = client.batches.list().data
+    assert [b.id for b in batches if "enrichflow_canary" in b.metadata] == [canary.id]
+    data = pd.read_parquet(tmp_path / "out")
+    assert (data["_batch_id"].iloc[:5] == canary.id).all() and (data["_status"] == "ok").all()
+
+
+def test_a_canary_batch_whose_answers_are_gone_is_replaced_not_a_dead_end(
+        prefect_api, start_localbatch, tmp_path):
+    """An older enrichflow deleted a canary batch's files before journaling it; killed in
+    between, its runs found the batch and failed on the download (HTTP 404) for good."""
+    server = start_localbatch(Simulation(validating_seconds=2))
+    client = sdk_client(server.base_url)
+    path, run = run_to_its_canary_batch(server, tmp_path, prefect_api)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    (gone,) = client.batches.list().data
+    gone = wait_until(client, gone.id)
+    client.files.delete(gone.output_file_id)
+
+    enrich(str(path), base_url=server.base_url)
+    canaries = [b.id for b in client.batches.list().data if "enrichflow_canary" in b.metadata]
+    assert len(canaries) == 2 and gone.id in canaries
+    data = pd.read_parquet(tmp_path / "out")
+    assert (data["_status"] == "ok").all() and gone.id not in set(data["_batch_id"])
+
+
+def test_a_killed_runs_own_canary_answers_are_not_counted_as_reused(
+        prefect_api, start_localbatch, tmp_path):
+    """A run killed after it kept its answers in the cache, before its output was
+    complete (the files as that kill leaves them: the journal unfinished, no manifest):
+    run again, the canary's answers are this run's, not reused from an earlier one."""
+    server = start_localbatch()
+    path = job_file(tmp_path, generated_movies(40), canary=True, cleanup=False)
+    first = enrich(str(path), base_url=server.base_url)
+    assert first["rows_reused"] == 0
+    out = tmp_path / "out"
+    (out / "_manifest.json").unlink()
+    journal = json.loads((out / "_state" / "run.json").read_text())
+    (out / "_state" / "run.json").write_text(json.dumps({**journal, "finished_at": None}))
+
+    again = enrich(str(path), base_url=server.base_url)
+    assert again["run_id"] == first["run_id"] and again["rows_reused"] == 0
+    data = pd.read_parquet(out)
+    assert not data["_reused"].any() and (data["_status"] == "ok").all()
+    assert (data["_batch_id"].iloc[:20] == f"canary-{first['run_id']}").all()
