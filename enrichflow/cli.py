@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from enrichflow.config import JobConfig
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network on our machines
@@ -22,6 +28,7 @@ def _run(args: argparse.Namespace) -> int:
 
     job = resolve_job(args.config, args.output, args.limit, args.provider, args.base_url,
                       args.model, args.runner)
+    _stop_on_interrupt(job)
     manifest = enrich(args.config, output=args.output, limit=args.limit,
                       provider=args.provider, base_url=args.base_url, model=args.model,
                       force=args.force, use_cache=not args.no_cache,
@@ -56,6 +63,59 @@ def _run(args: argparse.Namespace) -> int:
         print(first[shown].head(5).to_string(index=False, formatters={
             EMBEDDING_COLUMN: lambda v: f"[{v[0]:.4f}, {v[1]:.4f}, … {len(v):,} numbers]"}))
     return 0
+
+
+def _stop_on_interrupt(job: JobConfig) -> None:
+    """Ctrl-C ends the run within seconds, with one line on what runs on and how to go
+    on. Unwinding would not: Prefect's engine then reports the crash to its temporary
+    server, which the same Ctrl-C stopped, and retries for minutes. Ending the process
+    at once is safe: every journal write is whole or not at all, and the next run
+    re-attaches, as after a kill. A second Ctrl-C ends it at once, without the line."""
+
+    def interrupted(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        threading.Timer(4.0, os._exit, (130,)).start()  # if the storage does not answer
+        try:  # not print(): in a flow, Prefect's log_prints makes it a log record
+            _stop_temporary_prefect_server()
+            os.write(sys.stderr.fileno(), f"\n{_what_runs_on(job)}\n".encode())
+        finally:
+            os._exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
+def _stop_temporary_prefect_server() -> None:
+    """Ask Prefect's temporary server, a child process, to stop, as this process's exit
+    would have: a Ctrl-C sent to this process alone (`kill -INT`) leaves it running."""
+    server = sys.modules.get("prefect.server.api.server")
+    for instance in list(server.SubprocessASGIServer._instances.values()) if server else []:
+        if instance.server_process is not None:
+            instance.server_process.terminate()
+
+
+def _what_runs_on(job: JobConfig) -> str:
+    """What an interrupted run leaves running at the provider, and how to go on."""
+    from enrichflow.storage import Location
+    from tasks.lease import drop_own_lease
+    from tasks.state import RunState
+
+    location = Location(job.output, job.storage_options)
+    drop_own_lease(location)  # the next run, from any host, need not find it dead first
+    state = RunState.load(location)
+    if state is None or state.finished:
+        return "interrupted: nothing was sent yet"
+    resume = state.resume.get("command", "the same command")
+    running = [record.batch_id for record in state.awaited()]
+    if not running:
+        return (f"interrupted: no batch of this run was running; `{resume}` goes on where "
+                "it stopped")
+    batches = f"{len(running)} batch(es) ({', '.join(running)})"
+    if state.provider.get("local_data_dir"):
+        return (f"interrupted: {batches} wait in the embedded local server, stopped with "
+                f"this run; `{resume}` goes on with them")
+    return (f"interrupted: {batches} run on at {state.provider.get('base_url') or 'OpenAI'} "
+            f"and are billed as they finish; `{resume}` collects them without paying twice, "
+            f"`enrichflow cancel {location.uri}` stops them")
 
 
 def _estimate(args: argparse.Namespace) -> int:

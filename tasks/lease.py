@@ -112,6 +112,16 @@ class Lease:
                 continue  # a storage hiccup: the next beat tries again
 
 
+def drop_own_lease(location: Location) -> None:
+    """Remove the lease of `location` if this process holds it: for a process that ends
+    without unwinding (Ctrl-C), so that the next run, from any host, finds it free."""
+    seen = location.read_versioned(LEASE_FILE)
+    lease = seen.value if seen else None
+    if isinstance(lease, dict) and lease.get("pid") == os.getpid() and \
+            lease.get("host") == socket.gethostname():
+        location.remove(LEASE_FILE)
+
+
 def _holder_id(seen: Versioned) -> str | None:
     return seen.value.get("id") if isinstance(seen.value, dict) else None
 

@@ -142,3 +142,42 @@ def test_two_runs_of_one_output_at_once_pay_once(prefect_api, start_localbatch, 
     assert waiting.returncode == 0, output[-2000:]
     assert "waiting for the other run of" in output and "already complete" in output
     assert len(sdk_client(server.base_url).batches.list().data) == 1, "one batch, paid once"
+
+
+def test_ctrl_c_stops_the_run_at_once_and_says_what_runs_on(prefect_api, start_localbatch,
+                                                           tmp_path):
+    """Ctrl-C as a terminal sends it, to the whole process group, Prefect's temporary
+    server included (no PREFECT_API_URL, as a user runs it): the run ends within 5 s
+    with one line and exit code 130; run again, it collects the same batch."""
+    import os
+    import signal
+    import time
+
+    server = start_localbatch(Simulation(validating_seconds=10))
+    path = job_file(tmp_path, generated_movies(30), limits={"max_requests_per_shard": 10})
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL",
+                                                             "OPENAI_API_KEY")}
+    run = subprocess.Popen([ENRICHFLOW, "run", str(path), "--base-url", server.base_url],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    journal_file = tmp_path / "out" / "_state" / "run.json"
+    journal = wait_for_batches(
+        run, lambda: json.loads(journal_file.read_text()) if journal_file.exists() else None,
+        shards=3, timeout=180)
+    os.killpg(run.pid, signal.SIGINT)
+    interrupted = time.monotonic()
+    _, stderr = run.communicate(timeout=60)
+    assert time.monotonic() - interrupted < 5 and run.returncode == 130
+    (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    batches = [s["batch_id"] for s in journal["shards"]]
+    assert line.startswith(f"interrupted: 3 batch(es) ({', '.join(batches)}) run on at "
+                           f"{server.base_url} and are billed as they finish; `enrichflow run")
+    assert line.endswith(f"collects them without paying twice, `enrichflow cancel "
+                         f"{tmp_path / 'out'}` stops them")
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "out" / "_state" / "lease.json").exists()
+
+    assert main(["run", str(path), "--base-url", server.base_url]) == 0
+    assert sorted(b.id for b in sdk_client(server.base_url).batches.list().data) == \
+        sorted(batches)
+    assert (pd.read_parquet(tmp_path / "out")["_status"] == "ok").all()
