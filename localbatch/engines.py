@@ -111,6 +111,9 @@ class MockEngine:
         try:
             if url in handlers:
                 return handlers[url](body)
+        except SchemaError as exc:
+            return 400, error_body(f"Invalid schema for {SCHEMA_PARAMS[url]}: {exc}",
+                                   param=SCHEMA_PARAMS[url])
         except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
             return 400, error_body(f"Invalid request body: {type(exc).__name__}: {exc}")
         return 400, error_body(f"the mock engine does not serve {url}", param="url",
@@ -327,22 +330,39 @@ def _unit_vector(text: str, dims: int) -> list[float]:
     return [v / norm for v in vector]
 
 
+class SchemaError(ValueError):
+    """A response schema no answer can be made for: a request's 400, not its batch's."""
+
+
+SCHEMA_PARAMS = {CHAT_URL: "response_format", RESPONSES_URL: "text.format"}
+MAX_REF_HOPS = 32  # a `$ref` that leads to `$ref`s this many times leads back to itself
+
+
 def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
-    ref = node.get("$ref")
-    if not isinstance(ref, str) or not ref.startswith("#/"):
-        return node
-    target: Any = root
-    for key in ref[2:].split("/"):
-        target = target.get(key, {}) if isinstance(target, dict) else {}
-    return _resolve(target, root)
+    for _ in range(MAX_REF_HOPS):
+        ref = node.get("$ref")
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            return node
+        target: Any = root
+        for key in filter(None, ref[1:].split("/")):
+            target = target.get(key, {}) if isinstance(target, dict) else {}
+        node = target
+    raise SchemaError(f"$ref {node.get('$ref')!r} leads back to itself, never to a schema")
 
 
-MAX_FILL_DEPTH = 4  # past it, arrays get their fewest items: a recursive schema ends
+MAX_FILL_DEPTH = 4  # past it, arrays get their fewest items and optional values null
+MAX_NESTING = 10  # OpenAI's limit of nesting levels in a structured-output schema
 
 
 def _fill(node: dict[str, Any], root: dict[str, Any], text: str, words: list[str],
           index: int = 0, depth: int = 0) -> Any:
-    """A value valid against the JSON-schema `node`, derived from the request text."""
+    """A value valid against the JSON-schema `node`, derived from the request text. A
+    recursive schema ends where it may (an empty array, a null); one that may not
+    nests past MAX_NESTING: a SchemaError, as OpenAI refuses such a schema."""
+    if depth > MAX_NESTING:
+        raise SchemaError(f"it nests more than {MAX_NESTING} levels deep (a $ref to an "
+                          "enclosing schema that is required, with no null or empty-array "
+                          "way out?)")
     node = _resolve(node, root)
     if "const" in node:
         return node["const"]
@@ -351,11 +371,14 @@ def _fill(node: dict[str, Any], root: dict[str, Any], text: str, words: list[str
         return node["enum"][(digest + index) % len(node["enum"])]
     for key in ("anyOf", "oneOf", "allOf"):
         options = [o for o in node.get(key, []) if _resolve(o, root).get("type") != "null"]
+        if options and depth >= MAX_FILL_DEPTH and len(options) < len(node[key]):
+            return None
         if options:
             return _fill(options[0], root, text, words, index, depth)
     kind = node.get("type", "object" if "properties" in node else "string")
     if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
+        kind = "null" if depth >= MAX_FILL_DEPTH and "null" in kind else next(
+            (k for k in kind if k != "null"), "null")
     if kind == "object":
         return {name: _fill(sub, root, text, words, i, depth + 1)
                 for i, (name, sub) in enumerate((node.get("properties") or {}).items())}

@@ -6,12 +6,14 @@ import http.client
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 
+import jsonschema
 import openai
 import pytest
 from conftest import chat_line, free_port, read_jsonl, sdk_client, wait_until
@@ -32,6 +34,11 @@ SCHEMA = {
 }
 JSON_SCHEMA_FORMAT = {"type": "json_schema",
                       "json_schema": {"name": "movie", "strict": True, "schema": SCHEMA}}
+
+
+def schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "strict": True,
+                                                   "schema": schema}}
 
 
 def upload(client, lines: list[str], name: str = "input.jsonl"):
@@ -478,6 +485,15 @@ def test_killed_server_resumes_its_batches(tmp_path):
      "Invalid type for 'response_format': expected an object, but got str instead."),
     ({"max_tokens": "10"},
      "Invalid type for 'max_tokens': expected an integer, but got str instead."),
+    ({"response_format": schema_format({"$defs": {"a": {"$ref": "#/$defs/a"}},
+                                        "$ref": "#/$defs/a"})},
+     "Invalid schema for response_format: $ref '#/$defs/a' leads back to itself, never to "
+     "a schema"),
+    ({"response_format": schema_format({
+        "type": "object", "properties": {"child": {"$ref": "#"}}, "required": ["child"],
+        "additionalProperties": False})},
+     "Invalid schema for response_format: it nests more than 10 levels deep (a $ref to an "
+     "enclosing schema that is required, with no null or empty-array way out?)"),
 ])
 def test_a_bad_line_fails_that_line_never_the_batch(start_localbatch, body, message):
     """Such a line kept its batch in_progress at 0 until the window ended."""
@@ -491,9 +507,28 @@ def test_a_bad_line_fails_that_line_never_the_batch(start_localbatch, body, mess
     assert failed["custom_id"] == "bad" and failed["response"]["status_code"] == 400
     assert failed["response"]["body"]["error"]["message"] == message
     # the synchronous route answers the same, an OpenAI 400, not a plain-text 500
-    with pytest.raises(openai.BadRequestError, match="expected an integer|expected an object"):
+    with pytest.raises(openai.BadRequestError, match=re.escape(message)):
         client.chat.completions.create(model="gpt-4o-mini", messages=[
             {"role": "user", "content": "hi"}], **body)
+
+
+def test_a_recursive_schema_with_a_way_out_gets_a_finite_answer_that_fits(start_localbatch):
+    """OpenAI's own recursive examples: a tree (`$ref: "#"`) and a linked list whose
+    next node may be null."""
+    tree = {"type": "object", "additionalProperties": False, "required": ["name", "children"],
+            "properties": {"name": {"type": "string"},
+                           "children": {"type": "array", "items": {"$ref": "#"}}}}
+    chain = {"$defs": {"node": {
+        "type": "object", "additionalProperties": False, "required": ["value", "next"],
+        "properties": {"value": {"type": "integer"},
+                       "next": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]}}}},
+        "$ref": "#/$defs/node"}
+    client = sdk_client(start_localbatch().base_url)
+    for schema in (tree, chain):
+        answer = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "a b c"}],
+            response_format=schema_format(schema)).choices[0].message.content
+        jsonschema.validate(json.loads(answer), schema)
 
 
 def test_a_batch_whose_step_fails_ends_failed_and_frees_its_tokens(start_localbatch):
