@@ -22,10 +22,13 @@ from typing import Any
 import bpe_openai
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 import enrichflow
 from enrichflow.config import PriceOverride, RequestConfig
+from enrichflow.errors import InputError
+from tasks.load import KEY
 from tasks.render import LINE, USER_TEXT
 
 REMOTE_IMAGE_SIZE = (1024, 1024)
@@ -161,12 +164,47 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return messages + ([{"role": "user", "content": items}] if isinstance(items, str) else items)
 
 
-def request_tokens(requests: pa.Table, request: RequestConfig) -> np.ndarray:
+def request_tokens(requests: pa.Table, request: RequestConfig,
+                   dataset_name: str = "the dataset") -> np.ndarray:
     """Estimated prompt tokens of each rendered request: for a text template, what every
     request shares (the system prompt, the roles, the overhead) counted once and each
     row's user message; else each line's whole body. Both count exactly as
     `chat_prompt_tokens` does. An embedding's input is counted as it is, with no
-    overhead."""
+    overhead. A text too long to count is an InputError naming its row."""
+    try:
+        return _request_tokens(requests, request)
+    except ValueError as exc:
+        if str(exc) != TOO_LONG_TO_COUNT:
+            raise
+        key = requests[KEY][_first_too_long(requests)].as_py()
+        raise InputError(
+            f"{dataset_name}: row {key!r}: its prompt holds a text of 1,000,000 characters or "
+            f"more (from {', '.join(request.text_columns())}), more than the tokenizer "
+            "counts and than any model reads in one request; shorten that cell, or leave "
+            "the row out of the dataset") from exc
+
+
+TOO_LONG_TO_COUNT = "Input too long to encode safely"  # bpe-openai, past 999,999 characters
+
+
+def _first_too_long(requests: pa.Table) -> int:
+    """The position of the first request with a text too long to count."""
+    if USER_TEXT in requests.column_names:
+        return pc.index(pc.greater_equal(pc.utf8_length(requests[USER_TEXT]), 1_000_000),
+                        True).as_py()
+    return next(index for index, line in enumerate(requests[LINE].to_pylist())
+                if not _countable(json.loads(line)["body"]))
+
+
+def _countable(body: dict[str, Any]) -> bool:
+    try:
+        chat_prompt_tokens(body)
+    except ValueError:
+        return False
+    return True
+
+
+def _request_tokens(requests: pa.Table, request: RequestConfig) -> np.ndarray:
     if USER_TEXT not in requests.column_names:
         return np.array([chat_prompt_tokens(json.loads(line)["body"])
                          for line in requests[LINE].to_pylist()], dtype=np.int64)

@@ -110,8 +110,11 @@ class Source:
         if self.format == "parquet" and self._counts is None:
             counts = []
             for path in self.files:
-                with self.fs.open(path, "rb") as handle:
-                    counts.append(pq.ParquetFile(handle).metadata.num_rows)
+                try:
+                    with self.fs.open(path, "rb") as handle:
+                        counts.append(pq.ParquetFile(handle).metadata.num_rows)
+                except (pa.ArrowInvalid, OSError) as exc:
+                    raise self._unreadable(path, exc) from exc
             self._counts = counts
         return self._counts
 
@@ -205,8 +208,13 @@ class Source:
             except (pa.ArrowInvalid, OSError) as exc:
                 if "straddle" in str(exc) and block_bytes < BLOCK_BYTES:
                     continue
-                raise InputError(f"dataset.path: {path} is not readable as {self.format}: "
-                                 f"{exc}. Check the file, or set dataset.format") from exc
+                raise self._unreadable(path, exc) from exc
+
+    def _unreadable(self, path: str, exc: Exception) -> InputError:
+        told = "dataset.format" if self.dataset.format else "told from its extension"
+        return InputError(f"dataset.path: {path} is not readable as {self.format} ({told}): "
+                          f"{exc}. Check the file, or set dataset.format to the format it "
+                          "is in: csv, parquet or jsonl")
 
     def _parse(self, handle, path: str, block_bytes: int,
                schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:

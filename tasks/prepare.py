@@ -129,7 +129,8 @@ def scan_rows(job: JobConfig, source: Source, tag: str, cache: AnswerCache | Non
             reused += pc.sum(known).as_py() or 0
             requests = requests.filter(pc.invert(known))
         requests = requests.append_column(
-            TOKENS, pa.array(request_tokens(requests, job.request), pa.int64())
+            TOKENS, pa.array(request_tokens(requests, job.request, job.dataset.path),
+                             pa.int64())
         ).append_column(BYTES, line_bytes(requests))
         check_rows_fit(requests, job.limits.max_bytes_per_shard, plan_limit)
         to_send.append(requests.select(TO_SEND.names))

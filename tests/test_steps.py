@@ -155,6 +155,37 @@ def test_load_errors_name_the_file_and_the_fix(tmp_path, content, id_column, exp
     assert str(path) in str(info.value)
 
 
+def test_a_csv_read_as_parquet_names_the_file_and_the_setting(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("id,text\n1,a\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: rows\ndataset: {{path: {path}, format: parquet}}\n"
+                   f"request: {{model: m, user: '{{text}}'}}\noutput: {tmp_path / 'out'}\n")
+    with pytest.raises(InputError) as info:
+        prepare_job(load_job(job), use_cache=False)
+    assert str(info.value).startswith(f"dataset.path: {path} is not readable as parquet "
+                                      "(dataset.format): ")
+    assert str(info.value).endswith("set dataset.format to the format it is in: csv, "
+                                    "parquet or jsonl")
+
+
+@pytest.mark.parametrize("user", ["'{text}'", "[{type: text, text: '{text}'}]"])
+def test_a_cell_too_long_to_count_names_its_row_and_column(tmp_path, user):
+    """bpe-openai refuses to count a text of 1,000,000 characters or more."""
+    path = tmp_path / "rows.csv"
+    path.write_text("id,text\nshort,a\nlong," + "word " * 1_000_000 + "\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: rows\ndataset: {{path: {path}, id_column: id}}\n"
+                   f"request: {{model: gpt-4o-mini, user: {user}}}\n"
+                   f"output: {tmp_path / 'out'}\n")
+    with pytest.raises(InputError) as info:
+        prepare_job(load_job(job), use_cache=False)
+    assert str(info.value) == (
+        f"{path}: row 'long': its prompt holds a text of 1,000,000 characters or more (from "
+        "text), more than the tokenizer counts and than any model reads in one request; "
+        "shorten that cell, or leave the row out of the dataset")
+
+
 # render ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["rows.csv", "rows.jsonl"])
