@@ -18,8 +18,10 @@ import shlex
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
+from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
+import openai
 import pyarrow.compute as pc
 from prefect import Flow, State, flow, get_run_logger, runtime
 from prefect.client.schemas.objects import FlowRun
@@ -27,11 +29,12 @@ from prefect.logging.loggers import flow_run_logger
 from pydantic import Field
 
 from enrichflow.config import CanaryConfig, JobConfig, load_job
-from enrichflow.errors import CanaryFailedError, ConfigError, RowsFailedError
+from enrichflow.errors import CanaryFailedError, ConfigError, ProviderError, RowsFailedError
 from enrichflow.provider import describe, open_client, provider_kind
 from enrichflow.storage import Location
 from flows.output import Written, write_parts
 from flows.send import WaitMode, run_attempts, suspend
+from tasks.api import describe_api_error
 from tasks.canary import CanaryOutcome, delete_canary_files, run_canary_task, sample_size
 from tasks.cancel import cancel_run
 from tasks.estimate import usd
@@ -47,21 +50,41 @@ JOB_PARAMETERS = ("config_path", "output", "limit", "provider", "base_url", "mod
 
 
 def cancel_batches_on_cancellation(flow: Flow, flow_run: FlowRun, state: State) -> None:
-    """A run cancelled in Prefect (the UI's Cancel, the API) cancels its batches too:
-    without this, they would go on running, and billed, at the provider."""
-    log = flow_run_logger(flow_run, flow)
+    """A run cancelled in Prefect (the UI's Cancel, the API) while it runs cancels its
+    batches too: without this, they would go on running, and billed, at the provider. A
+    suspended run has no process to do it: the cancel-batches deployment does
+    (`flows.cancelled`)."""
+    cancel_batches_of(flow_run)
+
+
+def cancel_batches_of(flow_run: FlowRun) -> list[str]:
+    """Cancel the batches of `flow_run`, an enrich run cancelled in Prefect, and say so
+    in its log; the batches cancelled. Only while the output's journal is that run's: a
+    run cancelled before it journaled anything (or an older one) leaves alone the run
+    that writes the output now."""
+    log = flow_run_logger(flow_run)
     job = job_from_parameters(flow_run.parameters)
-    stopped, cancelled = cancel_run(Location(job.output, job.storage_options))
-    if stopped is None:
-        log.info("the run was cancelled; no unfinished run of this job is journaled, so "
-                 "no batch runs on")
-        return
+    location = Location(job.output, job.storage_options)
+    state = RunState.load(location)
+    if state is None or state.finished or state.flow_run_id != str(flow_run.id):
+        log.info("the run was cancelled; no unfinished run of it is journaled, so no batch "
+                 "of it runs on")
+        return []
+    _, cancelled = cancel_run(location)
     log.warning("the run was cancelled: %s; answers that finished before stay billed and "
                 "are kept, and running the job again sends the rest",
                 ", ".join(cancelled) + " cancelled" if cancelled else "no batch was running")
+    return cancelled
 
 
-@flow(name="enrich", log_prints=True, persist_result=True,
+def run_name() -> str:
+    """A run's name in the UI: its job and, when given, its output (`movies → out/m`)."""
+    parameters = runtime.flow_run.parameters
+    job = PurePath(parameters["config_path"]).stem
+    return f"{job} → {parameters['output']}" if parameters.get("output") else job
+
+
+@flow(name="enrich", flow_run_name=run_name, log_prints=True, persist_result=True,
       on_cancellation=[cancel_batches_on_cancellation])
 def enrich(
     config_path: str,
@@ -103,9 +126,12 @@ def enrich(
     location = Location(job.output, job.storage_options)
     resume = resume_command(config_path, location.uri, limit, provider, base_url, model,
                             runner)
-    with open_runner(job.runner) as shard_runner:
-        return run_job(job, location, shard_runner, wait_mode, force, use_cache,
-                       wait_for_lock, canary_only, resume)
+    try:
+        with open_runner(job.runner) as shard_runner:
+            return run_job(job, location, shard_runner, wait_mode, force, use_cache,
+                           wait_for_lock, canary_only, resume)
+    except openai.APIError as exc:  # the run's state says it in the CLI's one line
+        raise ProviderError(describe_api_error(exc)) from exc
 
 
 def run_job(job: JobConfig, location: Location, shard_runner: Runner, wait_mode: WaitMode,

@@ -29,7 +29,8 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 def test_every_entrypoint_imports_to_a_flow_whose_form_describes_its_parameters():
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
-    assert {d["name"] for d in deployments} == {"movies", "furniture", "resume-ready"}
+    assert {d["name"] for d in deployments} == {"movies", "furniture", "resume-ready",
+                                                 "cancel-batches"}
     for deployment in deployments:
         path, name = deployment["entrypoint"].split(":")
         flow = load_flow_from_entrypoint(f"{REPO / path}:{name}")
@@ -353,3 +354,29 @@ def test_cancelling_the_prefect_run_cancels_its_batches(prefect_env, start_local
                       {"cancelling", "cancelled"}, 120)
     eventually(lambda: api.state(run) == "Cancelled", 120)
     assert eventually(lambda: "the run was cancelled" in api.logs(run), 30)
+
+
+def test_cancelling_a_suspended_run_cancels_its_batches(prefect_env, start_localbatch,
+                                                        tmp_path):
+    """A suspended run has no process for its cancellation hook: the cancel-batches
+    deployment, triggered by the run's Cancelled event, cancels its batch."""
+    api = PrefectAPI(prefect_env)
+    server = start_localbatch(Simulation(requests_per_second=0.05))
+    client = sdk_client(server.base_url)
+    out = tmp_path / "movies"
+    run = api.run_with_cli("enrich/movies", limit=6, output=str(out),
+                           base_url=server.base_url, wait_mode="suspend")
+    api.wait_for(run, {"Suspended"})
+    (batch,) = client.batches.list().data
+    api.http.post(f"/flow_runs/{run}/set_state", json={"state": {"type": "CANCELLING"}})
+    eventually(lambda: api.state(run) == "Cancelled", 60)
+    cancelled_at = time.monotonic()
+    assert eventually(lambda: client.batches.retrieve(batch.id).status in
+                      {"cancelling", "cancelled"}, 60)
+    print(f"batch cancelled {time.monotonic() - cancelled_at:.1f} s after the run")
+    request = json.loads((out / "_state" / "cancel-requested.json").read_text())
+    assert request["flow_run_id"] == run
+    assert eventually(lambda: f"batch {batch.id} (attempt 1, shard 0) cancelled" in
+                      api.logs(run), 30)
+    (canceller,) = api.flow_runs("cancel-batches/cancel-batches", ["Completed"])
+    assert canceller["parameters"] == {"flow_run": f"prefect.flow-run.{run}"}
