@@ -212,8 +212,9 @@ def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
         outcome = run_canary_task(client, job, prepared, canary, state.canary_metadata(),
                                   state.started_at, state.sync_canary_batch,
                                   wait=wait_mode == "poll")
-    if outcome.waiting:
-        suspend(state, job.limits.max_wait_hours, f"the canary's batch {outcome.batch_id}")
+        if outcome.waiting:
+            suspend(state, [client.batches.retrieve(outcome.batch_id)],
+                    job.limits.max_wait_hours, f"the canary's batch {outcome.batch_id}")
     cancelled = state.cancel_requested()  # no verdict: its answers are kept, nothing more sent
     if cancelled:
         log.warning("the job was cancelled during its canary")

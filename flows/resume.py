@@ -10,6 +10,9 @@ resumes the run, which then collects, sends what is left, and writes.
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
+
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -20,6 +23,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateName,
 )
 from prefect.flow_runs import resume_flow_run
+from prefect.variables import Variable
 
 from enrichflow.provider import open_client
 from enrichflow.storage import Location
@@ -29,10 +33,14 @@ from tasks.state import RunState
 from tasks.submit import awaited_batches
 from tasks.wait import TERMINAL, look_at_batches
 
+UNREACHABLE = "enrichflow_unreachable_runs"  # run id -> when it was reported unreachable
+REPORT_AGAIN_SECONDS = 24 * 3600
+
 
 def reasons_to_resume(parameters: dict) -> list[str]:
     """What a suspended run with these parameters can move on with: its shards whose
-    batch finished since it last collected, or a cancel request; empty if nothing."""
+    batch finished since it last collected or runs past the job's max_wait_hours, or a
+    cancel request; empty if nothing."""
     job = job_from_parameters(parameters)
     location = Location(job.output, job.storage_options)
     state = RunState.load(location)
@@ -47,8 +55,11 @@ def reasons_to_resume(parameters: dict) -> list[str]:
         except Exception as exc:
             raise RuntimeError(f"the Batch API at {client.base_url} answered "
                                f"{type(exc).__name__}: {exc}") from exc
-    return [f"{name}: batch {b.id} is {b.status}"
-            for (name, _), b in zip(waiting, batches, strict=True) if b.status in TERMINAL]
+    overdue = time.time() - job.limits.max_wait_hours * 3600
+    return [f"{name}: batch {b.id} is {b.status}" if b.status in TERMINAL else
+            f"{name}: batch {b.id} runs past limits.max_wait_hours: the run ends, saying so"
+            for (name, _), b in zip(waiting, batches, strict=True)
+            if b.status in TERMINAL or b.created_at < overdue]
 
 
 reasons_to_resume_task = as_task(reasons_to_resume, "check suspended run")
@@ -58,8 +69,10 @@ reasons_to_resume_task = as_task(reasons_to_resume, "check suspended run")
 def resume_ready(flow_name: str = "enrich") -> list[str]:
     """Resume the suspended runs of `flow_name` that have a finished batch; their ids.
 
-    Every suspended run is looked at, even when looking at one fails; this run fails at
-    the end if any could not be looked at, naming each.
+    Every suspended run is looked at, even when looking at one fails. A run that cannot
+    be looked at (its provider is down) fails this run the first time and once a day
+    after, not on every pass: `UNREACHABLE`, a Prefect variable, keeps when each was
+    last reported.
 
     Args:
         flow_name: The flow whose suspended runs to look at.
@@ -70,11 +83,19 @@ def resume_ready(flow_name: str = "enrich") -> list[str]:
             flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
                 name=FlowRunFilterStateName(any_=["Suspended"]))))
-    resumed, failed = [], []
+    reported = Variable.get(UNREACHABLE, default={})
+    still_reported, resumed, failed = {}, [], []
     for run in suspended:
         try:
             reasons = reasons_to_resume_task(run.parameters)
         except Exception as exc:
+            last = reported.get(str(run.id))
+            if last is not None and time.time() - last < REPORT_AGAIN_SECONDS:
+                still_reported[str(run.id)] = last
+                log.warning("still cannot look at suspended run %s (%s), reported at %s: %s",
+                            run.name, run.id, _iso(last), exc)
+                continue
+            still_reported[str(run.id)] = time.time()
             failed.append(f"{run.name} ({run.id}): {exc}")
             log.error("cannot look at suspended run %s (%s): %s", run.name, run.id, exc)
             continue
@@ -85,12 +106,18 @@ def resume_ready(flow_name: str = "enrich") -> list[str]:
         else:
             log.info("%s (%s) keeps waiting: none of its running batches is finished",
                      run.name, run.id)
+    if still_reported != reported:
+        Variable.set(UNREACHABLE, still_reported, overwrite=True)
     log.info("%d suspended run(s), %d resumed, %d could not be looked at", len(suspended),
-             len(resumed), len(failed))
+             len(resumed), len(still_reported))
     if failed:
-        raise RuntimeError(f"{len(failed)} suspended run(s) could not be looked at:\n"
-                           + "\n".join(failed))
+        raise RuntimeError(f"{len(failed)} suspended run(s) could not be looked at (reported "
+                           "again in a day if it lasts):\n" + "\n".join(failed))
     return resumed
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 if __name__ == "__main__":

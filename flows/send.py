@@ -12,6 +12,7 @@ are rendered from the dataset when it is uploaded, and only its results are kept
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import deque
 from contextlib import closing
 from dataclasses import dataclass
@@ -45,10 +46,17 @@ from tasks.submit import (
     find_batch_task,
     upload_shard_task,
 )
-from tasks.wait import TERMINAL, look_at_batches_task, wait_for_batches_task
+from tasks.wait import (
+    TERMINAL,
+    check_age,
+    look_at_batches_task,
+    oldest_start,
+    wait_for_batches_task,
+)
 
 WaitMode = Literal["poll", "suspend"]
 UPLOADS_AT_ONCE = 2  # a shard's lines are held from its render until its upload is done
+SUSPEND_MARGIN_SECONDS = 3600  # resume-ready resumes a run past max_wait_hours before this
 
 
 def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: JobConfig,
@@ -180,7 +188,8 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
         update_progress_artifact(progress, state.progress(attempt))
         finished = [batch for batch in batches if batch.status in TERMINAL]
         if not finished and wait_mode == "suspend":
-            suspend(state, limits.max_wait_hours, ", ".join(r.name for r in state.awaited()))
+            suspend(state, batches, limits.max_wait_hours,
+                    ", ".join(r.name for r in state.awaited()))
         to_collect: list[tuple[ShardRun, Batch]] = []
         for batch in finished:
             run = running.pop(batch.id)
@@ -328,17 +337,22 @@ def _split(state: RunState, attempt: int, pending: pa.Table, run: ShardRun, cap:
     return runs
 
 
-def suspend(state: RunState, max_wait_hours: float, awaited: str) -> NoReturn:
-    """Suspend the run while its batches (`awaited`, by name) run (suspend mode): the
+def suspend(state: RunState, batches: list[Batch], max_wait_hours: float,
+            awaited: str) -> NoReturn:
+    """Suspend the run while `batches` (`awaited`, by name) run (suspend mode): the
     process exits, the worker is free; a resumed run starts over from the journal, so
-    nothing is submitted twice."""
+    nothing is submitted twice. Batches past `max_wait_hours` end the run as in poll
+    mode, saying that they run on; Prefect's own timeout, an hour later, is only the
+    fallback for a run that resume-ready did not resume by then."""
+    check_age(batches, max_wait_hours)
+    left = oldest_start(batches) + max_wait_hours * 3600 - time.time()
     state.suspensions += 1
     state.save()
     get_run_logger().info("waiting for %s: suspending the run, which frees the worker; the "
                           "resume-ready deployment resumes it when one of them is finished",
                           awaited)
     suspend_flow_run(key=f"{state.run_id}-wait-{state.suspensions}",
-                     timeout=int(max_wait_hours * 3600))
+                     timeout=int(left + SUSPEND_MARGIN_SECONDS))
     raise AssertionError("unreachable: suspend_flow_run ends the run")
 
 

@@ -72,17 +72,21 @@ def wait_for_batches(client: OpenAI, batch_ids: list[str], poll_min: float, poll
         last_statuses, last_done = statuses, done
         if any(b.status in TERMINAL for b in batches) or now - started >= REPORT_SECONDS:
             return batches
-        _check_age(batches, max_wait_hours)
+        check_age(batches, max_wait_hours)
         delay = poll_min if moved else min(delay * 2, poll_max)
         time.sleep(delay)
 
 
-def _check_age(batches: list[Batch], max_wait_hours: float) -> None:
-    oldest = min(b.created_at for b in batches)
-    if time.time() - oldest > max_wait_hours * 3600:
+def check_age(batches: list[Batch], max_wait_hours: float) -> None:
+    """Give up, saying that they run on, batches older than `max_wait_hours`."""
+    if time.time() - oldest_start(batches) > max_wait_hours * 3600:
         raise ProviderError(f"batch(es) {', '.join(b.id for b in batches)} still running after "
                            f"limits.max_wait_hours ({max_wait_hours:g} h); they go on at the "
                            "provider: run the job again later to collect them")
+
+
+def oldest_start(batches: list[Batch]) -> float:
+    return min(b.created_at for b in batches)
 
 
 def _done(batch: Batch) -> int:

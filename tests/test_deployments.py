@@ -258,6 +258,10 @@ def test_suspend_mode_frees_the_worker_and_resume_ready_survives_a_dead_provider
     logs = api.logs(resumer)
     assert "cannot look at suspended run" in logs and doomed.base_url in logs
     api.wait_for(suspended, {"Completed"})  # resumed all the same
+    # reported once, not on every pass (288 red runs a day on a 5-minute schedule)
+    again = api.run_with_cli("resume-ready/resume-ready")
+    assert api.wait_for(again, {"Failed", "Completed"}) == "Completed"
+    assert eventually(lambda: "still cannot look at suspended run" in api.logs(again), 30)
     api.http.post(f"/flow_runs/{orphan}/set_state", json={
         "state": {"type": "CANCELLED"}, "force": True})
 
@@ -380,3 +384,26 @@ def test_cancelling_a_suspended_run_cancels_its_batches(prefect_env, start_local
                       api.logs(run), 30)
     (canceller,) = api.flow_runs("cancel-batches/cancel-batches", ["Completed"])
     assert canceller["parameters"] == {"flow_run": f"prefect.flow-run.{run}"}
+
+
+def test_a_suspended_run_past_max_wait_hours_ends_saying_its_batch_runs_on(
+        prefect_env, start_localbatch, tmp_path):
+    """Not Prefect's "The flow was paused and never resumed.": resume-ready resumes it
+    and it fails as a poll-mode run does, its journal left for the next run."""
+    api = PrefectAPI(prefect_env)
+    server = start_localbatch(Simulation(requests_per_second=0.05))
+    job = job_file(tmp_path, **{"limits.max_wait_hours": 0.005})  # 18 s
+    run = api.run_with_cli("enrich/movies", config_path=job, limit=4, base_url=server.base_url,
+                           wait_mode="suspend")
+    api.wait_for(run, {"Suspended"})
+    (batch,) = sdk_client(server.base_url).batches.list().data
+    eventually(lambda: time.time() - batch.created_at > 19, 30)
+    resumer = api.run_with_cli("resume-ready/resume-ready")
+    api.wait_for(resumer, {"Completed"})
+    assert eventually(lambda: "runs past limits.max_wait_hours" in api.logs(resumer), 30)
+    eventually(lambda: api.state(run) == "Failed", 120)
+    message = api.http.get(f"/flow_runs/{run}").json()["state"]["message"]
+    assert f"batch(es) {batch.id} still running after limits.max_wait_hours (0.005 h); they " \
+           "go on at the provider: run the job again later to collect them" in message
+    assert sdk_client(server.base_url).batches.retrieve(batch.id).status == "in_progress"
+    assert json.loads((tmp_path / "out" / "_state" / "run.json").read_text())["shards"]
