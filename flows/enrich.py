@@ -29,7 +29,13 @@ from prefect.logging.loggers import flow_run_logger
 from pydantic import Field
 
 from enrichflow.config import CanaryConfig, JobConfig, load_job
-from enrichflow.errors import CanaryFailedError, ConfigError, ProviderError, RowsFailedError
+from enrichflow.errors import (
+    CanaryFailedError,
+    ConfigError,
+    CostLimitError,
+    ProviderError,
+    RowsFailedError,
+)
 from enrichflow.provider import describe, open_client, provider_kind
 from enrichflow.storage import Location
 from flows.output import Written, write_parts
@@ -38,6 +44,7 @@ from tasks.api import describe_api_error
 from tasks.canary import CanaryOutcome, delete_canary_files, run_canary_task, sample_size
 from tasks.cancel import cancel_run
 from tasks.estimate import usd
+from tasks.events import emit
 from tasks.lease import Lease
 from tasks.load import KEY
 from tasks.prepare import Prepared, check_cost_cap, prepare_job
@@ -151,7 +158,11 @@ def run_job(job: JobConfig, location: Location, shard_runner: Runner, wait_mode:
                      job.name, location.uri)
             RunState.finish_run(location, done["run_id"])  # if killed before it could
             return done
-        check_cost_cap(prepared.estimate, job.max_cost_usd)
+        try:
+            check_cost_cap(prepared.estimate, job.max_cost_usd)
+        except CostLimitError as exc:
+            emit("cost-cap.reached", job.name, location.uri, message=str(exc))
+            raise
 
         state, resumed = RunState.open(
             location, prepared.job_key, job.config_hash(), prepared.fingerprint,
@@ -189,6 +200,9 @@ def send_and_write(job: JobConfig, location: Location, prepared: Prepared, state
     if job.cleanup:
         state.remove_results()
     publish_results(manifest, written.first_rows, job)
+    emit("run.finished", job.name, location.uri, run=state.run_id,
+         rows_by_status=manifest["rows_by_status"], cost_usd=manifest["cost_usd"],
+         cancelled=manifest["cancelled"])
     log.info("%s: wrote %s rows to %s (%s); cost %s%s", job.name, f"{written.rows:,}",
              location.uri, ", ".join(f"{n:,} {s}" for s, n in manifest["rows_by_status"].items()),
              "unknown" if manifest["cost_usd"] is None else usd(manifest["cost_usd"]),
@@ -229,6 +243,8 @@ def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
         state.save_canary(outcome.results, outcome.batch_id)
     delete_canary_files(job, location, outcome)  # after the journal: a kill leaves them
     if not usable:
+        emit("canary.failed", job.name, location.uri, rows=outcome.rows,
+             failed=outcome.failed.num_rows, first_error=outcome.failed["_error"][0].as_py())
         raise CanaryFailedError(
             f"{outcome.text(canary)}. The job is stopped before uploading its batches. "
             f"First failure, row {outcome.failed[KEY][0].as_py()!r}: "

@@ -33,6 +33,7 @@ from enrichflow.errors import InputError
 from enrichflow.provider import as_reached
 from tasks.budget import TokenBudget
 from tasks.collect import collect_shard_task
+from tasks.events import emit
 from tasks.load import KEY, ROW, RowReader
 from tasks.plan import BYTES, TOKENS, Shard, jsonl, plan_shards
 from tasks.prepare import Prepared
@@ -172,7 +173,7 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
         while queue and budget.fits(queue[0].shard.tokens):
             starting.append(queue.popleft())
             budget.take(starting[-1].shard.tokens)
-        start_shards(client, state, starting, lines, job.request.endpoint)
+        start_shards(client, state, starting, lines, job)
         running.update({run.record.batch_id: run for run in starting})
         if not running:
             continue
@@ -193,6 +194,8 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
         to_collect: list[tuple[ShardRun, Batch]] = []
         for batch in finished:
             run = running.pop(batch.id)
+            emit(f"batch.{batch.status}", job.name, state.location.uri, batch=batch.id,
+                 shard=run.record.name, request_counts=run.record.request_counts)
             budget.release(run.shard.tokens)
             refusal = _token_limit_refusal(batch)
             if refusal:
@@ -225,7 +228,7 @@ def collect_shards(client: OpenAI, state: RunState, finished: list[tuple[ShardRu
 
 
 def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
-                 lines: ShardLines, endpoint: str) -> None:
+                 lines: ShardLines, job: JobConfig) -> None:
     """Give each shard of `starting` its batch, exactly once: re-attach to a journaled
     batch or to one created just before a crash (found by its metadata), else upload and
     create, concurrently. The tasks get and return values; the flow journals before and
@@ -260,13 +263,15 @@ def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
         if not record.batch_id:
             state.update(record, status="creating")
             creates.append((run, create_batch_task.submit(
-                client, record.file_id, endpoint, state.batch_metadata(record),
+                client, record.file_id, job.request.endpoint, state.batch_metadata(record),
                 state.started_at)))
     for run, created in creates:
         batch = created.result()
         state.update(run.record, batch_id=batch.id, status="submitted",
                      batch_status=batch.status)
         log.info("%s: created batch %s", run.record.name, batch.id)
+        emit("batch.created", job.name, state.location.uri, batch=batch.id,
+             shard=run.record.name, rows=run.record.rows)
 
 
 def _uploaded(state: RunState, run: ShardRun, upload: PrefectFuture) -> None:
