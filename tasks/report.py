@@ -107,7 +107,7 @@ def publish_results(manifest: dict[str, Any], first: pa.Table, job: JobConfig) -
                           else usd(cost)}
 - model: {manifest['model']}, provider: {manifest['provider']['kind']}
 - from {started} to {finished}
-- output: `{manifest['output']}`
+- output: `{shown(manifest['output'])}`
 """
     create_markdown_artifact(summary, key=artifact_key(name, "summary"),
                              description="Rows by status, attempts, tokens, cost, duration")
@@ -117,11 +117,11 @@ def publish_results(manifest: dict[str, Any], first: pa.Table, job: JobConfig) -
 
 
 def first_rows(first: pa.Table, job: JobConfig) -> list[dict[str, Any]]:
-    """The output's first rows led by what a reader looks for: the key, the answer, the
-    status and error, the cost; the input columns after them."""
+    """The output's first rows led by what a reader looks for: the key, the status and
+    error, the cost (before a long answer pushes them off the screen), the answer; the
+    input columns after them."""
     key = job.dataset.id_column or first.column_names[0]
-    lead = [key, *answer_columns(job.request), "_status", "_error",
-            "_cost_usd"]
+    lead = [key, "_status", "_error", "_cost_usd", *answer_columns(job.request)]
     rest = [c for c in first.column_names if c not in lead and not c.startswith("_")]
     rows = first.select(lead + rest).slice(0, TABLE_ROWS).to_pylist()
     return [{k: _cell(v) for k, v in row.items()} for row in rows]
@@ -138,10 +138,15 @@ def publish_output(job_name: str, uri: str, storage_options: dict[str, Any]) -> 
                    f"?prefix={quote(prefix.rstrip('/') + '/')}")
         create_link_artifact(console, link_text=uri, key=key, description=description)
         return
-    where = uri if "://" in uri else os.path.abspath(uri)
+    where = shown(uri)
     create_markdown_artifact(f"The output is in `{where}`\n\n```python\nimport pandas as pd\n"
                              f"pd.read_parquet({where!r})\n```\n", key=key,
                              description=description)
+
+
+def shown(uri: str) -> str:
+    """A location as the UI shows it: a local folder as an absolute path."""
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def _cell(value: Any) -> Any:

@@ -213,11 +213,13 @@ def test_a_triggered_deployment_writes_parquet_and_artifacts(prefect_env, start_
     assert by_key["movies-progress"]["type"] == "progress"
     assert by_key["movies-progress"]["data"] == 100.0
     assert "12 rows enriched" in by_key["movies-summary"]["data"]
+    assert f"output: `{tmp_path / 'movies'}`" in by_key["movies-summary"]["data"]
     assert "input tokens" in by_key["movies-estimate"]["data"]
     assert "| what | estimate |" in by_key["movies-estimate"]["data"]
     assert by_key["movies-rows"]["type"] == "table"
     first = json.loads(by_key["movies-rows"]["data"])[0]
-    assert list(first)[:5] == ["Series_Title", "categories", "summary", "_status", "_error"]
+    assert list(first)[:6] == ["Series_Title", "_status", "_error", "_cost_usd", "categories",
+                               "summary"]
     assert first["_cost_usd"] == round(first["_cost_usd"], 6)
     # a browser refuses file:// links from a web page: the path is shown as text
     assert by_key["movies-output"]["type"] == "markdown"
