@@ -12,7 +12,7 @@ export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install demo test lint bench third-party clean
+.PHONY: install demo test lint bench third-party automations clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: install
 	$(BIN)/python bench/collect_throughput.py
 	$(BIN)/python bench/e2e_scale.py
 	$(BIN)/python bench/runner_scale.py
+
+# the automations of automations.yaml, on the Prefect server PREFECT_API_URL points at
+automations: install
+	$(BIN)/prefect automation create --from-file automations.yaml
 
 third-party: install
 	tests/third_party/run.sh

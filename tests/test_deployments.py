@@ -30,7 +30,7 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 def test_every_entrypoint_imports_to_a_flow_whose_form_describes_its_parameters():
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     assert {d["name"] for d in deployments} == {"movies", "furniture", "resume-ready",
-                                                 "cancel-batches"}
+                                                 "cancel-batches", "rerun-crashed"}
     for deployment in deployments:
         path, name = deployment["entrypoint"].split(":")
         flow = load_flow_from_entrypoint(f"{REPO / path}:{name}")
@@ -72,6 +72,10 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
         done = subprocess.run(["script", "-qefc", f"{PREFECT} deploy --all", "/dev/null"],
                               env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
                               stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stdout + done.stderr
+        done = subprocess.run([PREFECT, "automation", "create", "--from-file",
+                               "automations.yaml"], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=120)  # as `make automations` does
         assert done.returncode == 0, done.stdout + done.stderr
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "enrich-pool",
                                    "--limit", "1"], env=env, cwd=REPO,
@@ -409,3 +413,29 @@ def test_a_suspended_run_past_max_wait_hours_ends_saying_its_batch_runs_on(
            "go on at the provider: run the job again later to collect them" in message
     assert sdk_client(server.base_url).batches.retrieve(batch.id).status == "in_progress"
     assert json.loads((tmp_path / "out" / "_state" / "run.json").read_text())["shards"]
+
+
+def test_a_crashed_run_is_run_again_and_pays_once(prefect_env, start_localbatch, tmp_path):
+    """The run's process killed (its machine lost, the worker left): the worker marks it
+    Crashed, the rerun-crashed deployment runs it again, which re-attaches to its batch."""
+    api = PrefectAPI(prefect_env)
+    server = start_localbatch(Simulation(requests_per_second=0.5))
+    client = sdk_client(server.base_url)
+    out = tmp_path / "movies"
+    run = api.run_with_cli("enrich/movies", limit=6, output=str(out), base_url=server.base_url)
+    (batch,) = eventually(lambda: client.batches.list().data, 120, 0.5)
+    engine = subprocess.run(["pgrep", "-f", "prefect.engine"], capture_output=True,
+                            text=True).stdout.split()
+    assert len(engine) == 1, engine  # the worker runs one flow run at a time
+    os.kill(int(engine[0]), signal.SIGKILL)
+    eventually(lambda: api.state(run) == "Crashed", 120)
+
+    def rerun_completed():
+        return [r for r in api.flow_runs("enrich/movies", ["Completed"])
+                if f"enrichflow-rerun-of:{run}" in r["tags"]]
+    (rerun,) = eventually(rerun_completed, 240)
+    assert "enrichflow-rerun:1" in rerun["tags"] and rerun["parameters"]["limit"] == 6
+    assert eventually(lambda: "crashed: run again as" in api.logs(run), 30)
+    assert [b.id for b in client.batches.list().data] == [batch.id], "paid once"
+    data = pd.read_parquet(out)
+    assert len(data) == 6 and (data["_status"] == "ok").all()

@@ -79,3 +79,10 @@ def test_the_documented_automation_is_one_prefect_accepts_and_matches_our_events
     assert automation.trigger.expect == {"enrichflow.canary.failed",
                                          "enrichflow.cost-cap.reached"}
     assert automation.trigger.match.matches_every_resource_of_kind("enrichflow.output")
+
+
+def test_the_zombie_automation_is_one_prefect_accepts():
+    text = (REPO / "automations.yaml").read_text()
+    (automation,) = [AutomationCore.model_validate(a) for a in yaml.safe_load(text)["automations"]]
+    assert automation.trigger.posture == "Proactive"
+    assert "prefect.flow-run.Suspended" in automation.trigger.expect  # a suspended run is quiet
