@@ -195,7 +195,7 @@ class Location:
             return sorted(path.rsplit("/", 1)[-1] for path in self.fs.glob(self.path(pattern)))
 
     def remove(self, name: str) -> None:
-        """Remove `name` (a file or a folder); one already gone is removed."""
+        """Remove `name` (a file or a folder); removing one already gone is no error."""
         try:
             with self._errors("remove", name, expected=FileNotFoundError):
                 self.fs.rm(self.path(name), recursive=True)

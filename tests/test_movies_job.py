@@ -6,7 +6,6 @@ import collections
 import json
 import signal
 
-import openai
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -15,7 +14,7 @@ import yaml
 from conftest import REPO, generated_movies, job_file, python_job, sdk_client, wait_for_batches
 
 from enrichflow.cli import main
-from enrichflow.errors import InputError, RowsFailedError
+from enrichflow.errors import InputError, ProviderError, RowsFailedError
 from flows import output as output_module
 from flows.enrich import enrich
 from localbatch import HttpFault, Simulation
@@ -170,7 +169,7 @@ def test_an_upload_never_journaled_is_deleted_before_the_shard_goes_up_again(
     server = start_localbatch(Simulation(http_faults=[
         HttpFault(path="/v1/batches", method="POST", status=400, rate=1.0, times=1)]))
     path = job_file(tmp_path, generated_movies(5))
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(ProviderError, match="POST .*/v1/batches failed: HTTP 400"):
         enrich(str(path), base_url=server.base_url)
     journal_path = tmp_path / "out" / "_state" / "run.json"
     journal = json.loads(journal_path.read_text())
