@@ -66,18 +66,16 @@ def cancel_batches_on_cancellation(flow: Flow, flow_run: FlowRun, state: State) 
 
 def cancel_batches_of(flow_run: FlowRun) -> list[str]:
     """Cancel the batches of `flow_run`, an enrich run cancelled in Prefect, and say so
-    in its log; the batches cancelled. Only while the output's journal is that run's: a
-    run cancelled before it journaled anything (or an older one) leaves alone the run
-    that writes the output now."""
+    in its log; the batches cancelled. Only while the output's journal is that run's
+    (`cancel_run`)."""
     log = flow_run_logger(flow_run)
     job = job_from_parameters(flow_run.parameters)
-    location = Location(job.output, job.storage_options)
-    state = RunState.load(location)
-    if state is None or state.finished or state.flow_run_id != str(flow_run.id):
+    stopped, cancelled = cancel_run(Location(job.output, job.storage_options),
+                                    str(flow_run.id))
+    if stopped is None:
         log.info("the run was cancelled; no unfinished run of it is journaled, so no batch "
                  "of it runs on")
         return []
-    _, cancelled = cancel_run(location)
     log.warning("the run was cancelled: %s; answers that finished before stay billed and "
                 "are kept, and running the job again sends the rest",
                 ", ".join(cancelled) + " cancelled" if cancelled else "no batch was running")

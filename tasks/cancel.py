@@ -16,10 +16,13 @@ from tasks.submit import awaited_batches
 from tasks.wait import TERMINAL
 
 
-def cancel_run(location: Location) -> tuple[RunState | None, list[str]]:
-    """(the run asked to stop, or None if there is none; the batches cancelled)."""
+def cancel_run(location: Location, flow_run_id: str | None = None
+               ) -> tuple[RunState | None, list[str]]:
+    """(the run asked to stop, or None if there is none; the batches cancelled). With
+    `flow_run_id`, only if the unfinished run is that Prefect flow run's: a cancel of a
+    run that never journaled (or of an older one) leaves alone the run writing now."""
     state = RunState.load(location)
-    if state is None or state.finished:
+    if state is None or state.finished or flow_run_id not in (None, state.flow_run_id):
         return None, []
     state.request_cancel()
     cancelled = []
