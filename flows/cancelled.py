@@ -12,12 +12,11 @@ cancel from the UI or the API holds in every state.
 from __future__ import annotations
 
 import sys
-from uuid import UUID
 
 from prefect import flow
-from prefect.client.orchestration import get_client
 
 from flows.enrich import cancel_batches_of
+from tasks.events import flow_run_of
 
 
 @flow(name="cancel-batches", log_prints=True)
@@ -27,9 +26,7 @@ def cancel_batches(flow_run: str) -> list[str]:
     Args:
         flow_run: The cancelled run's id, or its event resource id (prefect.flow-run.ID).
     """
-    with get_client(sync_client=True) as prefect_api:
-        cancelled = prefect_api.read_flow_run(UUID(flow_run.removeprefix("prefect.flow-run.")))
-    return cancel_batches_of(cancelled)
+    return cancel_batches_of(flow_run_of(flow_run))
 
 
 if __name__ == "__main__":

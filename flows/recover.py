@@ -14,12 +14,12 @@ is left to a person.
 from __future__ import annotations
 
 import sys
-from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.logging.loggers import flow_run_logger
+
+from tasks.events import flow_run_of
 
 MAX_RERUNS = 3
 RERUN_OF = "enrichflow-rerun-of:"  # tag of a rerun: the first run that crashed
@@ -35,8 +35,7 @@ def rerun_crashed(flow_run: str) -> str | None:
         flow_run: The crashed run's id, or its event resource id (prefect.flow-run.ID).
     """
     log = get_run_logger()
-    with get_client(sync_client=True) as prefect_api:
-        crashed = prefect_api.read_flow_run(UUID(flow_run.removeprefix("prefect.flow-run.")))
+    crashed = flow_run_of(flow_run)
     told = flow_run_logger(crashed)
     if crashed.deployment_id is None:
         log.info("%s was not started from a deployment; run its job again by hand",

@@ -11,12 +11,18 @@ them to the flow run, its flow and deployment too; the UI's Event Feed shows the
 - `enrichflow.cost-cap.reached`: the estimate passes `max_cost_usd`, nothing is sent
   (the message);
 - `enrichflow.run.finished`: the output is written (run, rows by status, cost, cancelled).
+
+The deployments that Prefect's own events trigger (cancel-batches, rerun-crashed) read the
+flow run an event is about with `flow_run_of`.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
 
 
@@ -28,3 +34,10 @@ def emit(event: str, job_name: str, output: str, **payload: Any) -> None:
                related=[{"prefect.resource.id": f"enrichflow.job.{job_name}",
                          "prefect.resource.role": "job", "prefect.resource.name": job_name}],
                payload=payload)
+
+
+def flow_run_of(reference: str) -> FlowRun:
+    """The flow run that a trigger's event is about: `reference` is its id, or its event
+    resource id (`prefect.flow-run.ID`, what `{{ event.resource.id }}` renders)."""
+    with get_client(sync_client=True) as prefect_api:
+        return prefect_api.read_flow_run(UUID(reference.removeprefix("prefect.flow-run.")))
