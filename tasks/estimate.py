@@ -178,20 +178,22 @@ def request_tokens(requests: pa.Table, request: RequestConfig,
             raise
         key = requests[KEY][_first_too_long(requests)].as_py()
         raise InputError(
-            f"{dataset_name}: row {key!r}: its prompt holds a text of 1,000,000 characters or "
-            f"more (from {', '.join(request.text_columns())}), more than the tokenizer "
-            "counts and than any model reads in one request; shorten that cell, or leave "
-            "the row out of the dataset") from exc
+            f"{dataset_name}: row {key!r}: its prompt holds a text of "
+            f"{TOKENIZER_MAX_CHARS:,} characters or more (from "
+            f"{', '.join(request.text_columns())}), more than the tokenizer counts and than "
+            "any model reads in one request; shorten that cell, or leave the row out of the "
+            "dataset") from exc
 
 
-TOO_LONG_TO_COUNT = "Input too long to encode safely"  # bpe-openai, past 999,999 characters
+TOO_LONG_TO_COUNT = "Input too long to encode safely"  # bpe-openai's refusal of a text...
+TOKENIZER_MAX_CHARS = 1_000_000  # ...of this many characters or more
 
 
 def _first_too_long(requests: pa.Table) -> int:
     """The position of the first request with a text too long to count."""
     if USER_TEXT in requests.column_names:
-        return pc.index(pc.greater_equal(pc.utf8_length(requests[USER_TEXT]), 1_000_000),
-                        True).as_py()
+        return pc.index(pc.greater_equal(pc.utf8_length(requests[USER_TEXT]),
+                                         TOKENIZER_MAX_CHARS), True).as_py()
     return next(index for index, line in enumerate(requests[LINE].to_pylist())
                 if not _countable(json.loads(line)["body"]))
 
