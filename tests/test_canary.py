@@ -97,13 +97,20 @@ def run_to_its_canary_batch(server, tmp_path, prefect_api) -> tuple[Path, subpro
     return path, run
 
 
+def killed_at_its_canary_batch(server, tmp_path, prefect_api) -> Path:
+    """The job of `run_to_its_canary_batch`, SIGKILLed once its canary batch is created;
+    its job file."""
+    path, run = run_to_its_canary_batch(server, tmp_path, prefect_api)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    return path
+
+
 def test_a_run_killed_while_its_canary_batch_waits_does_not_pay_for_another(
         prefect_api, start_localbatch, tmp_path, capsys):
     server = start_localbatch(Simulation(validating_seconds=5))
     client = sdk_client(server.base_url)
-    path, run = run_to_its_canary_batch(server, tmp_path, prefect_api)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
+    path = killed_at_its_canary_batch(server, tmp_path, prefect_api)
     (canary,) = client.batches.list().data
     assert canary.status == "validating"
     assert main(["status", str(tmp_path / "out")]) == 0
@@ -173,9 +180,7 @@ def test_a_canary_batch_whose_answers_are_gone_is_replaced_not_a_dead_end(
     between, its runs found the batch and failed on the download (HTTP 404) for good."""
     server = start_localbatch(Simulation(validating_seconds=2))
     client = sdk_client(server.base_url)
-    path, run = run_to_its_canary_batch(server, tmp_path, prefect_api)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
+    path = killed_at_its_canary_batch(server, tmp_path, prefect_api)
     (gone,) = client.batches.list().data
     gone = wait_until(client, gone.id)
     client.files.delete(gone.output_file_id)
