@@ -1,5 +1,9 @@
 """HTTP routes of the local server: parse OpenAI-shaped requests, render OpenAI-shaped answers.
 
+Azure OpenAI's v1 API is the same routes under `/openai/v1/`, with its `api-key` header;
+a batch created there keeps Azure's rules (`Lifecycle.create`). Anthropic's face has
+routes of its own (`localbatch.anthropic`).
+
 The state lives in `Store` and moves in `Lifecycle`; this module only translates, checks
 the bearer token, stamps `x-request-id` and injects the configured HTTP faults.
 """
@@ -19,12 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from localbatch.anthropic import MESSAGES_PATH
+from localbatch.anthropic import add_routes as add_anthropic_routes
 from localbatch.engines import BATCH_ENDPOINTS
 from localbatch.errors import APIError, not_found
-from localbatch.lifecycle import Lifecycle
-from localbatch.simulation import Dice
+from localbatch.lifecycle import ID_PREFIXES, Lifecycle
+from localbatch.simulation import AZURE_V1_PATH, Dice
 from localbatch.store import BATCH_FILE_TTL, new_id
 
+DIALECT = "localbatch.dialect"  # in a request's scope: the face it came in by
+KEY_HEADERS = {"azure": "api-key", "anthropic": "x-api-key"}  # besides a bearer token
 UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data"})
 MAX_FILE_BYTES = 512 * 1024 * 1024  # OpenAI's limit for a file of any purpose
 FORM_SLACK = 1024 * 1024  # what the multipart form adds around the file
@@ -59,6 +67,11 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
     @app.middleware("http")
     async def envelope(request: Request, call_next):
         request_id = new_id("req_", 16)
+        if request.url.path.startswith(AZURE_V1_PATH):  # Azure's face: the same routes
+            request.scope["path"] = "/v1/" + request.url.path.removeprefix(AZURE_V1_PATH)
+            request.scope[DIALECT] = "azure"
+        elif request.url.path.startswith(MESSAGES_PATH):
+            request.scope[DIALECT] = "anthropic"
         response = _auth_failure(request, api_key) or _injected_fault(request)
         if response is None:
             response = await call_next(request)
@@ -82,8 +95,9 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
         return None
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(request.scope.get(DIALECT, "openai")),
+                            status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError):
@@ -174,16 +188,17 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
     # batches --------------------------------------------------------------------------
 
     @app.post("/v1/batches")
-    def create_batch(params: CreateBatch):
+    def create_batch(params: CreateBatch, request: Request):
         expires = params.output_expires_after
         return lifecycle.create(params.input_file_id, params.endpoint, params.completion_window,
-                                params.metadata, expires.seconds if expires else None)
+                                params.metadata, expires.seconds if expires else None,
+                                request.scope.get(DIALECT, "openai"))
 
     @app.get("/v1/batches")
     def list_batches(after: str | None = None, limit: int = Query(20, ge=1, le=100)):
         if after and store.get_batch(after) is None:  # never restart at the first page
             raise not_found("batch", after)
-        items, has_more = store.list_batches(after, limit)
+        items, has_more = store.list_batches(after, limit, ID_PREFIXES["openai"])
         return _page(items, has_more)
 
     @app.get("/v1/batches/{batch_id}")
@@ -194,6 +209,8 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
     def cancel_batch(batch_id: str):
         return lifecycle.cancel(batch_id)
 
+    add_anthropic_routes(app, lifecycle)
+
     # models ---------------------------------------------------------------------------
 
     @app.get("/v1/models")
@@ -202,7 +219,7 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models/{model}")
     def get_model(model: str):
-        if model not in lifecycle.engine.models():
+        if not lifecycle.engine.knows(model):
             raise APIError(404, f"The model '{model}' does not exist.", code="model_not_found",
                            param="model")
         return _model(model)
@@ -251,10 +268,16 @@ async def _peek_purpose(request: Request) -> tuple[Request, str | None]:
 
 
 def _auth_failure(request: Request, api_key: str | None) -> JSONResponse | None:
+    """401 unless the key is the bearer token or the face's own key header."""
     if api_key is None or request.headers.get("authorization") == f"Bearer {api_key}":
         return None
-    error = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-    return JSONResponse(error.body(), status_code=401)
+    dialect = request.scope.get(DIALECT, "openai")
+    if request.headers.get(KEY_HEADERS.get(dialect, "")) == api_key:
+        return None
+    error = APIError(401, "Incorrect API key provided.", code="invalid_api_key",
+                     type_="authentication_error" if dialect == "anthropic"
+                     else "invalid_request_error")
+    return JSONResponse(error.body(dialect), status_code=401)
 
 
 def _expires_after(anchor: Any, seconds: Any) -> int | None:

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import httpx
 
 from localbatch.tokens import (
+    embedding_inputs,
     image_parts,
     message_text,
     prompt_tokens,
@@ -45,12 +46,18 @@ MODERATION_CATEGORIES = {  # category: the input types it applies to
     "sexual": ["text"], "sexual/minors": ["text"], "violence": ["text"],
     "violence/graphic": ["text"],
 }
-# The length of OpenAI's embedding models' vectors when a request gives no `dimensions`.
+# The length of OpenAI's embedding models' vectors when a request gives no `dimensions`,
+# and the most it may ask for.
 EMBEDDING_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072,
                         "text-embedding-ada-002": 1536}
 MOCK_MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o4-mini",
-               "gpt-5", "gpt-5-mini", "gpt-5-nano", "text-embedding-3-small",
-               "text-embedding-3-large"]
+               "o3", "gpt-5", "gpt-5-mini", "gpt-5-nano", "gpt-3.5-turbo-instruct",
+               "text-embedding-3-small", "text-embedding-3-large", "text-embedding-ada-002",
+               "omni-moderation-latest", "text-moderation-latest",
+               # Anthropic's, answered on its face (`localbatch.anthropic`)
+               "claude-haiku-4-5", "claude-sonnet-4-6", "claude-opus-4-8", "claude-sonnet-5",
+               "claude-opus-5"]
+SNAPSHOT_DATE = re.compile(r"-\d{4}-\d{2}-\d{2}$")  # gpt-4o-2024-08-06 is a gpt-4o
 
 Result = tuple[int, dict[str, Any]]
 _WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
@@ -72,6 +79,10 @@ class Engine(Protocol):
         """The models it answers for (`GET /v1/models`)."""
         ...
 
+    def knows(self, model: str) -> bool:
+        """Whether it answers for `model` (`GET /v1/models/{model}`)."""
+        ...
+
 
 class MockEngine:
     """Deterministic answers derived from the request, marked as mock in `system_fingerprint`.
@@ -88,12 +99,20 @@ class MockEngine:
 
     name = "mock"
 
+    def __init__(self, models: list[str] | None = None):
+        self._models = MOCK_MODELS + [m for m in models or [] if m not in MOCK_MODELS]
+
     def run(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Result]:
         return [self.answer(url, body) for url, body in requests]
 
     def models(self) -> list[str]:
-        """The OpenAI models whose requests it imitates (it answers any model name)."""
-        return MOCK_MODELS
+        """The OpenAI models whose requests it imitates, and the simulation's `models`."""
+        return self._models
+
+    def knows(self, model: str) -> bool:
+        """As OpenAI: a model it has, or a dated snapshot of one; any other name is a
+        404 `model_not_found` (a typo in a job file is refused, not answered)."""
+        return model in self._models or SNAPSHOT_DATE.sub("", model) in self._models
 
     def answer(self, url: str, body: dict[str, Any]) -> Result:
         """The answer to one request; a malformed body is a 400 of that request alone,
@@ -102,6 +121,9 @@ class MockEngine:
             body = {"model": "omni-moderation-latest", **body}
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return 400, error_body("you must provide a model parameter", param="model")
+        if not self.knows(body["model"]):
+            return 404, error_body(f"The model `{body['model']}` does not exist or you do not "
+                                   "have access to it.", code="model_not_found")
         problem = _check_types(body)
         if problem:
             return 400, problem
@@ -241,10 +263,8 @@ class MockEngine:
                      "results": results}
 
     def _embeddings(self, body: dict[str, Any]) -> Result:
-        inputs = body.get("input")
-        if isinstance(inputs, str):
-            inputs = [inputs]
-        if not isinstance(inputs, list) or not inputs:
+        inputs = embedding_inputs(body.get("input"))
+        if not inputs:
             return 400, error_body("'input' must be a string or a non-empty array", param="input")
         dims = body.get("dimensions") or EMBEDDING_DIMENSIONS.get(body["model"], 1536)
         as_base64 = body.get("encoding_format") == "base64"
@@ -266,6 +286,7 @@ _TYPED = {"max_tokens": int, "max_completion_tokens": int, "n": int, "seed": int
           "dimensions": int, "response_format": dict, "messages": list,
           "temperature": (int, float), "top_p": (int, float)}
 MAX_DIMENSIONS = 3072  # text-embedding-3-large, the widest OpenAI embedding
+FIXED_DIMENSIONS = {"text-embedding-ada-002"}  # refuses `dimensions`
 
 
 def _check_types(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -279,9 +300,36 @@ def _check_types(body: dict[str, Any]) -> dict[str, Any] | None:
                               f"{type(value).__name__} instead.", param=name,
                               code="invalid_type")
     dimensions = body.get("dimensions")
-    if dimensions is not None and not 1 <= dimensions <= MAX_DIMENSIONS:
-        return error_body(f"Invalid 'dimensions': {dimensions}; it must be from 1 to "
-                          f"{MAX_DIMENSIONS}.", param="dimensions", code="invalid_value")
+    if dimensions is not None:
+        model = SNAPSHOT_DATE.sub("", str(body.get("model")))
+        if model in FIXED_DIMENSIONS:
+            return error_body("This model does not support specifying dimensions.",
+                              param="dimensions", code="invalid_value")
+        most = EMBEDDING_DIMENSIONS.get(model, MAX_DIMENSIONS)
+        if not 1 <= dimensions <= most:
+            return error_body(f"Invalid 'dimensions': {dimensions}; it must be from 1 to "
+                              f"{most}.", param="dimensions", code="invalid_value")
+    return _check_parts(body)
+
+
+def _check_parts(body: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's 400 for a text part whose text is not a string (`"text": null`)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        items = body.get("input")
+        messages = items if isinstance(items, list) else []
+        name = "input"
+    else:
+        name = "messages"
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if isinstance(part, dict) and part.get("type") in ("text", "input_text") and \
+                    not isinstance(part.get("text"), str):
+                got = "null" if part.get("text") is None else type(part["text"]).__name__
+                where = f"{name}[{i}].content[{j}].text"
+                return error_body(f"Invalid type for '{where}': expected a string, but got "
+                                  f"{got} instead.", param=where, code="invalid_type")
     return None
 
 
@@ -469,6 +517,11 @@ class ForwardEngine:
             return [m["id"] for m in response.raise_for_status().json()["data"]]
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return []
+
+    def knows(self, model: str) -> bool:
+        """What the upstream lists; any model when it lists none (it answers for itself)."""
+        models = self.models()
+        return not models or model in models
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,4 +1,5 @@
-"""The one error type of the local server; the HTTP layer renders it in OpenAI's envelope."""
+"""The one error type of the local server; the HTTP layer renders it in the envelope of
+the face it is answered on (OpenAI's, or Anthropic's)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ class APIError(Exception):
         self.param = param
         self.code = code
 
-    def body(self) -> dict:
+    def body(self, dialect: str = "openai") -> dict:
+        """The error in the envelope of the face it is answered on."""
+        if dialect == "anthropic":
+            return {"type": "error", "error": {"type": self.type, "message": self.message}}
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 

@@ -22,6 +22,9 @@ from localbatch.simulation import Dice, Simulation
 from localbatch.store import BATCH_FILE_TTL, Store, new_id, now
 from localbatch.tokens import prompt_tokens
 
+ANTHROPIC_MAX_REQUESTS = 100_000  # Message Batches' limit a batch
+# a batch's id says the face it belongs to; each face lists its own
+ID_PREFIXES = {"openai": "batch_", "azure": "batch_", "anthropic": "msgbatch_"}
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 MAX_REPORTED_ERRORS = 100
@@ -41,8 +44,13 @@ class Lifecycle:
     # requests from clients ----------------------------------------------------------
 
     def create(self, input_file_id: str, endpoint: str, completion_window: str,
-               metadata: dict[str, str] | None, output_ttl: int | None) -> dict:
-        """A new batch; `output_ttl`: seconds its output and error files live, if set."""
+               metadata: dict[str, str] | None, output_ttl: int | None,
+               dialect: str = "openai") -> dict:
+        """A new batch; `output_ttl`: seconds its output and error files live, if set.
+        The face it is created through (`dialect`) sets its rules: Azure's takes up to
+        Azure's requests a file and is never expired (Azure lets a job run past its
+        24-hour target); Anthropic's takes its 100,000 requests, counted from the start,
+        and requests of any model."""
         if completion_window != "24h":
             raise APIError(400, "completion_window must be '24h'.", param="completion_window")
         if endpoint not in BATCH_ENDPOINTS:
@@ -58,7 +66,7 @@ class Lifecycle:
                            param="input_file_id")
         created = now()
         batch = {
-            "id": new_id("batch_", 16), "object": "batch", "endpoint": endpoint,
+            "id": new_id(ID_PREFIXES[dialect], 16), "object": "batch", "endpoint": endpoint,
             "model": None, "errors": None, "input_file_id": input_file_id,
             "completion_window": "24h", "status": "validating",
             "output_file_id": None, "error_file_id": None, "created_at": created,
@@ -66,11 +74,17 @@ class Lifecycle:
             "expires_at": created + int(self.sim.completion_window_seconds),
             "finalizing_at": None, "completed_at": None, "failed_at": None,
             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            # Anthropic counts a batch's requests from its start; OpenAI once validated
+            "request_counts": {"total": len(InputLines(self.store.file_path(input_file_id)))
+                               if dialect == "anthropic" else 0, "completed": 0, "failed": 0},
             "usage": _zero_usage(), "metadata": metadata,
         }
-        work = {"phase_started": time.time(), "deadline": time.time()
-                + self.sim.completion_window_seconds, "next_line": 0, "out_bytes": 0,
+        work = {"phase_started": time.time(), "deadline": None if dialect == "azure" else
+                time.time() + self.sim.completion_window_seconds,
+                "max_requests": {"azure": self.sim.azure_max_requests_per_batch,
+                                 "anthropic": ANTHROPIC_MAX_REQUESTS}.get(
+                    dialect, self.sim.max_requests_per_batch), "dialect": dialect,
+                "next_line": 0, "out_bytes": 0,
                 "err_bytes": 0, "enqueued_tokens": 0, "expire_after": None, "credit": 0.0,
                 "last_tick": time.time(), "output_ttl": output_ttl}
         self.store.add_batch(batch, work)
@@ -121,12 +135,12 @@ class Lifecycle:
         elapsed = time.time() - work["phase_started"]
         status = batch["status"]
         if status == "validating":
-            if time.time() >= work["deadline"]:
+            if _past_deadline(work):
                 self._finish(batch, work, "expired", EXPIRED_MESSAGE, "batch_expired")
             elif elapsed >= self.sim.validating_seconds:
                 self._validate(batch, work)
         elif status == "in_progress":
-            expired = time.time() >= work["deadline"] or (
+            expired = _past_deadline(work) or (
                 work["expire_after"] is not None and work["next_line"] >= work["expire_after"])
             if expired:
                 self._finish(batch, work, "expired", EXPIRED_MESSAGE, "batch_expired")
@@ -141,7 +155,9 @@ class Lifecycle:
 
     def _validate(self, batch: dict, work: dict) -> None:
         lines = InputLines(self.store.file_path(batch["input_file_id"]))
-        errors, model, tokens = self._check_lines(lines, batch["endpoint"])
+        errors, model, tokens = self._check_lines(
+            lines, batch["endpoint"], work.get("max_requests", self.sim.max_requests_per_batch),
+            one_model=work.get("dialect") != "anthropic")
         if not errors:
             limit = self.sim.token_limit(model)
             enqueued = self._enqueued_tokens(model)
@@ -166,15 +182,18 @@ class Lifecycle:
                      request_counts={"total": len(lines), "completed": 0, "failed": 0})
         self.store.save_batch(batch, work)
 
-    def _check_lines(self, lines: InputLines, endpoint: str) -> tuple[list[dict], str, int]:
-        """Validation errors of an input file as OpenAI reports them, its model, its tokens."""
+    def _check_lines(self, lines: InputLines, endpoint: str, max_requests: int,
+                     one_model: bool = True) -> tuple[list[dict], str, int]:
+        """Validation errors of an input file as OpenAI reports them, its model, its tokens.
+        Without `one_model` (Anthropic's batches), requests may name different models or
+        none: a request's own error, when it is answered."""
         if not lines:
             return [_batch_error("empty_file", "The batch input file is empty.")], "", 0
-        if len(lines) > self.sim.max_requests_per_batch:
+        if len(lines) > max_requests:
             return [_batch_error(
                 "too_many_tasks",
                 f"The batch input file has {len(lines):,} requests; the limit is "
-                f"{self.sim.max_requests_per_batch:,}.")], "", 0
+                f"{max_requests:,}.")], "", 0
         errors: list[dict] = []
         seen: set[str] = set()
         models: set[str] = set()
@@ -214,6 +233,10 @@ class Lifecycle:
                     line=number, param="url"))
             body = request["body"] if isinstance(request["body"], dict) else {}
             model = body.get("model")
+            if not one_model:
+                models.add(model if isinstance(model, str) else "")
+                tokens += prompt_tokens(endpoint, body)
+                continue
             if not isinstance(model, str):
                 errors.append(_batch_error("missing_required_parameter",
                                            "Missing required parameter: 'body.model'.",
@@ -410,6 +433,11 @@ def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
     reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
     total["input_tokens_details"]["cached_tokens"] += cached
     total["output_tokens_details"]["reasoning_tokens"] += reasoning
+
+
+def _past_deadline(work: dict) -> bool:
+    """Past its completion window (a batch with none, Azure's, never is)."""
+    return work["deadline"] is not None and time.time() >= work["deadline"]
 
 
 def _check_metadata(metadata: dict[str, str] | None) -> None:

@@ -18,7 +18,7 @@ import uvicorn
 from localbatch.app import create_app
 from localbatch.engines import Engine, ForwardEngine, MockEngine
 from localbatch.lifecycle import Lifecycle
-from localbatch.simulation import Simulation
+from localbatch.simulation import AZURE_V1_PATH, Simulation
 from localbatch.store import Store
 
 DEFAULT_PORT = 8642
@@ -44,7 +44,8 @@ class LocalBatchServer:
     ):
         self.simulation = simulation or Simulation()
         self.store = Store(data_dir)
-        self.engine = _make_engine(engine, upstream_url, upstream_api_key, concurrency)
+        self.engine = _make_engine(engine, upstream_url, upstream_api_key, concurrency,
+                                   self.simulation.models)
         self.lifecycle = Lifecycle(self.store, self.engine, self.simulation)
         self.app = create_app(self.lifecycle, api_key)
         self._socket = socket.create_server((host, port))
@@ -61,6 +62,11 @@ class LocalBatchServer:
     def base_url(self) -> str:
         """What an OpenAI client takes as `base_url`."""
         return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def azure_base_url(self) -> str:
+        """Its Azure OpenAI face, as a job's `provider.base_url` for `kind: azure`."""
+        return f"http://{self.host}:{self.port}{AZURE_V1_PATH}"
 
     def start(self) -> LocalBatchServer:
         """Serve from background threads; returns once the server answers."""
@@ -111,9 +117,9 @@ class LocalBatchServer:
 
 
 def _make_engine(name: str, upstream_url: str | None, upstream_api_key: str | None,
-                 concurrency: int) -> Engine:
+                 concurrency: int, models: list[str]) -> Engine:
     if name == "mock":
-        return MockEngine()
+        return MockEngine(models)
     if name == "forward":
         if not upstream_url:
             raise ValueError("the forward engine needs an upstream URL (--upstream-url)")

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_BATCH_FILE_BYTES = 200 * 1024 * 1024
 MAX_REQUESTS_PER_BATCH = 50_000
+AZURE_MAX_REQUESTS_PER_BATCH = 100_000  # Azure OpenAI's limit a file
+AZURE_V1_PATH = "/openai/v1/"  # Azure OpenAI's v1 API: OpenAI's routes under it
 
 
 class HttpFault(BaseModel):
@@ -40,6 +42,9 @@ class Simulation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    models: list[str] = Field(
+        default_factory=list, description="Models the mock engine answers for besides "
+                                          "OpenAI's own; any other is a 404 model_not_found.")
     requests_per_second: float | None = Field(
         default=None, gt=0, description="Requests per second per batch; unset: no limit."
     )
@@ -68,6 +73,7 @@ class Simulation(BaseModel):
     )
     default_enqueued_token_limit: int | None = Field(default=None, gt=0)
     max_requests_per_batch: int = Field(default=MAX_REQUESTS_PER_BATCH, gt=0)
+    azure_max_requests_per_batch: int = Field(default=AZURE_MAX_REQUESTS_PER_BATCH, gt=0)
     max_file_bytes: int = Field(default=MAX_BATCH_FILE_BYTES, gt=0)
     chunk_size: int = Field(
         default=2000, gt=0, description="Requests run between two saves of a batch's progress."

@@ -195,8 +195,14 @@ class Store:
             ).fetchall()
         return [r[0] for r in rows]
 
-    def list_batches(self, after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        return self._page("batches", None, None, after, limit, "desc")
+    def list_batches(self, after: str | None, limit: int, id_prefix: str
+                     ) -> tuple[list[dict[str, Any]], bool]:
+        """A page of one face's batches (their ids start with `id_prefix`), newest first."""
+        return self._page("batches", None, None, after, limit, "desc", id_prefix)
+
+    def delete_batch(self, batch_id: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
 
     # counters -------------------------------------------------------------------------
 
@@ -222,12 +228,16 @@ class Store:
         after: str | None,
         limit: int,
         order: str,
+        id_prefix: str | None = None,
     ) -> tuple[list[dict[str, Any]], bool]:
         """One page of a cursor-paginated list, as OpenAI's `after`/`limit` lists work."""
         descending = order == "desc"
         clauses, params = [], []
         if table == "files":
             clauses.append("deleted = 0")
+        if id_prefix:
+            clauses.append("substr(id, 1, ?) = ?")
+            params += [len(id_prefix), id_prefix]
         if filter_column and filter_value:
             clauses.append(f"{filter_column} = ?")
             params.append(filter_value)

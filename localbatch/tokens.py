@@ -26,11 +26,22 @@ def message_text(content: Any) -> str:
         return content
     if isinstance(content, list):
         return " ".join(
-            part.get("text", "")
-            for part in content
+            part["text"] for part in content
             if isinstance(part, dict) and part.get("type") in ("text", "input_text")
+            and isinstance(part.get("text"), str)  # a wrong one is its request's 400
         )
     return ""
+
+
+def embedding_inputs(value: Any) -> list[Any]:
+    """The inputs of an embeddings request, as OpenAI reads its four forms: a string,
+    an array of strings, an array of token ids (one input), an array of such arrays."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(
+            isinstance(item, int) and not isinstance(item, bool) for item in value):
+        return [value]
+    return value if isinstance(value, list) else []
 
 
 def responses_input_text(body: dict[str, Any]) -> str:
@@ -54,9 +65,9 @@ def prompt_tokens(url: str, body: dict[str, Any]) -> int:
         return text_tokens(str(body.get("instructions") or "")) + \
             text_tokens(responses_input_text(body)) + TOKENS_PER_REPLY
     if url.endswith("/embeddings"):
-        inputs = body.get("input")
-        items = inputs if isinstance(inputs, list) else [inputs]
-        return sum(text_tokens(i) if isinstance(i, str) else len(i or []) for i in items)
+        return sum(text_tokens(item) if isinstance(item, str) else
+                   len(item) if isinstance(item, list) else 0
+                   for item in embedding_inputs(body.get("input")))
     messages = body.get("messages")
     if not isinstance(messages, list):
         return text_tokens(str(body.get("prompt") or body.get("input") or ""))

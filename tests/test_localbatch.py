@@ -47,8 +47,8 @@ def upload(client, lines: list[str], name: str = "input.jsonl"):
 
 def submit(client, lines: list[str], **kwargs):
     file = upload(client, lines)
-    return client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions",
-                                 completion_window="24h", **kwargs)
+    return client.batches.create(input_file_id=file.id, completion_window="24h",
+                                 **{"endpoint": "/v1/chat/completions", **kwargs})
 
 
 # files ----------------------------------------------------------------------------------
@@ -326,6 +326,26 @@ def test_models_are_listed(start_localbatch):
         client.models.retrieve("no-such-model")
 
 
+def test_an_unknown_model_is_a_404_of_its_request_as_at_openai(start_localbatch):
+    """A typo in a model name is refused per request (model_not_found), not answered;
+    a dated snapshot of a known model and the simulation's own models are answered."""
+    client = sdk_client(start_localbatch(Simulation(models=["my-fine-tune"])).base_url)
+    lines = [chat_line("typo", "hi", model="gpt-4o-mnii")]
+    upload = client.files.create(file=("in.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch = wait_until(client, client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h").id)
+    assert batch.status == "completed" and batch.request_counts.failed == 1
+    (error,) = read_jsonl(client, batch.error_file_id)
+    assert error["custom_id"] == "typo" and error["response"]["status_code"] == 404
+    assert error["response"]["body"]["error"]["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o-mnii",
+                                       messages=[{"role": "user", "content": "hi"}])
+    for model in ("gpt-4o-mini-2024-07-18", "my-fine-tune"):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        assert client.models.retrieve(model).id == model
+
+
 # auth, faults, engines ------------------------------------------------------------------
 
 def test_wrong_api_key_is_401(start_localbatch):
@@ -510,6 +530,45 @@ def test_a_bad_line_fails_that_line_never_the_batch(start_localbatch, body, mess
     with pytest.raises(openai.BadRequestError, match=re.escape(message)):
         client.chat.completions.create(model="gpt-4o-mini", messages=[
             {"role": "user", "content": "hi"}], **body)
+
+
+def test_a_null_text_part_fails_its_line_never_the_batch(start_localbatch):
+    """It failed the whole batch at validation, counting its tokens."""
+    client = sdk_client(start_localbatch().base_url)
+    messages = [{"role": "user", "content": [{"type": "text", "text": None}]}]
+    batch = wait_until(client, submit(client, [chat_line("bad", "x", messages=messages),
+                                               chat_line("good", "y")]).id)
+    assert batch.status == "completed" and batch.request_counts.failed == 1
+    (failed,) = read_jsonl(client, batch.error_file_id)
+    message = ("Invalid type for 'messages[0].content[0].text': expected a string, but got "
+               "null instead.")
+    assert failed["custom_id"] == "bad" and failed["response"]["status_code"] == 400
+    assert failed["response"]["body"]["error"]["message"] == message
+    with pytest.raises(openai.BadRequestError, match=re.escape(message)):
+        client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+
+
+def test_embeddings_take_openai_s_four_input_forms_and_its_dimension_bounds(start_localbatch):
+    """Token ids are one input (they were one vector per token, and failed the batch);
+    each model's own bound on `dimensions`; ada-002 takes none."""
+    client = sdk_client(start_localbatch().base_url)
+    model = "text-embedding-3-small"
+    for value, vectors, tokens in (("a b", 1, 1), (["a", "b"], 2, 2), ([1, 2, 3], 1, 3),
+                                   ([[1, 2], [3]], 2, 3)):
+        answer = client.embeddings.create(model=model, input=value, dimensions=4,
+                                          encoding_format="float")
+        assert (len(answer.data), answer.usage.prompt_tokens) == (vectors, tokens), value
+    line = json.dumps({"custom_id": "ids", "method": "POST", "url": "/v1/embeddings",
+                       "body": {"model": model, "input": [5, 6, 7], "dimensions": 4}})
+    batch = wait_until(client, submit(client, [line], endpoint="/v1/embeddings").id)
+    (done,) = read_jsonl(client, batch.output_file_id)
+    assert batch.status == "completed" and len(done["response"]["body"]["data"]) == 1
+    floats = {"input": "x", "encoding_format": "float"}
+    assert client.embeddings.create(model="text-embedding-3-large", dimensions=3072, **floats)
+    with pytest.raises(openai.BadRequestError, match="it must be from 1 to 1536"):
+        client.embeddings.create(model=model, dimensions=2048, **floats)
+    with pytest.raises(openai.BadRequestError, match="does not support specifying dimensions"):
+        client.embeddings.create(model="text-embedding-ada-002", dimensions=8, **floats)
 
 
 def test_a_recursive_schema_with_a_way_out_gets_a_finite_answer_that_fits(start_localbatch):
