@@ -22,8 +22,9 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# always the local server: an OPENAI_API_KEY in the shell must not make the demo bill
 demo: install
-	$(BIN)/enrichflow run configs/movies.yaml
+	$(BIN)/enrichflow run configs/movies.yaml --provider local
 
 test: install
 	$(BIN)/ruff check .
@@ -38,6 +39,8 @@ bench: install
 	$(BIN)/python bench/collect_throughput.py
 	$(BIN)/python bench/e2e_scale.py
 	$(BIN)/python bench/runner_scale.py
+	$(BIN)/python bench/python_api.py
+	$(BIN)/python bench/startup.py
 
 # the automations of automations.yaml, on the Prefect server PREFECT_API_URL points at
 automations: install

@@ -23,12 +23,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from enrichflow.config import load_job
+from enrichflow.tasks.collect import read_result_lines, results_of_lines
+from enrichflow.tasks.load import KEY, ROW
+from enrichflow.tasks.merge import merge_part
+from enrichflow.tasks.render import custom_ids
+from enrichflow.tasks.state import ATTEMPT
 from localbatch.engines import MockEngine
-from tasks.collect import read_result_lines, results_of_lines
-from tasks.load import KEY, ROW
-from tasks.merge import merge_part
-from tasks.render import custom_ids
-from tasks.state import ATTEMPT
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "data"))
 from make_movies import movies  # noqa: E402

@@ -22,10 +22,10 @@ import pandas as pd
 import pyarrow as pa
 
 from enrichflow.config import load_job
-from tasks.estimate import request_tokens
-from tasks.load import KEY, ROW
-from tasks.plan import jsonl
-from tasks.render import render_requests
+from enrichflow.tasks.estimate import request_tokens
+from enrichflow.tasks.load import KEY, ROW
+from enrichflow.tasks.plan import jsonl
+from enrichflow.tasks.render import render_requests
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "data"))
 from make_movies import movies  # noqa: E402

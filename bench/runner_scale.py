@@ -29,15 +29,15 @@ from prefect import flow
 
 from enrichflow.config import ProviderConfig, RunnerConfig, load_job
 from enrichflow.storage import Location
+from enrichflow.tasks.cache import CACHED, DEFAULT_FILE, HASH
+from enrichflow.tasks.collect import collect_shard_task
+from enrichflow.tasks.load import ROW, RowReader
+from enrichflow.tasks.plan import jsonl
+from enrichflow.tasks.prepare import prepare_job
+from enrichflow.tasks.render import CUSTOM_ID, render_requests
+from enrichflow.tasks.runner import open_runner
+from enrichflow.tasks.state import ShardRecord
 from localbatch import LocalBatchServer
-from tasks.cache import CACHED, DEFAULT_FILE, HASH
-from tasks.collect import collect_shard_task
-from tasks.load import ROW, RowReader
-from tasks.plan import jsonl
-from tasks.prepare import prepare_job
-from tasks.render import CUSTOM_ID, render_requests
-from tasks.runner import open_runner
-from tasks.state import ShardRecord
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "data"))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Screenshots of the Prefect UI for the README, taken as a user sees it: a real Prefect
+# Screenshots of the Prefect UI for docs/prefect.md, taken as a user sees it: a real Prefect
 # server with its scheduler, the deployments of prefect.yaml, a worker, one movies run on
 # a local Batch API server, then headless Chromium on the run page, three of its artifacts,
 # the deployment's run form and its upcoming (scheduled) runs. Needs Debian's chromium

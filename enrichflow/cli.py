@@ -7,33 +7,64 @@ import os
 import signal
 import sys
 import threading
+from contextlib import closing, nullcontext
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from enrichflow.config import JobConfig
+from enrichflow.local_prefect import set_defaults, start_own_server
 
-PREFECT_DEFAULTS = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network on our machines
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # first start can be slow
-}
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from enrichflow.config import Job
+
+# exit codes: 0 done, 1 nothing there (status, cancel, preview), 2 an error (one line),
+# 3 the run was cancelled (its output written, its unanswered rows failed), 130 interrupted
+EXIT_CANCELLED = 3
 
 
 def _run(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from flows.enrich import enrich, resolve_job
-    from tasks.answers import EMBEDDING_COLUMN, answer_columns
-    from tasks.estimate import usd
-    from tasks.write import part_name
+    from enrichflow.config import resolve_job
+    from enrichflow.storage import Location
+    from enrichflow.tasks.preflight import preflight
+    from enrichflow.tasks.status import already_complete, already_complete_line
 
     job = resolve_job(args.config, args.output, args.limit, args.provider, args.base_url,
                       args.model, args.runner)
-    _stop_on_interrupt(job)
-    manifest = enrich(args.config, output=args.output, limit=args.limit,
-                      provider=args.provider, base_url=args.base_url, model=args.model,
-                      force=args.force, use_cache=not args.no_cache,
-                      wait_for_lock=args.wait_for_lock, canary_only=args.canary_only,
-                      runner=args.runner)
+    # before Prefect is imported and started: a complete job, or its errors, in seconds
+    manifest = None if args.force or args.canary_only else already_complete(job)
+    if manifest:
+        print(already_complete_line(job, Location(job.output, job.storage_options)))
+    else:
+        start_own_server()  # it starts while the pre-flight runs
+        preflight(job)
+
+    import pandas as pd
+
+    from enrichflow.provider import answered_by, cost_text
+    from enrichflow.tasks.answers import EMBEDDING_COLUMN, answer_columns
+    from enrichflow.tasks.estimate import usd
+    from enrichflow.tasks.write import part_name
+
+    if not manifest:
+        import prefect.main  # noqa: F401  (sets Prefect's logging up, its console included)
+
+        from enrichflow.flows.enrich import enrich
+        from enrichflow.local_prefect import on_a_prefect_server
+        from enrichflow.progress import ProgressBar, logs_above_the_bar
+        from enrichflow.tasks.watch import watching
+
+        if not args.verbose:
+            _quiet_tracebacks(_expected_errors())
+        _stop_on_interrupt(job)
+        bar = ProgressBar(job.name)
+        with on_a_prefect_server(), (watching(bar) if sys.stderr.isatty() else nullcontext()), \
+                closing(bar), logs_above_the_bar():
+            manifest = enrich(args.config, output=args.output, limit=args.limit,
+                              provider=args.provider, base_url=args.base_url,
+                              model=args.model, force=args.force, use_cache=not args.no_cache,
+                              wait_for_lock=args.wait_for_lock,
+                              canary_only=args.canary_only, runner=args.runner)
+            bar.finished()
     print()
     if args.canary_only:
         canary = manifest["canary"]
@@ -43,17 +74,27 @@ def _run(args: argparse.Namespace) -> int:
               "their answers are kept for the full run")
         for error in canary["errors"]:
             print(f"  {error}")
+        answers = _canary_answers(job)
+        if answers is not None:
+            with pd.option_context("display.max_colwidth", 60, "display.width", 160):
+                print(answers.to_string(index=False, na_rep=""))
+            from enrichflow.tasks.state import CANARY_RESULTS
+
+            print(f"(kept in {job.output}/{CANARY_RESULTS}, read it with "
+                  "pandas.read_parquet)")
+        print("`enrichflow estimate` now gives the job's likely cost from these answers")
         return 0
     print(f"output:   {manifest['output']}  (read it with pandas.read_parquet)")
     print("rows:     " + ", ".join(f"{n:,} {s}" for s, n in manifest["rows_by_status"].items()))
     print(f"batches:  {sum(1 for s in manifest['shards'] if s['batch_id'])}, "
           f"attempts: {manifest['attempts']}, rows reused from earlier runs: "
           f"{manifest['rows_reused']:,}")
-    cost = manifest["cost_usd"]
     print(f"tokens:   {manifest['tokens']['prompt']:,} prompt, "
           f"{manifest['tokens']['completion']:,} completion; cost: "
-          + ("unknown (no price for the model)" if cost is None else usd(cost)))
-    if manifest.get("cancelled"):  # manifests written before cancels were recorded lack it
+          f"{cost_text(manifest['cost_usd'], manifest['provider'])}")
+    print(f"answered by: {answered_by(manifest['provider'])}")
+    cancelled = manifest.get("cancelled")  # manifests from before cancels were recorded
+    if cancelled:
         print("cancelled: rows not answered are failed; run the job again to send them")
     first = pd.read_parquet(f"{manifest['output']}/{part_name(0)}",
                             storage_options=job.storage_options or None)
@@ -62,112 +103,96 @@ def _run(args: argparse.Namespace) -> int:
     with pd.option_context("display.max_colwidth", 70, "display.width", 160):
         print(first[shown].head(5).to_string(index=False, formatters={
             EMBEDDING_COLUMN: lambda v: f"[{v[0]:.4f}, {v[1]:.4f}, … {len(v):,} numbers]"}))
-    return 0
+    return EXIT_CANCELLED if cancelled else 0
 
 
-def _stop_on_interrupt(job: JobConfig) -> None:
+def _canary_answers(job: Job) -> pd.DataFrame | None:
+    """The canary's sample as the run journaled it: each row's id, answer and error."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.types as pa_types
+
+    from enrichflow.storage import Location
+    from enrichflow.tasks.state import RunState
+
+    state = RunState.load(Location(job.output, job.storage_options))
+    results = state.canary_results() if state else None
+    if results is None:
+        return None
+    table = {"row": pc.list_element(pc.split_pattern(  # a custom_id is `<tag>-<row id>`
+        results["_custom_id"], "-", max_splits=1), 1)}
+    value = results.schema.field("_value").type if "_value" in results.column_names else None
+    if value is not None and pa_types.is_struct(value):
+        table |= {field.name: results["_value"].combine_chunks().field(field.name)
+                  for field in value}
+    else:
+        table["answer"] = results["_answer"]
+    table["_error"] = results["_error"]
+    return pa.table(table).to_pandas()
+
+
+def _stop_on_interrupt(job: Job) -> None:
     """Ctrl-C ends the run within seconds, with one line on what runs on and how to go
-    on. Unwinding would not: Prefect's engine then reports the crash to its temporary
-    server, which the same Ctrl-C stopped, and retries for minutes. Ending the process
-    at once is safe: every journal write is whole or not at all, and the next run
-    re-attaches, as after a kill. A second Ctrl-C ends it at once, without the line."""
+    on, not Prefect's crash report and its tracebacks. Ending the process at once is
+    safe: every journal write is whole or not at all, and the next run re-attaches, as
+    after a kill; the Prefect server of this process ends with it. A second Ctrl-C ends
+    it at once, without the line."""
+    from enrichflow.storage import Location
+    from enrichflow.tasks.status import what_runs_on
 
     def interrupted(signum: int, frame: object) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         threading.Timer(4.0, os._exit, (130,)).start()  # if the storage does not answer
         try:  # not print(): in a flow, Prefect's log_prints makes it a log record
-            _stop_temporary_prefect_server()
-            os.write(sys.stderr.fileno(), f"\n{_what_runs_on(job)}\n".encode())
+            line = what_runs_on(Location(job.output, job.storage_options))
+            os.write(sys.stderr.fileno(), f"\n{line}\n".encode())
         finally:
             os._exit(130)
 
     signal.signal(signal.SIGINT, interrupted)
 
 
-def _stop_temporary_prefect_server() -> None:
-    """Ask Prefect's temporary server, a child process, to stop, as this process's exit
-    would have: a Ctrl-C sent to this process alone (`kill -INT`) leaves it running."""
-    server = sys.modules.get("prefect.server.api.server")
-    for instance in list(server.SubprocessASGIServer._instances.values()) if server else []:
-        if instance.server_process is not None:
-            instance.server_process.terminate()
-
-
-def _what_runs_on(job: JobConfig) -> str:
-    """What an interrupted run leaves running at the provider, and how to go on."""
-    from enrichflow.storage import Location
-    from tasks.lease import drop_own_lease
-    from tasks.state import RunState
-
-    location = Location(job.output, job.storage_options)
-    drop_own_lease(location)  # the next run, from any host, need not find it dead first
-    state = RunState.load(location)
-    if state is None or state.finished:
-        return "interrupted: nothing was sent yet"
-    resume = state.resume.get("command", "the same command")
-    running = [record.batch_id for record in state.awaited()]
-    if not running:
-        return (f"interrupted: no batch of this run was running; `{resume}` goes on where "
-                "it stopped")
-    batches = f"{len(running)} batch(es) ({', '.join(running)})"
-    if state.provider.get("local_data_dir"):
-        return (f"interrupted: {batches} wait in the embedded local server, stopped with "
-                f"this run; `{resume}` goes on with them")
-    return (f"interrupted: {batches} run on at {state.provider.get('base_url') or 'OpenAI'} "
-            f"and are billed as they finish; `{resume}` collects them without paying twice, "
-            f"`enrichflow cancel {location.uri}` stops them")
-
-
 def _estimate(args: argparse.Namespace) -> int:
-    from flows.enrich import resolve_job
-    from tasks.estimate import usd
-    from tasks.prepare import prepare_job
+    from enrichflow.config import resolve_job
+    from enrichflow.tasks.estimate import usd
+    from enrichflow.tasks.prepare import prepare_job
 
-    job = resolve_job(args.config, args.output, args.limit)
-    print(prepare_job(job, use_cache=not args.no_cache).estimate.text())
+    job = resolve_job(args.config, args.output, args.limit, model=args.model)
+    print(prepare_job(job, use_cache=not args.no_cache).estimate_left().text())
     if job.max_cost_usd is not None:
         print(f"max_cost_usd:             {usd(job.max_cost_usd)}")
     return 0
 
 
+def _preview(args: argparse.Namespace) -> int:
+    from enrichflow.config import resolve_job
+    from enrichflow.tasks.preflight import preview_lines
+
+    job = resolve_job(args.config, model=args.model)
+    lines = preview_lines(job, args.rows)
+    if not lines:
+        print(f"{job.dataset.path}: its first {args.rows} row(s) send no request "
+              "(empty, or skipped for an empty column)", file=sys.stderr)
+        return 1
+    sys.stdout.write("".join(lines))
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     from enrichflow.storage import Location
-    from tasks.state import RunState
-    from tasks.write import read_manifest
+    from enrichflow.tasks.status import run_status
 
-    location = Location(args.output)
-    manifest = read_manifest(location)
-    state = RunState.load(location)
-    if manifest is None and state is None:
+    status = run_status(Location(args.output))
+    if status is None:
         print(f"{args.output}: no enrichflow output or run state here", file=sys.stderr)
         return 1
-    if manifest and (state is None or state.finished or state.run_id == manifest["run_id"]):
-        print(f"complete: {manifest['job']} wrote {manifest['rows']:,} rows at "
-              f"{manifest['finished_at']}")
-        print("rows:     " + ", ".join(f"{n:,} {s}" for s, n in
-                                       manifest["rows_by_status"].items()))
-        print(f"tokens:   {manifest['tokens']['prompt']:,} prompt, "
-              f"{manifest['tokens']['completion']:,} completion")
-        return 0
-    print(f"running or interrupted: run {state.run_id}"
-          + (" (cancel requested)" if state.cancel_requested() else ""))
-    if state.resume:
-        where = "" if state.resume["cwd"] == os.getcwd() else f"cd {state.resume['cwd']} && "
-        print(f"resume it: {where}{state.resume['command']}")
-    if not state.shards:
-        print("  no batch journaled yet: it was preparing, or checking its canary")
-    for shard in state.shards:
-        counts = shard.request_counts or {}
-        done = counts.get("completed", 0) + counts.get("failed", 0)
-        print(f"  {shard.name}: {shard.rows:,} rows, {shard.status}, batch "
-              f"{shard.batch_id or '-'} {shard.batch_status or ''} "
-              f"{done:,}/{counts.get('total', shard.rows):,} done")
+    print(status.text())
     return 0
 
 
 def _cancel(args: argparse.Namespace) -> int:
     from enrichflow.storage import Location
-    from tasks.cancel import cancel_run
+    from enrichflow.tasks.cancel import cancel_run
 
     state, cancelled = cancel_run(Location(args.output))
     if state is None:
@@ -231,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="job YAML file, e.g. configs/movies.yaml")
     run.add_argument("--output", help="output directory URI (overrides the job's output)")
     run.add_argument("--limit", type=_positive, help="only the first N rows")
-    run.add_argument("--provider", choices=["local", "openai"],
+    run.add_argument("--provider", choices=["local", "openai", "azure"],
                      help="default: openai when OPENAI_API_KEY is set, else local")
     run.add_argument("--base-url", help="API base URL (a running `enrichflow serve`, ...)")
     run.add_argument("--model", help="the model (overrides the job's request.model)")
@@ -254,7 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--limit", type=_positive, help="only the first N rows")
     estimate.add_argument("--no-cache", action="store_true",
                           help="count every row, even those answered before")
+    estimate.add_argument("--model", help="price it for this model (overrides the job's "
+                                          "request.model)")
     estimate.set_defaults(handler=_estimate)
+
+    preview = commands.add_parser("preview", help="the first requests, as they would be "
+                                                  "uploaded; nothing is sent")
+    preview.add_argument("config", help="job YAML file")
+    preview.add_argument("-n", "--rows", type=_positive, default=3,
+                         help="how many rows (default: 3)")
+    preview.add_argument("--model", help="the model (overrides the job's request.model)")
+    preview.set_defaults(handler=_preview)
 
     status = commands.add_parser("status", help="what a job's output and run state say")
     status.add_argument("output", help="the job's output directory URI")
@@ -267,22 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for name, value in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(name, value)
+    set_defaults()
     args = build_parser().parse_args(argv)
     import openai
 
-    from enrichflow.errors import StorageError
-    from tasks.api import describe_api_error
+    from enrichflow.tasks.api import describe_api_error
 
-    # ConfigError, InputError and CostLimitError are ValueErrors; ProviderError, LeaseError,
-    # CanaryFailedError and RowsFailedError are RuntimeErrors, and so is a local server's
-    # data folder in use;
-    # an openai.APIError is an API call (Files, Batches, or the canary's) that failed after
-    # its retries
-    expected = (ValueError, StorageError, RuntimeError, openai.APIError)
-    if not args.verbose:
-        _quiet_tracebacks(expected)
+    expected = _expected_errors()
     try:
         return args.handler(args)
     except expected as exc:
@@ -293,24 +319,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """The errors said in one `error:` line. ConfigError, InputError and CostLimitError
+    are ValueErrors; ProviderError, LeaseError, CanaryFailedError and RowsFailedError are
+    RuntimeErrors, and so is a local server's data folder in use; an openai.APIError is
+    an API call (Files, Batches, or the canary's) that failed after its retries."""
+    import openai
+
+    from enrichflow.errors import StorageError
+
+    return ValueError, StorageError, RuntimeError, openai.APIError
+
+
 def _quiet_tracebacks(expected: tuple[type[BaseException], ...]) -> None:
-    """Prefect logs an expected error with its traceback, for the task and again for the
-    flow, before our one `error:` line: on the console, keep only its message. The
-    Prefect API (the UI's logs) keeps everything, and so does --verbose."""
+    """An expected error is said once, by our `error:` line: on the console, Prefect's
+    records of it (the task's and the flow's exception, with tracebacks, and the runs'
+    "Finished in state Failed(...)" that repeat its text) are left out. The Prefect API
+    (the UI's logs) keeps everything, and so does --verbose."""
     import logging
 
-    import prefect.main  # noqa: F401  (sets Prefect's logging up, console handler included)
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    class DropExpectedTraceback(logging.Filter):
+    class DropExpected(logging.Filter):
+        def __init__(self) -> None:
+            super().__init__()
+            self.said: set[str] = set()  # the expected errors met so far
+
         def filter(self, record: logging.LogRecord) -> bool:
             if record.exc_info and isinstance(record.exc_info[1], expected):
-                record.exc_info, record.exc_text = None, None
-            return True
+                self.said.add(str(record.exc_info[1]))
+                return False
+            return not any(text in record.getMessage() for text in self.said)
 
     for handler in logging.getLogger().handlers:  # Prefect puts its console handler on root
         if isinstance(handler, PrefectConsoleHandler):
-            handler.addFilter(DropExpectedTraceback())
+            handler.addFilter(DropExpected())
     # "Still processing items" at exit: Prefect's own events still going out to its API
     # after a run that failed at once, printed after the error line; not the job's
     logging.getLogger("EventsWorker").setLevel(logging.ERROR)

@@ -7,9 +7,12 @@ second, not a batch. Relative paths are relative to the directory the job runs f
 from __future__ import annotations
 
 import codecs
+import copy
+import difflib
 import hashlib
 import json
 import string
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,7 +22,7 @@ from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from enrichflow.errors import ConfigError
-from localbatch.engines import EMBEDDING_DIMENSIONS
+from localbatch.engines import EMBEDDING_DIMENSIONS, FIXED_DIMENSIONS
 from localbatch.simulation import MAX_BATCH_FILE_BYTES, MAX_REQUESTS_PER_BATCH
 
 SECRET_OPTION_WORDS = ("key", "secret", "token", "password", "credential")
@@ -71,7 +74,9 @@ class ResponseFormat(_Strict):
         try:
             Draft202012Validator.check_schema(self.schema_)
         except SchemaError as exc:
-            raise ValueError(f"the schema is not valid JSON Schema: {exc.message}") from exc
+            where = ".".join(str(part) for part in exc.path) or "its top level"
+            raise ValueError(f"the schema is not valid JSON Schema at {where}: "
+                             f"{exc.message}") from exc
         if self.schema_.get("type") != "object" or not self.schema_.get("properties"):
             raise ValueError("the schema must be an object with properties (they become "
                              "the output's columns)")
@@ -162,6 +167,13 @@ class RequestConfig(_Strict):
                 raise ValueError(f"set `dimensions`, the length of the vectors of "
                                  f"{self.model}; known models: "
                                  f"{', '.join(EMBEDDING_DIMENSIONS)}")
+            if self.dimensions is not None and self.model in FIXED_DIMENSIONS:
+                raise ValueError(f"dimensions: {self.model} does not take it (its vectors "
+                                 f"have {EMBEDDING_DIMENSIONS[self.model]:,}); leave it out")
+            most = EMBEDDING_DIMENSIONS.get(self.model)
+            if self.dimensions is not None and most and self.dimensions > most:
+                raise ValueError(f"dimensions: {self.model} gives at most {most:,}, not "
+                                 f"{self.dimensions:,}")
             return self
         given = [f for f in ("input", "dimensions") if getattr(self, f) is not None]
         if given:
@@ -242,10 +254,12 @@ class RequestConfig(_Strict):
 
 
 class ProviderConfig(_Strict):
-    kind: Literal["local", "openai"] | None = Field(
+    kind: Literal["local", "openai", "azure"] | None = Field(
         default=None, description="Default: openai when OPENAI_API_KEY is set, else local.")
     base_url: str | None = Field(
-        default=None, description="API base URL; for local, a running `enrichflow serve`.")
+        default=None, description="API base URL; for local, a running `enrichflow serve`; "
+                                  "for azure, https://RESOURCE.openai.azure.com/openai/v1/ "
+                                  "(default: from AZURE_OPENAI_ENDPOINT).")
     api_key_secret: str | None = Field(
         default=None, description="Name of a Prefect Secret block holding the API key.")
     local_data_dir: str | None = Field(
@@ -301,6 +315,15 @@ class CanaryConfig(_Strict):
     mode: Literal["sync", "batch"] = Field(
         default="sync", description="sync: the synchronous API, in seconds, at synchronous "
                                     "prices; batch: one small batch, at batch prices.")
+    again: Literal["when_changed", "always"] = Field(
+        default="when_changed", description="when_changed: a request (prompt, schema, model, "
+        "parameters) that passed a canary before, by the same answer cache, is not checked "
+        "again: its new rows go in the batches; always: every run checks its sample.")
+
+    def sample_size(self, requests: int) -> int:
+        """The first `rows` of the `requests` to send, but at most half of them, so that
+        a small job still goes through the Batch API."""
+        return min(self.rows, requests // 2)
 
 
 class RunnerConfig(_Strict):
@@ -318,7 +341,7 @@ class RunnerConfig(_Strict):
                                         "per CPU.")
 
 
-class JobConfig(_Strict):
+class Job(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$",
                       description="Job name: letters, digits, '.', '_' or '-'.")
     dataset: DatasetConfig
@@ -357,6 +380,31 @@ class JobConfig(_Strict):
                              "use the AWS environment variables, a profile or an instance role")
         return options
 
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> Job:
+        """The job of a job file (ConfigError names the file and every wrong field)."""
+        return load_job(path, **overrides)
+
+    @classmethod
+    def from_text(cls, text: str, **overrides: Any) -> Job:
+        """The job of a job file's YAML text."""
+        return parse_job(text, "the job", **overrides)
+
+    def to_yaml(self) -> str:
+        """The job as a job file: the settings that differ from the defaults."""
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude_defaults=True),
+                              sort_keys=False, allow_unicode=True)
+
+    def key(self, fingerprint: str) -> str:
+        """The job's key: its config and the fingerprint of its data's bytes. The same key
+        means the same job: its complete output is not written again."""
+        return hashlib.sha256(f"{self.config_hash()}:{fingerprint}".encode()).hexdigest()[:24]
+
+    def request_hash(self) -> str:
+        """Hash of the request (prompt, schema, model, parameters): what a canary checks."""
+        return hashlib.sha256(json.dumps(self.request.model_dump(mode="json", by_alias=True),
+                                         sort_keys=True).encode()).hexdigest()
+
     def config_hash(self) -> str:
         """Hash of what decides the answers; output and provider do not change them."""
         decisive = self.model_dump(mode="json", by_alias=True,
@@ -385,28 +433,58 @@ def template_columns(template: str) -> list[str]:
     return columns
 
 
-def load_job(path: str | Path, **overrides: Any) -> JobConfig:
+def load_job(path: str | Path, **overrides: Any) -> Job:
     """Read and validate a job file; `overrides` are dotted field names (`dataset.limit`)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no such job file") from exc
+    return parse_job(text, str(path), **overrides)
+
+
+def parse_job(text: str, source: str, **overrides: Any) -> Job:
+    """A job from its YAML text (`source` names where it is from in errors)."""
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from exc
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a job file is a YAML mapping with name, dataset, request "
-                          "and output")
+        raise ConfigError(f"{source}: a job file is a YAML mapping with name, dataset, "
+                          "request and output")
+    return validate_job(raw, f"{source}: invalid job file", **overrides)
+
+
+def resolve_job(config_path: str | None, output: str | None = None, limit: int | None = None,
+                provider: str | None = None, base_url: str | None = None,
+                model: str | None = None, runner: str | None = None,
+                job: str | None = None) -> Job:
+    """The job (its file, or `job`, its YAML text) with the run's overrides applied;
+    raises ConfigError if invalid."""
+    overrides = {"output": output, "dataset.limit": limit, "provider.kind": provider,
+                 "provider.base_url": base_url, "request.model": model, "runner.kind": runner}
+    if (config_path is None) == (job is None):
+        raise ConfigError("give the job as config_path (a job file) or as job (its YAML "
+                          "text), one of the two")
+    if job is not None:
+        return Job.from_text(job, **overrides)
+    return load_job(config_path, **overrides)
+
+
+def validate_job(raw: dict[str, Any], context: str, **overrides: Any) -> Job:
+    """A job from its mapping (a job file's, or one built in Python) and dotted
+    `overrides`; ConfigError starts with `context` and names every wrong field."""
+    raw = copy.deepcopy(raw)
     for dotted, value in overrides.items():
         if value is not None:
             set_field(raw, dotted, value)
     try:
-        return JobConfig.model_validate(raw)
+        return Job.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: invalid job file: {_describe(exc)}") from exc
+        raise ConfigError(f"{context}: {_describe(exc)}") from exc
 
 
 def set_field(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -415,6 +493,23 @@ def set_field(raw: dict[str, Any], dotted: str, value: Any) -> None:
     for key in parents:
         raw = raw.setdefault(key, {})
     raw[leaf] = value
+
+
+def _fields_at(path: list[str]) -> list[str]:
+    """The fields a job file can have at `path` (["dataset"]: the dataset's)."""
+    models: list[type[BaseModel]] = [Job]
+    for name in path:
+        models = [inner for model in models if name in model.model_fields
+                  for inner in _models_in(model.model_fields[name].annotation)]
+    return sorted({field.alias or name for model in models
+                   for name, field in model.model_fields.items()})
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The Pydantic models a field's type holds (`X | None`, `list[A | B]`, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
 
 
 def _describe(exc: ValidationError) -> str:
@@ -431,7 +526,9 @@ def _describe(exc: ValidationError) -> str:
         field = ".".join(loc) or "(top level)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
-            message = "unknown field; check the spelling against the README's reference"
+            close = difflib.get_close_matches(loc[-1], _fields_at(loc[:-1]), n=1)
+            message = (f"unknown field; did you mean {close[0]}?" if close else
+                       "unknown field; check the spelling against docs/job-file.md")
         elif error["type"] == "literal_error":
             message = f"must be one of {error['ctx']['expected']}"
         elif error["type"] == "union_tag_invalid":

@@ -1,6 +1,7 @@
 """Which Batch API a job talks to, and the one OpenAI client it uses for it.
 
-`openai` with `OPENAI_API_KEY` (or a Prefect Secret block); otherwise `local`: a running
+`openai` with `OPENAI_API_KEY` (or a Prefect Secret block); `azure`, Azure OpenAI's v1
+API, with `AZURE_OPENAI_API_KEY` (or the block); otherwise `local`: a running
 `enrichflow serve` at `base_url`, or a local server embedded in the run. The embedded
 server keeps its data with a local output (`<output>/_state/localbatch`), so a re-run of
 the same job finds the batches of the last one, and `enrichflow cancel` during a run
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from openai import OpenAI
 from enrichflow.config import ProviderConfig
 from enrichflow.errors import ConfigError
 from enrichflow.storage import Location
-from localbatch import URL_FILE, LocalBatchServer
+from localbatch.simulation import AZURE_V1_PATH
 
 LOCAL_API_KEY_ENV = "LOCALBATCH_API_KEY"
+AZURE_KEY_ENV, AZURE_ENDPOINT_ENV = "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT"
 
 
 def provider_kind(provider: ProviderConfig) -> str:
@@ -42,7 +44,33 @@ def describe(provider: ProviderConfig, output: Location) -> dict[str, Any]:
     data_dir = None
     if kind == "local" and not provider.base_url:
         data_dir = str(embedded_data_dir(provider, output))
-    return {"kind": kind, "base_url": provider.base_url, "local_data_dir": data_dir}
+    base_url = azure_base_url(provider) if kind == "azure" else provider.base_url
+    return {"kind": kind, "base_url": base_url, "local_data_dir": data_dir}
+
+
+def answered_by(described: dict[str, Any]) -> str:
+    """Who answers a run, from what `describe` recorded: said at the start of every run
+    and in its summary, so that mock answers are never taken for a model's."""
+    if described.get("local_data_dir"):
+        return ("enrichflow's embedded local server (mock answers: placeholders, and costs "
+                "are what OpenAI would charge)")
+    if described["kind"] == "local":
+        return f"the local Batch API server at {described['base_url']}"
+    if described["kind"] == "azure":
+        return f"Azure OpenAI at {described['base_url']}"
+    return f"OpenAI at {described['base_url']}" if described.get("base_url") else "OpenAI"
+
+
+def cost_text(cost_usd: float | None, described: dict[str, Any]) -> str:
+    """A run's cost as its summaries say it: a mock server's is what OpenAI would have
+    charged, and says so."""
+    from enrichflow.tasks.estimate import usd
+
+    if cost_usd is None:
+        return "unknown (no price for the model)"
+    if described.get("local_data_dir"):
+        return f"{usd(cost_usd)} (what OpenAI would charge; nothing was billed)"
+    return usd(cost_usd)
 
 
 def embedded_data_dir(provider: ProviderConfig, output: Location) -> Path:
@@ -61,11 +89,17 @@ def open_client(provider: ProviderConfig, output: Location,
     would lose it, mid-wait, when that run ends."""
     kind = provider_kind(provider)
     if kind == "openai":
-        yield OpenAI(api_key=_openai_key(provider), base_url=provider.base_url)
+        yield OpenAI(api_key=_api_key(provider, "OPENAI_API_KEY"), base_url=provider.base_url)
+    elif kind == "azure":
+        key = _api_key(provider, AZURE_KEY_ENV)
+        yield OpenAI(base_url=azure_base_url(provider), api_key=key,
+                     default_headers={"api-key": key})  # Azure's own header for a key
     elif provider.base_url:
         yield OpenAI(base_url=provider.base_url,
                      api_key=os.environ.get(LOCAL_API_KEY_ENV, "localbatch"))
     else:
+        from localbatch import URL_FILE, LocalBatchServer
+
         data_dir = embedded_data_dir(provider, output)
         try:
             server = LocalBatchServer(data_dir)
@@ -80,7 +114,29 @@ def open_client(provider: ProviderConfig, output: Location,
             yield OpenAI(base_url=server.base_url, api_key="localbatch")
 
 
-def _openai_key(provider: ProviderConfig) -> str:
+def open_journaled_client(described: dict[str, Any], output: Location
+                          ) -> AbstractContextManager[OpenAI]:
+    """The client of the run whose journal `described` its provider (`describe`), for
+    whoever acts on that run from outside it (`enrichflow cancel`, `status`): a running
+    job's embedded server is shared."""
+    return open_client(ProviderConfig(**described), output, share_running=True)
+
+
+def azure_base_url(provider: ProviderConfig) -> str:
+    """The v1 API of the job's Azure OpenAI resource: `base_url`, else the resource's
+    endpoint in AZURE_OPENAI_ENDPOINT (`https://RESOURCE.openai.azure.com`)."""
+    if provider.base_url:
+        return provider.base_url
+    endpoint = os.environ.get(AZURE_ENDPOINT_ENV)
+    if not endpoint:
+        raise ConfigError(f"provider.kind is azure but neither provider.base_url nor "
+                          f"{AZURE_ENDPOINT_ENV} is set; set one to your resource, e.g. "
+                          f"https://RESOURCE.openai.azure.com")
+    return endpoint.rstrip("/") + AZURE_V1_PATH
+
+
+def _api_key(provider: ProviderConfig, variable: str) -> str:
+    """The key of a paid provider: its Prefect Secret block, else `variable`."""
     if provider.api_key_secret:
         from prefect.blocks.system import Secret
 
@@ -89,9 +145,10 @@ def _openai_key(provider: ProviderConfig) -> str:
         except ValueError as exc:
             raise ConfigError(f"provider.api_key_secret: no Prefect Secret block named "
                               f"{provider.api_key_secret!r}; create it in the Prefect UI "
-                              "(Blocks > Secret) or set OPENAI_API_KEY") from exc
-    key = os.environ.get("OPENAI_API_KEY")
+                              f"(Blocks > Secret) or set {variable}") from exc
+    key = os.environ.get(variable)
     if not key:
-        raise ConfigError("provider.kind is openai but OPENAI_API_KEY is not set; export "
-                          "it, or name a Prefect Secret block in provider.api_key_secret")
+        raise ConfigError(f"provider.kind is {provider_kind(provider)} but {variable} is "
+                          "not set; export it, or name a Prefect Secret block in "
+                          "provider.api_key_secret")
     return key

@@ -216,10 +216,14 @@ class Location:
         except Exception as exc:  # s3fs, botocore and aiohttp raise more than OSError
             if expected is not None and isinstance(exc, expected):
                 raise
-            raise StorageError(
-                f"cannot {action} {self.uri}/{name} ({type(exc).__name__}: {exc}); check "
-                "that the bucket or folder exists, your credentials, and, for S3-compatible "
-                "storage, storage_options.endpoint_url") from exc
+            hint = ("check that the folder exists and that you may write in it"
+                    if self.is_local else
+                    "check that the bucket exists, your credentials, and, for S3-compatible "
+                    "storage, the endpoint: storage_options.endpoint_url in the job file, or "
+                    "AWS_ENDPOINT_URL in the environment (what `enrichflow status` and "
+                    "`cancel` read)")
+            raise StorageError(f"cannot {action} {self.uri}/{name} ({type(exc).__name__}: "
+                               f"{exc}); {hint}") from exc
 
 
 class _Changed(Exception):

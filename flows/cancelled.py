@@ -6,7 +6,7 @@ would run on at the provider, billed. The cancel-batches deployment runs this fl
 every enrich run's `prefect.flow-run.Cancelled` event (a trigger in prefect.yaml), so a
 cancel from the UI or the API holds in every state.
 
-    python -m flows.cancelled FLOW_RUN_ID      # by hand
+    python -m enrichflow.flows.cancelled FLOW_RUN_ID      # by hand
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import sys
 
 from prefect import flow
 
-from flows.enrich import cancel_batches_of
-from tasks.events import flow_run_of
+from enrichflow.flows.enrich import cancel_batches_of
+from enrichflow.tasks.events import flow_run_of
 
 
 @flow(name="cancel-batches", log_prints=True)

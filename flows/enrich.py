@@ -1,22 +1,22 @@
 """The job flow: prepare → the canary, if on → (render → upload → create → wait →
 collect) per shard → merge and write part by part.
 
-Sending (attempts, shards, batches) is `flows.send`; this module is the flow itself, what
-it reports, and the rules around a run: one at a time per output, cancel, failed share.
+Sending (attempts, shards, batches) is `enrichflow.flows.send`; this module is the flow
+itself, what it reports, and the rules around a run: one at a time per output, cancel,
+failed share.
 Rows whose requests failed, expired or gave an unusable answer go round again as a new
 batch of just those rows, up to `limits.max_attempts`. Every side effect is journaled in
 `<output>/_state/`, so running the same job again re-attaches instead of paying twice,
 and answers to requests already answered are reused, so a re-run pays only for changes.
 
-    python -m flows.enrich configs/movies.yaml      # same as: enrichflow run configs/movies.yaml
+    enrichflow run configs/movies.yaml      # or: python -m enrichflow run ...
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
@@ -28,7 +28,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.logging.loggers import flow_run_logger
 from pydantic import Field
 
-from enrichflow.config import CanaryConfig, JobConfig, load_job
+from enrichflow.config import CanaryConfig, Job, resolve_job
 from enrichflow.errors import (
     CanaryFailedError,
     ConfigError,
@@ -36,31 +36,33 @@ from enrichflow.errors import (
     ProviderError,
     RowsFailedError,
 )
-from enrichflow.provider import describe, open_client, provider_kind
+from enrichflow.flows.output import Written, write_parts
+from enrichflow.flows.send import WaitMode, run_attempts, suspend
+from enrichflow.provider import answered_by, cost_text, describe, open_client, provider_kind
 from enrichflow.storage import Location
-from flows.output import Written, write_parts
-from flows.send import WaitMode, run_attempts, suspend
-from tasks.api import describe_api_error
-from tasks.canary import CanaryOutcome, delete_canary_files, run_canary_task, sample_size
-from tasks.cancel import cancel_run
-from tasks.estimate import usd
-from tasks.events import emit
-from tasks.lease import Lease
-from tasks.load import KEY
-from tasks.prepare import Prepared, check_cost_cap, prepare_job
-from tasks.report import publish_canary, publish_estimate, publish_results
-from tasks.runner import Runner, open_runner
-from tasks.state import RunState
-from tasks.write import finish_output, read_manifest, start_output
+from enrichflow.tasks import watch
+from enrichflow.tasks.api import check_model, describe_api_error
+from enrichflow.tasks.canary import CanaryOutcome, delete_canary_files, run_canary_task
+from enrichflow.tasks.cancel import cancel_run
+from enrichflow.tasks.events import emit
+from enrichflow.tasks.lease import Lease
+from enrichflow.tasks.load import KEY
+from enrichflow.tasks.prepare import Prepared, check_cost_cap, prepare_job
+from enrichflow.tasks.report import publish_canary, publish_estimate, publish_results
+from enrichflow.tasks.runner import Runner, open_runner
+from enrichflow.tasks.state import RunState
+from enrichflow.tasks.status import already_complete_line, complete_manifest
+from enrichflow.tasks.write import finish_output, start_output
 
-JOB_PARAMETERS = ("config_path", "output", "limit", "provider", "base_url", "model", "runner")
+JOB_PARAMETERS = ("config_path", "output", "limit", "provider", "base_url", "model", "runner",
+                  "job")
 
 
 def cancel_batches_on_cancellation(flow: Flow, flow_run: FlowRun, state: State) -> None:
     """A run cancelled in Prefect (the UI's Cancel, the API) while it runs cancels its
     batches too: without this, they would go on running, and billed, at the provider. A
     suspended run has no process to do it: the cancel-batches deployment does
-    (`flows.cancelled`)."""
+    (`enrichflow.flows.cancelled`)."""
     cancel_batches_of(flow_run)
 
 
@@ -85,17 +87,18 @@ def cancel_batches_of(flow_run: FlowRun) -> list[str]:
 def run_name() -> str:
     """A run's name in the UI: its job and, when given, its output (`movies → out/m`)."""
     parameters = runtime.flow_run.parameters
-    job = PurePath(parameters["config_path"]).stem
+    job = PurePath(parameters["config_path"]).stem if parameters.get("config_path") else \
+        Job.from_text(parameters["job"]).name
     return f"{job} → {parameters['output']}" if parameters.get("output") else job
 
 
 @flow(name="enrich", flow_run_name=run_name, log_prints=True, persist_result=True,
       on_cancellation=[cancel_batches_on_cancellation])
 def enrich(
-    config_path: str,
+    config_path: str | None = None,
     output: str | None = None,
     limit: Annotated[int | None, Field(gt=0)] = None,
-    provider: Literal["local", "openai"] | None = None,
+    provider: Literal["local", "openai", "azure"] | None = None,
     base_url: str | None = None,
     model: str | None = None,
     wait_mode: WaitMode = "poll",
@@ -104,6 +107,7 @@ def enrich(
     wait_for_lock: bool = False,
     canary_only: bool = False,
     runner: Literal["threads", "dask"] | None = None,
+    job: str | None = None,
 ) -> dict[str, Any]:
     """Enrich the rows of a job file's dataset through the Batch API; returns the manifest.
 
@@ -124,56 +128,65 @@ def enrich(
             20 rows), then stop; their answers are kept for the full run.
         runner: Where the per-shard work runs: threads (here) or dask (the job's
             runner.address, or a LocalCluster of worker processes); default: the job's.
+        job: The job itself instead of a job file: its YAML text (the Python API's jobs).
     """
-    job = resolve_job(config_path, output, limit, provider, base_url, model, runner)
+    resolved = resolve_job(config_path, output, limit, provider, base_url, model, runner, job)
     if wait_mode == "suspend":
-        check_can_suspend(job)
-    location = Location(job.output, job.storage_options)
+        check_can_suspend(resolved)
+    location = Location(resolved.output, resolved.storage_options)
     resume = resume_command(config_path, location.uri, limit, provider, base_url, model,
                             runner)
     try:
-        with open_runner(job.runner) as shard_runner:
-            return run_job(job, location, shard_runner, wait_mode, force, use_cache,
+        with open_runner(resolved.runner) as shard_runner:
+            return run_job(resolved, location, shard_runner, wait_mode, force, use_cache,
                            wait_for_lock, canary_only, resume)
     except openai.APIError as exc:  # the run's state says it in the CLI's one line
         raise ProviderError(describe_api_error(exc)) from exc
 
 
-def run_job(job: JobConfig, location: Location, shard_runner: Runner, wait_mode: WaitMode,
+def run_job(job: Job, location: Location, shard_runner: Runner, wait_mode: WaitMode,
             force: bool, use_cache: bool, wait_for_lock: bool, canary_only: bool,
             resume: dict[str, str]) -> dict[str, Any]:
     """The flow's body, with the job's runner up."""
     log = get_run_logger()
+    log.info("%s: %s answers, model %s", job.name,
+             answered_by(describe(job.provider, location)), job.request.model)
     prepared = prepare_job(job, use_cache, force, shard_runner.map)
     report_prepared(job, prepared)
 
     run_name = f"flow run {runtime.flow_run.name} ({runtime.flow_run.id})"
     with Lease.acquire(location, run_name, wait_for_lock, on_wait=log.info) as lease:
-        done = read_manifest(location)
-        if done and done.get("job_key") == prepared.job_key and not done.get("cancelled") \
-                and not force and not canary_only:
-            log.info("%s is already complete in %s; nothing sent (use --force to run it again)",
-                     job.name, location.uri)
-            RunState.finish_run(location, done["run_id"])  # if killed before it could
+        done = None if force or canary_only else complete_manifest(location, prepared.job_key)
+        if done:
+            log.info(already_complete_line(job, location))
             return done
         try:
             check_cost_cap(prepared.estimate, job.max_cost_usd)
         except CostLimitError as exc:
             emit("cost-cap.reached", job.name, location.uri, message=str(exc))
             raise
+        if prepared.to_send.num_rows:
+            with open_client(job.provider, location) as client:
+                check_model(client, job.request.model, provider_kind(job.provider))
 
         state, resumed = RunState.open(
             location, prepared.job_key, job.config_hash(), prepared.fingerprint,
             describe(job.provider, location), force, flow_run_id=str(runtime.flow_run.id),
             resume=resume,
             lease=lease)
-        if resumed:
+        if resumed and prepared.unfinished is None:  # journaled since it was prepared
             log.info("resuming run %s from %s/_state", state.run_id, location.uri)
         canary = job.canary or CanaryConfig()
         if canary_only and state.shards:
             log.info("canary: this run has sent its batches already; nothing to check")
             return {"canary": CanaryOutcome.nothing().summary(canary)}
-        if (job.canary or canary_only) and not state.shards:  # nothing sent yet
+        passed = None if canary_only else prepared.canary_passed
+        if passed and not state.shards:
+            log.info("canary: this request (prompt, schema, model, parameters) passed a "
+                     "canary on %s (%s of %s rows usable); its rows go in the batches, at "
+                     "batch prices (canary.again: always checks every run)",
+                     passed["passed_at"], passed["rows"] - passed["failed"], passed["rows"])
+        if (job.canary or canary_only) and not state.shards and not passed:  # nothing sent
             outcome = check_with_canary(job, location, prepared, state, canary, wait_mode)
             if canary_only:
                 return {"canary": outcome.summary(canary)}
@@ -183,7 +196,7 @@ def run_job(job: JobConfig, location: Location, shard_runner: Runner, wait_mode:
     return manifest
 
 
-def send_and_write(job: JobConfig, location: Location, prepared: Prepared, state: RunState,
+def send_and_write(job: Job, location: Location, prepared: Prepared, state: RunState,
                    shard_runner: Runner, wait_mode: WaitMode) -> tuple[dict[str, Any], Written]:
     """Send what is left to send, merge every answer into the rows, write the output and
     its manifest; (the manifest, what was written)."""
@@ -203,13 +216,13 @@ def send_and_write(job: JobConfig, location: Location, prepared: Prepared, state
          cancelled=manifest["cancelled"])
     log.info("%s: wrote %s rows to %s (%s); cost %s%s", job.name, f"{written.rows:,}",
              location.uri, ", ".join(f"{n:,} {s}" for s, n in manifest["rows_by_status"].items()),
-             "unknown" if manifest["cost_usd"] is None else usd(manifest["cost_usd"]),
+             cost_text(manifest["cost_usd"], manifest["provider"]),
              "; the job was cancelled: run it again to send the rest" if manifest["cancelled"]
              else "")
     return manifest, written
 
 
-def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
+def check_with_canary(job: Job, location: Location, prepared: Prepared,
                       state: RunState, canary: CanaryConfig,
                       wait_mode: WaitMode) -> CanaryOutcome:
     """Answer and check the canary's sample; raise CanaryFailedError, before any of the
@@ -217,7 +230,7 @@ def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
     cancelled meanwhile) journal its answers as the run's own. In suspend mode, the run
     suspends while a canary batch runs."""
     log = get_run_logger()
-    if sample_size(prepared, canary) == 0:
+    if canary.sample_size(prepared.to_send.num_rows) == 0:
         log.info("canary: fewer than 2 rows to send; nothing to check")
         return CanaryOutcome.nothing()
     with open_client(job.provider, location) as client:
@@ -239,6 +252,8 @@ def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
     usable = cancelled or outcome.passed(canary)
     if usable:
         state.save_canary(outcome.results, outcome.batch_id)
+        if canary.mode == "sync":
+            watch.answered(outcome.rows)
     delete_canary_files(job, location, outcome)  # after the journal: a kill leaves them
     if not usable:
         emit("canary.failed", job.name, location.uri, rows=outcome.rows,
@@ -251,27 +266,28 @@ def check_with_canary(job: JobConfig, location: Location, prepared: Prepared,
             "--canary-only`")
     if not cancelled:
         log.info(outcome.text(canary))
+        measured = replace(prepared.estimate, measured_output=state.canary_output())
+        log.info("likely cost at batch prices: %s", measured.likely_text())
+        if prepared.cache is not None and outcome.rows:
+            prepared.cache.remember_canary(job.request_hash(), {
+                "passed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "rows": outcome.rows, "failed": outcome.failed.num_rows})
     return outcome
 
 
-def resolve_job(config_path: str, output: str | None = None, limit: int | None = None,
-                provider: str | None = None, base_url: str | None = None,
-                model: str | None = None, runner: str | None = None) -> JobConfig:
-    """The job file with the run's overrides applied; raises ConfigError if invalid."""
-    return load_job(config_path, output=output, **{
-        "dataset.limit": limit, "provider.kind": provider, "provider.base_url": base_url,
-        "request.model": model, "runner.kind": runner})
-
-
-def job_from_parameters(parameters: dict[str, Any]) -> JobConfig:
+def job_from_parameters(parameters: dict[str, Any]) -> Job:
     """The job of an `enrich` flow run, from its parameters (hooks, resume-ready)."""
     return resolve_job(**{name: parameters.get(name) for name in JOB_PARAMETERS})
 
 
-def resume_command(config_path: str, output: str, limit: int | None, provider: str | None,
-                   base_url: str | None, model: str | None,
+def resume_command(config_path: str | None, output: str, limit: int | None,
+                   provider: str | None, base_url: str | None, model: str | None,
                    runner: str | None = None) -> dict[str, str]:
-    """The directory and the `enrichflow run` command that resume this run, for `status`."""
+    """The directory and the `enrichflow run` command that resume this run, for `status`;
+    a job given as a mapping is resumed by the same Python call."""
+    if config_path is None:
+        return {"cwd": os.getcwd(), "command": "the same enrichflow.enrich() or "
+                                               "enrichflow.run() call in Python"}
     options = {"--output": output, "--limit": limit, "--provider": provider,
                "--base-url": base_url, "--model": model, "--runner": runner}
     words = ["enrichflow", "run", config_path]
@@ -294,7 +310,7 @@ def check_failed_share(manifest: dict[str, Any], first_error: str | None,
         f"column). First error: {first_error}")
 
 
-def check_can_suspend(job: JobConfig) -> None:
+def check_can_suspend(job: Job) -> None:
     """A suspended run has no process: its batches must live on a server that stays up."""
     if provider_kind(job.provider) == "local" and not job.provider.base_url:
         raise ConfigError("wait_mode suspend needs a Batch API that outlives the run: "
@@ -302,8 +318,14 @@ def check_can_suspend(job: JobConfig) -> None:
                           "embedded local server stops when the run suspends")
 
 
-def report_prepared(job: JobConfig, prepared: Prepared) -> None:
+def report_prepared(job: Job, prepared: Prepared) -> None:
+    """What the run will do, first whether it resumes one; its estimate is of what is
+    left to send."""
     log = get_run_logger()
+    if prepared.unfinished:
+        log.info("%s: resuming run %s (journaled in %s/_state): it collects the batches "
+                 "sent before and sends only the rest", job.name,
+                 prepared.unfinished.run_id, prepared.unfinished.location.uri)
     unsent = prepared.unsent
     counts = pc.value_counts(unsent["_status"]).to_pylist()
     log.info("%s: %s rows loaded, %s to send, %s answered before (reused)%s", job.name,
@@ -312,11 +334,12 @@ def report_prepared(job: JobConfig, prepared: Prepared) -> None:
     for key, error in zip(unsent[KEY].to_pylist()[:5], unsent["_error"].to_pylist()[:5],
                           strict=True):
         log.warning("row %r is not sent: %s", key, error)
-    log.info("estimate:\n%s", prepared.estimate.text())
-    publish_estimate(job.name, prepared.estimate)
+    estimate = prepared.estimate_left()
+    log.info("estimate:\n%s", estimate.text())
+    publish_estimate(job.name, estimate)
 
 
-def build_manifest(job: JobConfig, state: RunState, prepared: Prepared, written: Written,
+def build_manifest(job: Job, state: RunState, prepared: Prepared, written: Written,
                    location: Location) -> dict[str, Any]:
     return {
         "job": job.name,
@@ -328,6 +351,7 @@ def build_manifest(job: JobConfig, state: RunState, prepared: Prepared, written:
         "output": location.uri,
         "model": job.request.model,
         "provider": state.provider,
+        "answered_by": answered_by(state.provider),
         "rows": written.rows,
         "rows_by_status": dict(written.by_status),
         "rows_reused": prepared.reused,
@@ -347,8 +371,3 @@ def build_manifest(job: JobConfig, state: RunState, prepared: Prepared, written:
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
-
-if __name__ == "__main__":
-    from enrichflow.cli import main
-
-    sys.exit(main(["run", *sys.argv[1:]]))

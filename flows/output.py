@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from enrichflow.config import JobConfig
+from enrichflow.config import Job
 from enrichflow.storage import Location
-from tasks.cache import HASH, request_hashes
-from tasks.load import ROW, RowReader
-from tasks.merge import MERGED, attempt_results_schema, merge_part_task, reused_results
-from tasks.prepare import Prepared
-from tasks.render import render_requests
-from tasks.report import TABLE_ROWS
-from tasks.state import ATTEMPT, RunState
-from tasks.write import PART_ROWS, write_part
+from enrichflow.tasks.cache import HASH, request_hashes
+from enrichflow.tasks.load import ROW, RowReader
+from enrichflow.tasks.merge import MERGED, attempt_results_schema, merge_part_task, reused_results
+from enrichflow.tasks.prepare import Prepared
+from enrichflow.tasks.render import render_requests
+from enrichflow.tasks.report import TABLE_ROWS
+from enrichflow.tasks.state import ATTEMPT, RunState
+from enrichflow.tasks.write import PART_ROWS, write_part
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Written:
                                                    schema=part.schema)
 
 
-def write_parts(job: JobConfig, location: Location, prepared: Prepared,
+def write_parts(job: Job, location: Location, prepared: Prepared,
                 state: RunState) -> Written:
     """Merge and write every part; the new answers are kept in the cache."""
     written = Written()
@@ -82,7 +82,7 @@ def write_parts(job: JobConfig, location: Location, prepared: Prepared,
     return written
 
 
-def _with_cache(job: JobConfig, prepared: Prepared, table: pa.Table, results: pa.Table,
+def _with_cache(job: Job, prepared: Prepared, table: pa.Table, results: pa.Table,
                 unsent: pa.Table) -> pa.Table:
     """The part's results with the answers reused from the cache added, after keeping
     its new answers in the cache. Both need the requests' hashes: the part is rendered

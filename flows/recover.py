@@ -8,7 +8,7 @@ re-attaches to them and pays nothing twice), so the rerun-crashed deployment run
 flow on every enrich run's Crashed event. A run that crashed MAX_RERUNS times in a row
 is left to a person.
 
-    python -m flows.recover FLOW_RUN_ID      # by hand
+    python -m enrichflow.flows.recover FLOW_RUN_ID      # by hand
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
 from prefect.logging.loggers import flow_run_logger
 
-from tasks.events import flow_run_of
+from enrichflow.tasks.events import flow_run_of
 
 MAX_RERUNS = 3
 RERUN_OF = "enrichflow-rerun-of:"  # tag of a rerun: the first run that crashed

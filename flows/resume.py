@@ -5,7 +5,7 @@ frees the worker. This flow, deployed on an interval schedule, looks at each sus
 `enrich` run's journal and asks the Batch API about its batches; when one is done, it
 resumes the run, which then collects, sends what is left, and writes.
 
-    python -m flows.resume          # once, by hand
+    python -m enrichflow.flows.resume          # once, by hand
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from prefect.client.schemas.filters import (
 from prefect.flow_runs import resume_flow_run
 from prefect.variables import Variable
 
+from enrichflow.flows.enrich import job_from_parameters
 from enrichflow.provider import open_client
 from enrichflow.storage import Location
-from flows.enrich import job_from_parameters
-from tasks import as_task
-from tasks.state import RunState
-from tasks.submit import awaited_batches
-from tasks.wait import TERMINAL, look_at_batches
+from enrichflow.tasks import as_task
+from enrichflow.tasks.state import RunState
+from enrichflow.tasks.submit import awaited_batches
+from enrichflow.tasks.wait import TERMINAL, look_at_batches
 
 UNREACHABLE = "enrichflow_unreachable_runs"  # run id -> when it was reported unreachable
 REPORT_AGAIN_SECONDS = 24 * 3600

@@ -28,26 +28,26 @@ from prefect.artifacts import update_progress_artifact
 from prefect.flow_runs import suspend_flow_run
 from prefect.futures import PrefectFuture
 
-from enrichflow.config import JobConfig, LimitsConfig
+from enrichflow.config import Job, LimitsConfig
 from enrichflow.errors import InputError
 from enrichflow.provider import as_reached
-from tasks.budget import TokenBudget
-from tasks.collect import collect_shard_task
-from tasks.events import emit
-from tasks.load import KEY, ROW, RowReader
-from tasks.plan import BYTES, TOKENS, Shard, jsonl, plan_shards
-from tasks.prepare import Prepared
-from tasks.render import CUSTOM_ID, custom_ids, render_requests
-from tasks.report import start_progress
-from tasks.runner import Runner
-from tasks.state import RunState, ShardRecord
-from tasks.submit import (
+from enrichflow.tasks.budget import TokenBudget
+from enrichflow.tasks.collect import collect_shard_task
+from enrichflow.tasks.events import emit
+from enrichflow.tasks.load import KEY, ROW, RowReader
+from enrichflow.tasks.plan import BYTES, TOKENS, Shard, jsonl, plan_shards
+from enrichflow.tasks.prepare import Prepared
+from enrichflow.tasks.render import CUSTOM_ID, custom_ids, render_requests
+from enrichflow.tasks.report import start_progress
+from enrichflow.tasks.runner import Runner
+from enrichflow.tasks.state import RunState, ShardRecord
+from enrichflow.tasks.submit import (
     create_batch_task,
     delete_files_task,
     find_batch_task,
     upload_shard_task,
 )
-from tasks.wait import (
+from enrichflow.tasks.wait import (
     TERMINAL,
     check_age,
     look_at_batches_task,
@@ -60,7 +60,7 @@ UPLOADS_AT_ONCE = 2  # a shard's lines are held from its render until its upload
 SUSPEND_MARGIN_SECONDS = 3600  # resume-ready resumes a run past max_wait_hours before this
 
 
-def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: JobConfig,
+def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: Job,
                  runner: Runner, wait_mode: WaitMode = "poll") -> None:
     """Send the rows, then again the ones worth retrying; their results are journaled."""
     log = get_run_logger()
@@ -97,7 +97,7 @@ class ShardLines:
     """The JSONL lines and custom ids of a shard's rows, rendered from the dataset as the
     shard is sent: reading shards in order reads the dataset once."""
 
-    def __init__(self, prepared: Prepared, job: JobConfig, reader: RowReader):
+    def __init__(self, prepared: Prepared, job: Job, reader: RowReader):
         self.prepared, self.job, self.reader = prepared, job, reader
 
     def requests(self, rows: pa.Array) -> pa.Table:
@@ -146,7 +146,7 @@ class ShardRun:
 
 
 def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
-               shards: list[Shard], budget: TokenBudget, job: JobConfig, wait_mode: WaitMode,
+               shards: list[Shard], budget: TokenBudget, job: Job, wait_mode: WaitMode,
                progress: UUID, lines: ShardLines, runner: Runner) -> None:
     """Run one attempt's shards, starting each only when it fits the enqueued-token
     budget, and collect (and journal) each as soon as its batch is finished: the
@@ -209,7 +209,7 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
 
 
 def collect_shards(client: OpenAI, state: RunState, finished: list[tuple[ShardRun, Batch]],
-                   job: JobConfig, lines: ShardLines, runner: Runner) -> None:
+                   job: Job, lines: ShardLines, runner: Runner) -> None:
     """Collect finished shards on the runner, then journal each, then delete its files."""
     log = get_run_logger()
     provider = as_reached(job.provider, client)
@@ -228,7 +228,7 @@ def collect_shards(client: OpenAI, state: RunState, finished: list[tuple[ShardRu
 
 
 def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
-                 lines: ShardLines, job: JobConfig) -> None:
+                 lines: ShardLines, job: Job) -> None:
     """Give each shard of `starting` its batch, exactly once: re-attach to a journaled
     batch or to one created just before a crash (found by its metadata), else upload and
     create, concurrently. The tasks get and return values; the flow journals before and

@@ -27,8 +27,8 @@ from jsonschema import Draft202012Validator
 
 from enrichflow.config import RequestConfig
 from enrichflow.errors import InputError
-from tasks.load import BLOCK_BYTES
-from tasks.render import string_buffers, string_data
+from enrichflow.tasks.load import BLOCK_BYTES
+from enrichflow.tasks.render import string_buffers, string_data
 
 TEXT_COLUMN = "response"
 EMBEDDING_COLUMN = "embedding"

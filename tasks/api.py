@@ -3,9 +3,12 @@ an error that outlasted its retries is told to the user."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 import openai
+
+from enrichflow.errors import ConfigError
 
 TRANSIENT = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
              openai.InternalServerError, openai.ConflictError)
@@ -48,3 +51,26 @@ def describe_api_error(exc: openai.APIError) -> str:
         return f"the API call {call} failed: HTTP {exc.status_code}: {message} ({hint})"
     return (f"the API call {call} failed: {exc.message} (is the server at that address "
             "up? running the job again re-attaches to what was already created)")
+
+
+def check_model(client: openai.OpenAI, model: str, kind: str) -> None:
+    """Refuse, before anything is uploaded, a model the provider does not have (a typo
+    in a job file would otherwise be a batch of failed requests), with the closest one.
+    A server that lists no models (some OpenAI-compatible ones) cannot tell: no check;
+    nor can Azure, whose `model` is a deployment's name, which /models does not list."""
+    if kind == "azure":
+        return
+    try:
+        client.models.retrieve(model)
+        return
+    except openai.NotFoundError:
+        try:
+            names = [m.id for m in client.models.list()]
+        except openai.NotFoundError:
+            return
+    if not names or model in names:
+        return
+    close = difflib.get_close_matches(model, names, n=1)
+    raise ConfigError(f"request.model: {client.base_url} has no model {model!r}"
+                      + (f"; did you mean {close[0]!r}?" if close else "")
+                      + " Nothing was sent")

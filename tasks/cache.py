@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from enrichflow.storage import Location
-from tasks.render import LINE, string_buffers
+from enrichflow.tasks.render import LINE, string_buffers
 
 HASH = "_request_hash"
 DEFAULT_FILE = "_cache/answers.parquet"
@@ -84,6 +84,19 @@ class AnswerCache:
             parent, _, name = uri.rstrip("/").rpartition("/")
             location = Location(parent, storage_options)
         return cls(location, name, location.version(name), excluded)
+
+    @property
+    def _canaries(self) -> str:
+        """Beside the answers: the requests whose canary passed, and when."""
+        return f"{self.name.rpartition('/')[0]}/canaries.json".lstrip("/")
+
+    def canary_passed(self, request_hash: str) -> dict | None:
+        """The canary that `request_hash` passed before (when, its rows), if any."""
+        return (self.location.read_json(self._canaries) or {}).get(request_hash)
+
+    def remember_canary(self, request_hash: str, verdict: dict) -> None:
+        passed = self.location.read_json(self._canaries) or {}
+        self.location.write_json(self._canaries, {**passed, request_hash: verdict})
 
     def reused(self, hashes: pa.Array) -> pa.Array:
         """Which of `hashes` have a kept answer."""

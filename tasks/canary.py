@@ -29,17 +29,17 @@ from openai import OpenAI
 from openai.types import Batch
 from prefect import get_run_logger
 
-from enrichflow.config import CanaryConfig, JobConfig
+from enrichflow.config import CanaryConfig, Job
 from enrichflow.provider import open_client
 from enrichflow.storage import Location
-from tasks import as_task
-from tasks.collect import collect_results, read_result_lines, results_of_lines
-from tasks.load import KEY, ROW, RowReader
-from tasks.plan import jsonl
-from tasks.prepare import Prepared
-from tasks.render import CUSTOM_ID, LINE, render_requests
-from tasks.submit import create_batch, delete_files, find_batch, upload_shard
-from tasks.wait import TERMINAL, wait_for_batches
+from enrichflow.tasks import as_task
+from enrichflow.tasks.collect import collect_results, read_result_lines, results_of_lines
+from enrichflow.tasks.load import KEY, ROW, RowReader
+from enrichflow.tasks.plan import jsonl
+from enrichflow.tasks.prepare import Prepared
+from enrichflow.tasks.render import CUSTOM_ID, LINE, render_requests
+from enrichflow.tasks.submit import create_batch, delete_files, find_batch, upload_shard
+from enrichflow.tasks.wait import TERMINAL, wait_for_batches
 
 SYNC_AT_ONCE = 8
 JOB_ERRORS = (401, 403, 404)  # a wrong key or address: an error of the job, not of its rows
@@ -92,7 +92,7 @@ class CanaryOutcome:
                 f"{self.seconds:.1f} s; cost {cost}")
 
 
-def run_canary(client: OpenAI, job: JobConfig, prepared: Prepared, canary: CanaryConfig,
+def run_canary(client: OpenAI, job: Job, prepared: Prepared, canary: CanaryConfig,
                batch_metadata: dict[str, str], since: float, sync_batch_id: str,
                wait: bool = True) -> CanaryOutcome:
     """Send the sample and check its answers as collect does. Synchronous answers carry
@@ -101,7 +101,8 @@ def run_canary(client: OpenAI, job: JobConfig, prepared: Prepared, canary: Canar
     Without `wait`, a canary batch still running is left to run: the outcome is
     `waiting`."""
     started = time.monotonic()
-    rows = prepared.to_send[ROW].slice(0, sample_size(prepared, canary)).combine_chunks()
+    sample = canary.sample_size(prepared.to_send.num_rows)
+    rows = prepared.to_send[ROW].slice(0, sample).combine_chunks()
     with closing(RowReader(prepared.source)) as reader:
         requests = render_requests(reader.take(rows), job.request, prepared.tag,
                                    job.dataset.path, job.storage_options).requests
@@ -128,12 +129,7 @@ def run_canary(client: OpenAI, job: JobConfig, prepared: Prepared, canary: Canar
                              batch.input_file_id, batch.output_file_id, batch.error_file_id))
 
 
-def sample_size(prepared: Prepared, canary: CanaryConfig) -> int:
-    """The first `canary.rows` rows to send, but at most half of them."""
-    return min(canary.rows, prepared.to_send.num_rows // 2)
-
-
-def _answer_now(client: OpenAI, requests: pa.Table, job: JobConfig, batch_id: str) -> pa.Table:
+def _answer_now(client: OpenAI, requests: pa.Table, job: Job, batch_id: str) -> pa.Table:
     """Each request through the synchronous API, its answer as a Batch API output line of
     a batch named `batch_id`."""
     path = job.request.endpoint.removeprefix("/v1")
@@ -163,7 +159,7 @@ def _answer_now(client: OpenAI, requests: pa.Table, job: JobConfig, batch_id: st
                             requests[CUSTOM_ID].combine_chunks(), job.request)
 
 
-def _answer_in_a_batch(client: OpenAI, requests: pa.Table, job: JobConfig,
+def _answer_in_a_batch(client: OpenAI, requests: pa.Table, job: Job,
                        metadata: dict[str, str], since: float,
                        wait: bool) -> tuple[pa.Table | None, Batch]:
     """The requests as one small batch, uploaded, created (never twice), waited for (or,
@@ -203,7 +199,7 @@ def _usable(client: OpenAI, batch: Batch) -> bool:
     return True
 
 
-def delete_canary_files(job: JobConfig, location: Location, outcome: CanaryOutcome) -> None:
+def delete_canary_files(job: Job, location: Location, outcome: CanaryOutcome) -> None:
     """Delete a canary batch's files, once its answers are journaled (or it failed): a
     run killed before finds them still there."""
     if job.cleanup and outcome.batch_files:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import openai
 
-from enrichflow.config import ProviderConfig
-from enrichflow.provider import open_client
+from enrichflow.provider import open_journaled_client
 from enrichflow.storage import Location
-from tasks.state import RunState
-from tasks.submit import awaited_batches
-from tasks.wait import TERMINAL
+from enrichflow.tasks.state import RunState
+from enrichflow.tasks.submit import awaited_batches
+from enrichflow.tasks.wait import TERMINAL
 
 
 def cancel_run(location: Location, flow_run_id: str | None = None
@@ -26,8 +25,7 @@ def cancel_run(location: Location, flow_run_id: str | None = None
         return None, []
     state.request_cancel()
     cancelled = []
-    provider = ProviderConfig(**state.provider)
-    with open_client(provider, location, share_running=True) as client:
+    with open_journaled_client(state.provider, location) as client:
         for name, batch_id in awaited_batches(client, state):
             batch = client.batches.retrieve(batch_id)
             if batch.status not in TERMINAL and batch.status != "cancelling":

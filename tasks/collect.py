@@ -33,12 +33,12 @@ from enrichflow.config import (
 )
 from enrichflow.provider import open_client
 from enrichflow.storage import Location
-from tasks import as_task
-from tasks.answers import answer_type, read_answers
-from tasks.api import TRANSIENT, retry_on
-from tasks.load import ROW
-from tasks.render import CUSTOM_ID
-from tasks.state import ShardRecord, write_results
+from enrichflow.tasks import as_task
+from enrichflow.tasks.answers import answer_type, read_answers
+from enrichflow.tasks.api import TRANSIENT, retry_on
+from enrichflow.tasks.load import ROW
+from enrichflow.tasks.render import CUSTOM_ID
+from enrichflow.tasks.state import ShardRecord, write_results
 
 RESULT_FIELDS = [
     (ROW, pa.int64()), ("_custom_id", pa.string()), ("_batch_id", pa.string()),

@@ -14,12 +14,13 @@ import base64
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
+from datetime import date
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import bpe_openai
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,8 +29,11 @@ from PIL import Image
 import enrichflow
 from enrichflow.config import PriceOverride, RequestConfig
 from enrichflow.errors import InputError
-from tasks.load import KEY
-from tasks.render import LINE, USER_TEXT
+from enrichflow.tasks.load import KEY
+from enrichflow.tasks.render import LINE, USER_TEXT
+
+if TYPE_CHECKING:
+    import bpe_openai
 
 REMOTE_IMAGE_SIZE = (1024, 1024)
 # (base, per 512-px tile) for models priced by tiles; the first matching prefix wins.
@@ -56,15 +60,19 @@ class Price:
         return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
 
 
+PRICES_STALE_DAYS = 90  # the shipped table's age past which the estimate warns
+SNAPSHOT_DATE = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+
+
 @cache
 def price_table() -> dict[str, Any]:
     return json.loads((Path(enrichflow.__file__).parent / "prices.json").read_text())
 
 
 def _table_entry(model: str) -> dict[str, Any] | None:
-    models = price_table()["models"]
-    matches = [name for name in models if model == name or model.startswith(name + "-")]
-    return models[max(matches, key=len)] if matches else None
+    """The model's entry: its own name, or a dated snapshot of it (`gpt-4o-2024-08-06`);
+    no other prefix, so that a typo (`gpt-4o-mnii`) is unknown, not priced as gpt-4o."""
+    return price_table()["models"].get(SNAPSHOT_DATE.sub("", model))
 
 
 def price_for(model: str, override: PriceOverride | None) -> Price | None:
@@ -78,8 +86,13 @@ def price_for(model: str, override: PriceOverride | None) -> Price | None:
     entry = _table_entry(model)
     if entry is None:
         return None
+    checked = price_table()["checked"]
+    age = (date.today() - date.fromisoformat(checked)).days
     return Price(entry["input"], entry["output"], entry["batch_input"], entry["batch_output"],
-                 f"enrichflow's table, checked {price_table()['checked']}")
+                 f"enrichflow's table, checked {checked}" + (
+                     f" ({age} days ago: prices may have changed since; check the provider's "
+                     "pricing page, or set `price` in the job file)"
+                     if age > PRICES_STALE_DAYS else ""))
 
 
 def default_token_budget(model: str) -> int | None:
@@ -90,6 +103,8 @@ def default_token_budget(model: str) -> int | None:
 
 @cache
 def _encoding(model: str) -> bpe_openai.Encoding:
+    import bpe_openai  # a second to load: only when tokens are counted
+
     try:
         return bpe_openai.encoding_for_model(model)
     except Exception:  # unknown model names: today's OpenAI chat models use o200k_base
@@ -232,9 +247,25 @@ class Estimate:
     input_tokens: int
     output_ceiling: int | None  # None: no max_tokens, so no ceiling
     price: Price | None
+    already_sent: int = 0  # requests sent by the run this one resumes
+    sync_canary: int = 0  # of the requests, those a synchronous canary answers
+    measured_output: tuple[float, int] | None = None  # output tokens a request, as the
+    # canary's answers averaged, and how many answers
+
+    def likely(self) -> float | None:
+        """The cost at batch prices with the output the canary measured."""
+        if self.price is None or self.measured_output is None:
+            return None
+        return self._batch_cost(self.input_tokens, self.measured_output[0] * self.requests)
 
     def batch_range(self) -> tuple[float, float | None] | None:
-        return self._range(self.price.batch_cost) if self.price else None
+        """At batch prices, but the synchronous canary's share at synchronous prices."""
+        return self._range(self._batch_cost) if self.price else None
+
+    def _batch_cost(self, prompt_tokens: float, completion_tokens: float) -> float:
+        share = self.sync_canary / self.requests if self.requests else 0.0
+        return (self.price.batch_cost(prompt_tokens, completion_tokens) * (1 - share)
+                + self.price.sync_cost(prompt_tokens, completion_tokens) * share)
 
     def sync_range(self) -> tuple[float, float | None] | None:
         return self._range(self.price.sync_cost) if self.price else None
@@ -251,16 +282,33 @@ class Estimate:
         pairs = [("model", self.model), ("rows", f"{self.rows:,}"),
                  ("not sent (skipped or bad input)", f"{self.not_sent:,}"),
                  ("answers reused from earlier runs", f"{self.reused:,}"),
+                 *([("already sent by the run this one resumes", f"{self.already_sent:,}")]
+                   if self.already_sent else []),
                  ("requests to send", f"{self.requests:,}"), ("shards", f"{self.shards:,}"),
                  ("input tokens", f"{self.input_tokens:,}"), ("output token ceiling", ceiling)]
         if self.price is None:
             pairs.append(("cost", f"unknown: no price for {self.model}; set `price` in the "
                                   "job file"))
             return pairs
+        if self.sync_canary:
+            pairs.append(("canary", f"{self.sync_canary} of the requests, answered first at "
+                                    "synchronous prices (counted so below)"))
         pairs += [("cost at batch prices", _money(self.batch_range())),
+                  ("likely cost at batch prices", self.likely_text()),
                   ("same requests at synchronous prices", _money(self.sync_range())),
                   ("prices from", self.price.source)]
         return pairs
+
+    def likely_text(self) -> str:
+        likely = self.likely()
+        if self.price is None:
+            return f"unknown: no price for {self.model}"
+        if likely is None:
+            return ("not measured yet: `enrichflow run JOB --canary-only` answers a sample "
+                    "and measures the output")
+        tokens, answers = self.measured_output
+        return (f"{usd(likely)} (output of {tokens:,.0f} tokens a request, as the canary's "
+                f"{answers} answers averaged)")
 
     def text(self) -> str:
         lines = self.lines()
@@ -270,6 +318,15 @@ class Estimate:
     def markdown(self) -> str:
         rows = "\n".join(f"| {label} | {value} |" for label, value in self.lines())
         return f"| what | estimate |\n| --- | --- |\n{rows}\n"
+
+    def _repr_html_(self) -> str:
+        """The estimate as a table in Jupyter."""
+        import pandas as pd
+
+        return pd.DataFrame(self.lines(), columns=["what", "estimate"]).to_html(index=False)
+
+    def __str__(self) -> str:
+        return self.text()
 
 
 def _money(span: tuple[float, float | None]) -> str:

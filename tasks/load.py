@@ -10,6 +10,7 @@ shards, attempts and re-runs; it must be unique and never empty.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import os
@@ -75,9 +76,15 @@ class Source:
             else:
                 raise FileNotFoundError(path)
         except FileNotFoundError as exc:
-            raise InputError(f"dataset.path: {dataset.path} does not exist; check the path "
-                             "(relative paths start from the directory you run in, "
-                             f"{os.getcwd()})") from exc
+            close = _close_path(fs, path, dataset.path)
+            hint = (f"check the path (relative paths start from the directory you run in, "
+                    f"{os.getcwd()})" if "://" not in dataset.path else
+                    "check the bucket and key, and that the credentials and "
+                    "storage_options.endpoint_url (or AWS_ENDPOINT_URL) are those of "
+                    "the store that holds it")
+            raise InputError(f"dataset.path: {dataset.path} does not exist"
+                             + (f" (did you mean {close}?)" if close else "") + f"; {hint}"
+                             ) from exc
         except Exception as exc:  # s3fs, botocore and aiohttp raise more than OSError
             raise InputError(f"dataset.path: cannot read {dataset.path} ({type(exc).__name__}: "
                              f"{exc}); for S3 check the bucket, your credentials and "
@@ -373,6 +380,22 @@ class RowReader:
             if len(wanted):
                 parts.append(self.read(begin, end).take(pc.subtract(wanted, begin)))
         return pa.concat_tables(parts)
+
+
+def _close_path(fs: Any, path: str, written: str) -> str | None:
+    """The entry beside a missing `path` whose name is closest to its name, if one is
+    close (`movie.csv` → `movies.csv`), as `written` (the user's spelling of `path`)."""
+    folder, _, name = path.rstrip("/").rpartition("/")
+    try:
+        names = [entry.rstrip("/").rpartition("/")[2] for entry in fs.ls(folder or "/",
+                                                                           detail=False)]
+    except (OSError, ValueError):
+        return None
+    close = difflib.get_close_matches(name, names, n=1)
+    if not close:
+        return None
+    parent = written.rstrip("/").rpartition("/")[0]
+    return f"{parent}/{close[0]}" if parent else close[0]
 
 
 def _is_data(path: str, root: str, fmt: str | None) -> bool:

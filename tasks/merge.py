@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from enrichflow.config import RequestConfig
-from tasks import as_task
-from tasks.answers import answer_type, read_answers
-from tasks.collect import VALUE, results_schema
-from tasks.estimate import Price
-from tasks.load import KEY, ROW
-from tasks.render import custom_ids
-from tasks.state import ATTEMPT, CANARY_BATCH
+from enrichflow.tasks import as_task
+from enrichflow.tasks.answers import answer_type, read_answers
+from enrichflow.tasks.collect import VALUE, results_schema
+from enrichflow.tasks.estimate import Price
+from enrichflow.tasks.load import KEY, ROW
+from enrichflow.tasks.render import custom_ids
+from enrichflow.tasks.state import ATTEMPT, CANARY_BATCH
 
 NOT_SENT = "cancelled before it was sent"
 # The results' columns a merge reads (not the answers' text, the largest)

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from enrichflow.errors import InputError
-from tasks.load import KEY
-from tasks.render import LINE, string_data
+from enrichflow.tasks.load import KEY
+from enrichflow.tasks.render import LINE, string_data
 
 TOKENS = "_tokens"  # estimated prompt tokens of a request
 BYTES = "_bytes"  # bytes of its JSONL line, newline included

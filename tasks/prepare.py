@@ -5,32 +5,39 @@ runs, count the tokens and bytes of the rest, plan the first shards and price th
 What is kept is a few numbers per row (which rows to send, their tokens and bytes), never
 the rows or their lines: each shard renders its own lines again when it is sent. The
 scan is cut into pieces of whole files where the files' row counts are known, each a
-task on the job's runner (`tasks.runner`); `enrichflow estimate` scans them in turn,
+task on the job's runner (`enrichflow.tasks.runner`); `enrichflow estimate` scans them in turn,
 without Prefect.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from enrichflow.config import JobConfig
+from enrichflow.config import Job
 from enrichflow.errors import CostLimitError
 from enrichflow.provider import provider_kind
 from enrichflow.storage import Location
-from tasks import as_task
-from tasks.answers import check_answer_columns
-from tasks.budget import TokenBudget
-from tasks.cache import AnswerCache, request_hashes
-from tasks.estimate import Estimate, Price, default_token_budget, price_for, request_tokens, usd
-from tasks.load import KEY, ROW, Source, TypesWidened, check_unique_keys
-from tasks.plan import BYTES, TOKENS, Shard, check_rows_fit, line_bytes, plan_shards
-from tasks.render import render_requests
-from tasks.runner import Calls, in_turn
-from tasks.state import RunState
+from enrichflow.tasks import as_task
+from enrichflow.tasks.answers import check_answer_columns
+from enrichflow.tasks.budget import TokenBudget
+from enrichflow.tasks.cache import AnswerCache, request_hashes
+from enrichflow.tasks.estimate import (
+    Estimate,
+    Price,
+    default_token_budget,
+    price_for,
+    request_tokens,
+    usd,
+)
+from enrichflow.tasks.load import KEY, ROW, Source, TypesWidened, check_unique_keys
+from enrichflow.tasks.plan import BYTES, TOKENS, Shard, check_rows_fit, line_bytes, plan_shards
+from enrichflow.tasks.render import render_requests
+from enrichflow.tasks.runner import Calls, in_turn
+from enrichflow.tasks.state import RunState
 
 UNSENT = pa.schema([(ROW, pa.int64()), (KEY, pa.string()), ("_status", pa.string()),
                     ("_error", pa.string())])
@@ -61,24 +68,54 @@ class Prepared:
     shards: list[Shard]  # the first attempt's plan
     token_budget: int | None
     price: Price | None
-    estimate: Estimate
+    estimate: Estimate  # of the whole job
+    unfinished: RunState | None  # this job's run that did not end, as journaled before
+    # the lease: the run that this one resumes
+    canary_passed: dict | None  # the canary this job's request passed before, when it
+    # need not be checked again (`canary_passed_before`)
 
     @property
     def tag(self) -> str:
         return self.job_key[:8]
 
+    def estimate_left(self) -> Estimate:
+        """The estimate of the requests the resumed run has not sent: those of the first
+        attempt's shards it has no batch for (a shard split after a refusal counts as
+        sent), less its canary's; the whole job's otherwise."""
+        if self.unfinished is None or not self.estimate.requests:
+            return self.estimate
+        sent = {r.shard if r.parent is None else r.parent for r in self.unfinished.shards
+                if r.attempt == 1 and r.batch_id and not r.canary}
+        left = [shard for shard in self.shards if shard.index not in sent]
+        unsent = np.zeros(self.to_send.num_rows, dtype=bool)
+        for shard in left:
+            unsent[shard.start:shard.end] = True
+        canary = self.unfinished.canary_rows()
+        if len(canary):
+            unsent &= ~pc.is_in(self.to_send[ROW], value_set=canary).to_numpy(
+                zero_copy_only=False)
+        requests = int(unsent.sum())
+        ceiling = self.estimate.output_ceiling
+        return replace(self.estimate, requests=requests, shards=len(left),
+                       already_sent=self.estimate.requests - requests,
+                       input_tokens=int(self.to_send[TOKENS].to_numpy()[unsent].sum()),
+                       output_ceiling=None if ceiling is None else
+                       ceiling * requests // self.estimate.requests)
 
-def prepare_job(job: JobConfig, use_cache: bool = True, force: bool = False,
+
+def prepare_job(job: Job, use_cache: bool = True, force: bool = False,
                 calls: Calls = in_turn) -> Prepared:
     """Everything known before the first upload; `calls` runs the scan's pieces."""
     source = Source.open(job.dataset, job.storage_options)
     fingerprint = source.fingerprint()
-    job_key = hashlib.sha256(f"{job.config_hash()}:{fingerprint}".encode()).hexdigest()[:24]
+    job_key = job.key(fingerprint)
+    output = Location(job.output, job.storage_options)
+    saved = RunState.load(output)
+    unfinished = saved if saved and not saved.finished and saved.job_key == job_key else None
     cache = None
     if use_cache and job.cache.enabled:
-        output = Location(job.output, job.storage_options)
         cache = AnswerCache.open(job.cache.uri, output, job.storage_options,
-                                 [] if force else unfinished_batches(output, job_key))
+                                 [] if force or not unfinished else unfinished_batches(unfinished))
     budget = job.limits.enqueued_token_budget or (
         default_token_budget(job.request.model) if provider_kind(job.provider) == "openai"
         else None)
@@ -102,16 +139,21 @@ def prepare_job(job: JobConfig, use_cache: bool = True, force: bool = False,
                          job.limits.max_bytes_per_shard, plan_limit)
     ceiling = job.request.output_ceiling()
     price = price_for(job.request.model, job.price)
+    passed = canary_passed_before(job, cache)
+    sync_canary = 0  # requests the canary will answer at synchronous prices
+    if job.canary and job.canary.mode == "sync" and unfinished is None and not passed:
+        sync_canary = job.canary.sample_size(to_send.num_rows)
     estimate = Estimate(
         model=job.request.model, rows=rows, not_sent=unsent.num_rows, reused=reused,
         requests=to_send.num_rows, shards=len(shards),
         input_tokens=int(pc.sum(to_send[TOKENS]).as_py() or 0),
-        output_ceiling=None if ceiling is None else ceiling * to_send.num_rows, price=price)
+        output_ceiling=None if ceiling is None else ceiling * to_send.num_rows, price=price,
+        measured_output=unfinished and unfinished.canary_output(), sync_canary=sync_canary)
     return Prepared(source, fingerprint, job_key, rows, to_send, unsent, reused, cache, shards,
-                    budget, price, estimate)
+                    budget, price, estimate, unfinished, passed)
 
 
-def scan_rows(job: JobConfig, source: Source, tag: str, cache: AnswerCache | None,
+def scan_rows(job: Job, source: Source, tag: str, cache: AnswerCache | None,
               plan_limit: int | None, start: int = 0, stop: int | None = None) -> Scanned:
     """One pass over rows [start, stop): their keys, their requests to send (tokens and
     bytes), the rows not sent, how many were answered before."""
@@ -140,14 +182,19 @@ def scan_rows(job: JobConfig, source: Source, tag: str, cache: AnswerCache | Non
                    pa.concat_tables(unsent) if unsent else UNSENT.empty_table(), reused)
 
 
-def unfinished_batches(output: Location, job_key: str) -> list[str]:
+def canary_passed_before(job: Job, cache: AnswerCache | None) -> dict | None:
+    """The canary that this job's request passed before, by the same answer cache, when
+    it need not be checked again (`canary.again`); None otherwise."""
+    if cache is None or job.canary is None or job.canary.again == "always":
+        return None
+    return cache.canary_passed(job.request_hash())
+
+
+def unfinished_batches(state: RunState) -> list[str]:
     """The batches of this job's unfinished run, its synchronous canary's included. Their
     answers may be in the cache already (a run killed after it wrote the cache, before
     its output): they are that run's, to collect and count again as its own, not answers
     of an earlier run reused for free."""
-    state = RunState.load(output)
-    if state is None or state.finished or state.job_key != job_key:
-        return []
     return [state.sync_canary_batch,
             *(record.batch_id for record in state.shards if record.batch_id)]
 

@@ -3,11 +3,12 @@
 The request body is the same for every row except the user message and the `custom_id`,
 so the line is rendered once as a JSON skeleton and each row's text is JSON-escaped and
 spliced in with Arrow string kernels: no per-row Python dicts or `json.dumps`. Only
-images, which must be read from files anyway, are prepared row by row (`tasks.images`).
+images, which must be read from files anyway, are prepared row by row (`enrichflow.tasks.images`).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import string
 from collections.abc import Iterator
@@ -20,8 +21,8 @@ import pyarrow.compute as pc
 
 from enrichflow.config import RequestConfig, TextPart
 from enrichflow.errors import InputError
-from tasks.images import image_parts_json
-from tasks.load import KEY, ROW
+from enrichflow.tasks.images import image_parts_json
+from enrichflow.tasks.load import KEY, ROW
 
 CUSTOM_ID = "_custom_id"
 LINE = "_line"  # the request's JSONL line, newline included
@@ -52,9 +53,12 @@ def render_requests(table: pa.Table, request: RequestConfig, job_tag: str,
     """Rows with an empty text column are skipped; rows with an unusable image fail."""
     missing = [c for c in request.columns() if c not in table.column_names]
     if missing:
-        available = ", ".join(c for c in table.column_names if c not in (KEY, ROW))
+        available = [c for c in table.column_names if c not in (KEY, ROW)]
+        close = difflib.get_close_matches(missing[0], available, n=1)
         raise InputError(f"request.user uses column(s) {', '.join(missing)} that "
-                         f"{dataset_name} does not have; its columns are: {available}")
+                         f"{dataset_name} does not have"
+                         + (f" (did you mean {close[0]}?)" if close else "")
+                         + f"; its columns are: {', '.join(available)}")
     texts = {c: _as_text(table[c], c, dataset_name) for c in request.text_columns()}
     no_reason = pa.nulls(table.num_rows, pa.string())
     skip_reason = no_reason

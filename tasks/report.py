@@ -28,11 +28,13 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
 )
 
-from enrichflow.config import CanaryConfig, JobConfig
-from tasks.answers import answer_columns
-from tasks.canary import CanaryOutcome
-from tasks.estimate import Estimate, usd
-from tasks.load import KEY
+from enrichflow.config import CanaryConfig, Job
+from enrichflow.provider import answered_by, cost_text
+from enrichflow.tasks import watch
+from enrichflow.tasks.answers import answer_columns
+from enrichflow.tasks.canary import CanaryOutcome
+from enrichflow.tasks.estimate import Estimate
+from enrichflow.tasks.load import KEY
 
 TABLE_ROWS = 20
 CELL_ITEMS = 8  # a longer list (an embedding) shows its first items
@@ -54,6 +56,7 @@ def _this_runs(key: str) -> UUID | None:
 
 
 def publish_estimate(job_name: str, estimate: Estimate) -> None:
+    watch.estimated(estimate)
     if _this_runs(artifact_key(job_name, "estimate")):
         return
     create_markdown_artifact(f"# Estimate for {job_name}\n\n{estimate.markdown()}",
@@ -86,11 +89,10 @@ def start_progress(job_name: str) -> UUID:
         0.0, key=key, description="Requests finished in the current attempt")
 
 
-def publish_results(manifest: dict[str, Any], first: pa.Table, job: JobConfig) -> None:
+def publish_results(manifest: dict[str, Any], first: pa.Table, job: Job) -> None:
     """The summary, the first rows and the output location of a finished run."""
     name = manifest["job"]
     started, finished = manifest["started_at"], manifest["finished_at"]
-    cost = manifest["cost_usd"]
     rows = "\n".join(f"| {status} | {count:,} |"
                      for status, count in manifest["rows_by_status"].items())
     title = f"{name}: {manifest['rows']:,} rows enriched"
@@ -103,9 +105,8 @@ def publish_results(manifest: dict[str, Any], first: pa.Table, job: JobConfig) -
 - reused from earlier runs (not paid again): {manifest['rows_reused']:,}
 - attempts: {manifest['attempts']}, batches: {sum(1 for s in manifest['shards'] if s['batch_id'])}
 - tokens: {manifest['tokens']['prompt']:,} prompt, {manifest['tokens']['completion']:,} completion
-- cost at batch prices: {'unknown (no price for ' + manifest['model'] + ')' if cost is None
-                          else usd(cost)}
-- model: {manifest['model']}, provider: {manifest['provider']['kind']}
+- cost at batch prices: {cost_text(manifest['cost_usd'], manifest['provider'])}
+- model: {manifest['model']}, answered by {answered_by(manifest['provider'])}
 - from {started} to {finished}
 - output: `{shown(manifest['output'])}`
 """
@@ -116,7 +117,7 @@ def publish_results(manifest: dict[str, Any], first: pa.Table, job: JobConfig) -
     publish_output(name, manifest["output"], job.storage_options)
 
 
-def first_rows(first: pa.Table, job: JobConfig) -> list[dict[str, Any]]:
+def first_rows(first: pa.Table, job: Job) -> list[dict[str, Any]]:
     """The output's first rows led by what a reader looks for: the key, the status and
     error, the cost (before a long answer pushes them off the screen), the answer; the
     input columns after them."""

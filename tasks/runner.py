@@ -27,7 +27,8 @@ from enrichflow.config import RunnerConfig
 Calls = Callable[[Task, list[dict[str, Any]]], list[Any]]
 THREADS_AT_ONCE = 1  # threads share the run's memory and its GIL: one at a time keeps
 # memory to one shard's, and Arrow's readers use every core on their own
-STEPS = ("tasks.prepare", "tasks.collect")  # the steps that run on Dask workers
+# the steps that run on Dask workers
+STEPS = ("enrichflow.tasks.prepare", "enrichflow.tasks.collect")
 
 
 def in_turn(task: Task, calls: list[dict[str, Any]]) -> list[Any]:

@@ -24,13 +24,14 @@ import pyarrow.compute as pc
 
 from enrichflow.errors import StorageError
 from enrichflow.storage import Location
-from tasks.lease import Lease
-from tasks.load import ROW
+from enrichflow.tasks.lease import Lease
+from enrichflow.tasks.load import ROW
 
 STATE_FILE = "_state/run.json"
 CANCEL_FILE = "_state/cancel-requested.json"
 ATTEMPT = "_attempt"  # of a result: its attempt
 RESULTS_DIR = "_state/results"
+CANARY_RESULTS = f"{RESULTS_DIR}/canary.parquet"  # the canary's journaled answers
 CANARY_SHARD = -1  # the canary's results are journaled as this shard of attempt 1
 CANARY_BATCH = "canary"  # a synchronous canary's answers carry `canary-<run id>` as batch
 
@@ -65,7 +66,7 @@ class ShardRecord:
     @property
     def results_name(self) -> str:
         if self.canary:
-            return f"{RESULTS_DIR}/canary.parquet"
+            return CANARY_RESULTS
         return f"{RESULTS_DIR}/attempt-{self.attempt}-shard-{self.shard}.parquet"
 
     @property
@@ -246,10 +247,24 @@ class RunState:
 
     def canary_rows(self) -> pa.Array:
         """The rows the canary answered (or tried): the first attempt does not send them."""
+        results = self.canary_results([ROW])
+        return pa.array([], pa.int64()) if results is None else results[ROW]
+
+    def canary_results(self, columns: list[str] | None = None) -> pa.Table | None:
+        """The journaled answers of the run's canary (`columns` of them); None without."""
         records = [r for r in self.collected(1) if r.canary]
         if not records:
-            return pa.array([], pa.int64())
-        return self.location.read_parquet(records[0].results_name, columns=[ROW])[ROW]
+            return None
+        return self.location.read_parquet(records[0].results_name, columns=columns)
+
+    def canary_output(self) -> tuple[float, int] | None:
+        """The output tokens the canary's usable answers averaged, and how many they are:
+        what the run's other answers will likely take. None without a canary."""
+        results = self.canary_results(["_ok", "_completion_tokens"])
+        usable = None if results is None else results.filter(pc.field("_ok"))
+        if not usable:
+            return None
+        return pc.mean(usable["_completion_tokens"]).as_py(), usable.num_rows
 
     def remove_results(self) -> None:
         """Drop the collected results, once they are in the written output."""

@@ -20,11 +20,11 @@ from openai import NotFoundError, OpenAI
 from openai.types import Batch
 from prefect import get_run_logger
 
-from tasks import as_task
-from tasks.api import TRANSIENT, retry_on
+from enrichflow.tasks import as_task
+from enrichflow.tasks.api import TRANSIENT, retry_on
 
 if TYPE_CHECKING:
-    from tasks.state import RunState
+    from enrichflow.tasks.state import RunState
 
 CREATE_ATTEMPTS = 6
 SLACK_SECONDS = 300  # clock differences between us and the provider

@@ -16,8 +16,8 @@ from openai.types import Batch
 from prefect import get_run_logger
 
 from enrichflow.errors import ProviderError
-from tasks import as_task
-from tasks.api import TRANSIENT, retry_on
+from enrichflow.tasks import as_task, watch
+from enrichflow.tasks.api import TRANSIENT, retry_on
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 REPORT_SECONDS = 600  # hand the request counts back to the flow (journal, UI) this often
@@ -62,6 +62,7 @@ def wait_for_batches(client: OpenAI, batch_ids: list[str], poll_min: float, poll
             time.sleep(delay)
             delay = min(delay * 2, poll_max)
             continue
+        watch.polled(batches)
         statuses, done = [b.status for b in batches], [_done(b) for b in batches]
         now = time.monotonic()
         moved = statuses != last_statuses or done != last_done

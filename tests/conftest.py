@@ -12,6 +12,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
+
+# Prefect sets its console logging up on this import: here, on the session's stderr (set
+# up within a test that captures stderr, it would write to a stream closed after it)
+import prefect.main  # noqa: F401
 import pyarrow as pa
 import pytest
 import yaml
@@ -54,7 +58,7 @@ def job_file(tmp_path: Path, rows: pd.DataFrame | None = None, config: str = "mo
 
 
 def read_all(source) -> pa.Table:
-    """Every row of a dataset (`tasks.load.Source`), as one table."""
+    """Every row of a dataset (`enrichflow.tasks.load.Source`), as one table."""
     return pa.Table.from_batches(list(source.batches()))
 
 
@@ -69,10 +73,11 @@ def generated_movies(count: int) -> pd.DataFrame:
 
 
 def start_job(command: list[str], prefect_api: str, unset: tuple[str, ...] = (),
-              **popen) -> subprocess.Popen:
+              env_extra: dict[str, str] | None = None, **popen) -> subprocess.Popen:
     """A job in its own process (`enrichflow ...` or `python -m ...`), on the test's
-    Prefect server, so that the test can kill it; without the variables in `unset`."""
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    Prefect server, so that the test can kill it; without the variables in `unset`,
+    with those of `env_extra`."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, **(env_extra or {})}
     for name in ("OPENAI_API_KEY", *unset):
         env.pop(name, None)
     popen.setdefault("stdout", subprocess.DEVNULL)
@@ -81,7 +86,7 @@ def start_job(command: list[str], prefect_api: str, unset: tuple[str, ...] = (),
 
 
 def python_job(path: Path, base_url: str, prefect_api: str) -> subprocess.Popen:
-    return start_job([sys.executable, "-m", "flows.enrich", str(path), "--base-url", base_url],
+    return start_job([sys.executable, "-m", "enrichflow", "run", str(path), "--base-url", base_url],
                      prefect_api)
 
 
@@ -132,7 +137,7 @@ def collected(lines: list[dict], request, tmp_path: Path,
               custom_ids: list[str] | None = None) -> list[dict]:
     """The results collect makes of a batch's output `lines` (of batch `batch_x`) for the
     rows of `custom_ids` (by default, the lines' own)."""
-    from tasks.collect import read_result_lines, results_of_lines
+    from enrichflow.tasks.collect import read_result_lines, results_of_lines
 
     path = tmp_path / "output.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))

@@ -4,19 +4,21 @@ the local server over HTTP."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
-from conftest import generated_movies, job_file, python_job, sdk_client, wait_until
+from conftest import REPO, generated_movies, job_file, python_job, sdk_client, start_job, wait_until
 
 from enrichflow.cli import main
 from enrichflow.errors import CanaryFailedError
-from flows.enrich import enrich
+from enrichflow.flows.enrich import enrich
 from localbatch import HttpFault, Simulation
 
 # The mock answers the summary with words of the request: never one that fits this.
@@ -66,16 +68,64 @@ def test_a_passing_canary_is_not_paid_twice(prefect_api, start_localbatch, tmp_p
     assert per_token.iloc[:20].min() == pytest.approx(2 * per_token.iloc[20:].max())
 
 
+def test_a_request_that_passed_its_canary_is_not_checked_again_on_new_rows(
+        prefect_api, start_localbatch, tmp_path):
+    """A daily delta: the table grows by 10 rows; the same request passed yesterday, so
+    they go in the batch at batch prices, not half of them synchronously. A changed
+    prompt is checked again, and so is every run with `canary.again: always`."""
+    server = start_localbatch()
+    client = sdk_client(server.base_url)
+    path = job_file(tmp_path, generated_movies(40), canary=True)
+    enrich(str(path), base_url=server.base_url)
+    assert requests_in_batches(client) == 20  # 20 in the canary
+
+    job_file(tmp_path, generated_movies(50), canary=True)  # 10 new rows, same request
+    run = start_job([sys.executable, "-m", "enrichflow", "run", str(path), "--base-url",
+                     server.base_url], prefect_api, stderr=subprocess.PIPE, text=True)
+    _, log = run.communicate(timeout=300)
+    assert run.returncode == 0, log[-2000:]
+    assert requests_in_batches(client) == 20 + 10
+    assert "canary: this request (prompt, schema, model, parameters) passed a canary on " \
+        in log and "(20 of 20 rows usable)" in log
+    data = pd.read_parquet(tmp_path / "out")
+    assert not data["_batch_id"].iloc[40:].str.startswith("canary").any()
+
+    for changes in ({"request.system": "A changed prompt."}, {"canary.again": "always"}):
+        path = job_file(tmp_path, generated_movies(60), canary=True, **changes)
+        sent = requests_in_batches(client)
+        manifest = enrich(str(path), base_url=server.base_url)
+        expected_sync = 20 if "request.system" in changes else 5  # half of 10 new rows
+        assert requests_in_batches(client) - sent == manifest["rows"] - manifest[
+            "rows_reused"] - expected_sync, changes
+
+
 def test_canary_only_checks_and_keeps_the_sample_for_the_full_run(prefect_api, start_localbatch,
                                                                   tmp_path, capsys):
     server = start_localbatch()
     path = job_file(tmp_path, canary=True, **{"canary.mode": "batch", "canary.rows": 5})
     client = sdk_client(server.base_url)
     assert main(["run", str(path), "--base-url", server.base_url, "--canary-only"]) == 0
-    assert "5 of 5 sample rows answered usably (batch" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "5 of 5 sample rows answered usably (batch" in printed
+    # its answers, a row a line, and where they are kept
+    header, *rows = printed.split("usably", 1)[1].splitlines()[1:7]
+    assert header.split() == ["row", "categories", "summary", "_error"]
+    titles = pd.read_csv(REPO / "data" / "movies.csv")["Series_Title"].head(5)
+    assert all(row.strip().startswith(title) for row, title in zip(rows, titles, strict=True))
+    assert f"(kept in {tmp_path / 'out'}/_state/results/canary.parquet" in printed
     (batch,) = client.batches.list().data
     assert batch.request_counts.total == 5 and batch.metadata["enrichflow_canary"]
     assert not (tmp_path / "out" / "_manifest.json").exists()
+    # the estimate now has a likely cost: the canary measured the answers' length
+    assert main(["estimate", str(path)]) == 0
+    mean_output = pd.read_parquet(tmp_path / "out" / "_state" / "results" / "canary.parquet"
+                                  )["_completion_tokens"].mean()
+    estimate = capsys.readouterr().out
+    assert re.search(rf"likely cost at batch prices: +\$[0-9.]+ \(output of "
+                     rf"{mean_output:,.0f} tokens a request, as the canary's 5 answers "
+                     rf"averaged\)", estimate)
+    assert re.search(r"already sent by the run this one resumes: +5\n", estimate)
+    assert re.search(r"requests to send: +235\n", estimate)  # 240 rows, less the sample
 
     manifest = enrich(str(path), base_url=server.base_url)
     assert requests_in_batches(client) == manifest["rows"]  # the sample was not sent again
@@ -131,7 +181,7 @@ def test_a_cancel_while_the_canary_batch_waits_cancels_it_and_sends_nothing_more
     _, run = run_to_its_canary_batch(server, tmp_path, prefect_api)
     assert main(["cancel", str(tmp_path / "out")]) == 0
     assert "(the canary)" in capsys.readouterr().out
-    assert run.wait(timeout=120) == 0
+    assert run.wait(timeout=120) == 3  # cancelled, its output written
 
     (canary,) = sdk_client(server.base_url).batches.list().data
     assert canary.status == "cancelled"

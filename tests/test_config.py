@@ -6,7 +6,7 @@ import pytest
 
 from enrichflow.config import load_job
 from enrichflow.errors import ConfigError, InputError
-from tasks.load import Source
+from enrichflow.tasks.load import Source
 
 VALID = """
 name: movies

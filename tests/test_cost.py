@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from datetime import date
 
 import pandas as pd
 import pyarrow as pa
@@ -16,12 +17,13 @@ from PIL import Image
 from enrichflow.cli import main
 from enrichflow.config import PriceOverride, load_job
 from enrichflow.errors import CostLimitError
+from enrichflow.flows.enrich import enrich
 from enrichflow.storage import Location
-from flows.enrich import enrich
+from enrichflow.tasks.cache import CACHED, DEFAULT_FILE, HASH, AnswerCache
+from enrichflow.tasks.estimate import chat_prompt_tokens, image_tokens, price_for, price_table
+from enrichflow.tasks.prepare import prepare_job
+from enrichflow.tasks.state import RunState
 from localbatch import Simulation
-from tasks.cache import CACHED, DEFAULT_FILE, HASH, AnswerCache
-from tasks.estimate import chat_prompt_tokens, image_tokens, price_for
-from tasks.prepare import prepare_job
 
 # Hand count: 3 to prime the reply, then per message 3 + its role + its content, with
 # o200k_base: "system" 1, "You are terse." 4 (You| are| ter|se.), "user" 1,
@@ -72,9 +74,45 @@ def test_estimate_figures_and_prices(tmp_path):
     assert low == pytest.approx(estimate.input_tokens * 0.075 / 1e6)
     assert high == pytest.approx(low + 1000 * 0.30 / 1e6)
     assert estimate.sync_range() == pytest.approx((2 * low, 2 * high))
+    # a synchronous canary's sample is counted at synchronous prices (twice batch's)
+    with_canary = prepare_job(load_job(job_file(tmp_path, generated_movies(40), canary=True,
+                                                **{"request.max_tokens": 100}))).estimate
+    assert with_canary.sync_canary == 20 and "canary:" in with_canary.text()
+    price = with_canary.price
+    assert with_canary.batch_range()[0] == pytest.approx(
+        price.batch_cost(with_canary.input_tokens, 0) * 1.5)
     assert price_for("gpt-4o-mini-2024-07-18", None).batch_output == 0.30
     assert price_for("my-own-model", None) is None
+    # a typo is unknown, not the price of the model it starts with (gpt-4o: 16.7x)
+    assert price_for("gpt-4o-mnii", None) is None
+    assert price_for("gpt-4o-2024-08-06", None).input == price_for("gpt-4o", None).input
     assert price_for("x", PriceOverride(input=1, output=2)).batch_output == 1
+
+
+def test_a_resumed_run_estimates_only_what_it_has_not_sent(tmp_path):
+    """The journal of a run that sent its first shard of three and was killed: the next
+    run's estimate is of the two left (their requests, tokens and ceiling); the prices
+    say their date, and how old they are."""
+    job = load_job(job_file(tmp_path, generated_movies(30),
+                            **{"limits.max_requests_per_shard": 10,
+                               "request.max_tokens": 100}))
+    whole = prepare_job(job)
+    assert whole.unfinished is None and whole.estimate_left() == whole.estimate
+    state, _ = RunState.open(Location(job.output), whole.job_key, job.config_hash(),
+                             whole.fingerprint, {}, force=False)
+    first = whole.shards[0]
+    state.update(state.record(1, first.index, first.rows, first.bytes, "sha"),
+                 batch_id="batch_sent_before", status="submitted")
+
+    left = prepare_job(job).estimate_left()
+    assert (left.requests, left.shards, left.already_sent) == (20, 2, 10)
+    assert left.input_tokens == sum(s.tokens for s in whole.shards[1:])
+    assert left.output_ceiling == 20 * 100
+    printed = left.text()
+    assert "already sent by the run this one resumes: 10" in printed
+    age = (date.today() - date.fromisoformat(price_table()["checked"])).days
+    assert f"checked {price_table()['checked']} ({age} days ago: prices may have changed" \
+        in printed
 
 
 def test_estimate_command_prints_the_figures(capsys):

@@ -14,8 +14,8 @@ import pytest
 from conftest import collected, job_file, sdk_client
 
 from enrichflow.config import RequestConfig, ResponseFormat
-from flows.enrich import enrich
-from tasks.render import LINE, render_requests
+from enrichflow.flows.enrich import enrich
+from enrichflow.tasks.render import LINE, render_requests
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["tags"],
           "properties": {"tags": {"type": "array", "items": {"type": "string"}}}}
@@ -142,6 +142,10 @@ def test_request_lines_have_the_shape_of_their_endpoint():
      "an embeddings request needs `input`"),
     ({"endpoint": "/v1/embeddings", "model": "my-embedder", "input": "{x}"},
      "set `dimensions`"),
+    ({"endpoint": "/v1/embeddings", "model": "text-embedding-3-small", "input": "{x}",
+      "dimensions": 2048}, "text-embedding-3-small gives at most 1,536, not 2,048"),
+    ({"endpoint": "/v1/embeddings", "model": "text-embedding-ada-002", "input": "{x}",
+      "dimensions": 512}, "text-embedding-ada-002 does not take it"),
     ({"model": "m", "input": "{x}"}, "input: only used by /v1/embeddings"),
     ({"model": "m"}, "`user` is required"),
     ({"endpoint": "/v1/responses", "model": "m", "user": "{x}", "seed": 1},

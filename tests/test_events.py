@@ -11,7 +11,7 @@ from conftest import REPO, generated_movies, job_file
 from prefect.events.schemas.automations import AutomationCore
 
 from enrichflow.errors import CanaryFailedError, CostLimitError
-from flows.enrich import enrich
+from enrichflow.flows.enrich import enrich
 
 
 def events_about(prefect_api: str, output: str, last: str, timeout: float = 30) -> list[dict]:

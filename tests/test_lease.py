@@ -13,8 +13,8 @@ import pytest
 
 from enrichflow.errors import LeaseError
 from enrichflow.storage import Location
-from tasks import lease as lease_module
-from tasks.lease import LEASE_FILE, STALE_SECONDS, Lease
+from enrichflow.tasks import lease as lease_module
+from enrichflow.tasks.lease import LEASE_FILE, STALE_SECONDS, Lease
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -15,8 +15,8 @@ from conftest import REPO, generated_movies, job_file, python_job, sdk_client, w
 
 from enrichflow.cli import main
 from enrichflow.errors import InputError, ProviderError, RowsFailedError
-from flows import output as output_module
-from flows.enrich import enrich
+from enrichflow.flows import output as output_module
+from enrichflow.flows.enrich import enrich
 from localbatch import HttpFault, Simulation
 
 

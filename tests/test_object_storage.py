@@ -23,10 +23,10 @@ from conftest import (
 )
 
 from enrichflow.config import DatasetConfig, load_job
-from enrichflow.errors import ConfigError, StorageError
-from flows.enrich import enrich
+from enrichflow.errors import ConfigError, InputError, StorageError
+from enrichflow.flows.enrich import enrich
+from enrichflow.tasks.load import Source
 from localbatch import Simulation
-from tasks.load import Source
 
 ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 
@@ -93,7 +93,7 @@ def test_a_missing_bucket_fails_before_any_batch(prefect_api, start_localbatch, 
     with pytest.raises(StorageError) as info:
         enrich(str(path), base_url=server.base_url)
     assert "s3://no-such-bucket-here/out" in str(info.value)
-    assert "check that the bucket or folder exists" in str(info.value)
+    assert "check that the bucket exists, your credentials" in str(info.value)
     client = sdk_client(server.base_url)
     assert client.batches.list().data == [] and client.files.list().data == []
     assert not s3.exists("no-such-bucket-here")
@@ -117,8 +117,10 @@ def test_storage_errors_are_one_line_and_exit_2(prefect_api, s3_endpoint, tmp_pa
     assert "Traceback" not in stdout + stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot read s3://some-bucket/movies/") and cause in last
-    assert last.endswith("check that the bucket or folder exists, your credentials, and, "
-                         "for S3-compatible storage, storage_options.endpoint_url")
+    assert last.endswith("check that the bucket exists, your credentials, and, for "
+                         "S3-compatible storage, the endpoint: storage_options.endpoint_url "
+                         "in the job file, or AWS_ENDPOINT_URL in the environment (what "
+                         "`enrichflow status` and `cancel` read)")
 
 
 def test_credentials_in_storage_options_are_refused(tmp_path):
@@ -140,3 +142,15 @@ def test_a_dataset_folder_or_glob_on_s3_is_read_in_path_order(s3_endpoint, s3, b
     rows = read_all(source)
     assert rows["text"].to_pylist() == ["2001a", "2001b", "2002a", "2002b"]
     assert rows["year"].to_pylist() == ["2001", "2001", "2002", "2002"]
+
+
+def test_a_missing_dataset_on_s3_gets_a_close_name_and_an_s3_hint(s3_endpoint, s3, bucket):
+    s3.pipe(f"{bucket}/input/movies.csv", b"text\na\n")
+    with pytest.raises(InputError) as info:
+        Source.open(DatasetConfig(path=f"s3://{bucket}/input/movie.csv"),
+                    {"endpoint_url": s3_endpoint})
+    assert str(info.value) == (
+        f"dataset.path: s3://{bucket}/input/movie.csv does not exist (did you mean "
+        f"s3://{bucket}/input/movies.csv?); check the bucket and key, and that the "
+        "credentials and storage_options.endpoint_url (or AWS_ENDPOINT_URL) are those of "
+        "the store that holds it")

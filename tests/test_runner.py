@@ -24,11 +24,11 @@ import pyarrow as pa
 import pytest
 from conftest import free_port, generated_movies, job_file, sdk_client, start_job, wait_for_batches
 
+from enrichflow.flows.enrich import enrich
 from enrichflow.storage import Location
-from flows.enrich import enrich
+from enrichflow.tasks import prepare
+from enrichflow.tasks.cache import CACHED, DEFAULT_FILE, HASH, AnswerCache
 from localbatch import HttpFault, Simulation
-from tasks import prepare
-from tasks.cache import CACHED, DEFAULT_FILE, HASH, AnswerCache
 
 ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 DASK = str(Path(sys.executable).with_name("dask"))

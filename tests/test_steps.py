@@ -11,15 +11,15 @@ from jsonschema import Draft202012Validator
 
 from enrichflow.config import DatasetConfig, RequestConfig, ResponseFormat, load_job
 from enrichflow.errors import InputError
+from enrichflow.tasks import answers, load, wait
+from enrichflow.tasks.answers import answer_reader, read_answers
+from enrichflow.tasks.estimate import Price, chat_prompt_tokens, request_tokens
+from enrichflow.tasks.load import KEY, ROW, RowReader, Source, check_unique_keys
+from enrichflow.tasks.merge import attempt_results_schema, merge_part
+from enrichflow.tasks.plan import BYTES, TOKENS, check_rows_fit, jsonl, line_bytes, plan_shards
+from enrichflow.tasks.prepare import prepare_job
+from enrichflow.tasks.render import render_requests
 from localbatch.engines import MockEngine
-from tasks import answers, load, wait
-from tasks.answers import answer_reader, read_answers
-from tasks.estimate import Price, chat_prompt_tokens, request_tokens
-from tasks.load import KEY, ROW, RowReader, Source, check_unique_keys
-from tasks.merge import attempt_results_schema, merge_part
-from tasks.plan import BYTES, TOKENS, check_rows_fit, jsonl, line_bytes, plan_shards
-from tasks.prepare import prepare_job
-from tasks.render import render_requests
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["tags", "score"],
           "properties": {"tags": {"type": "array", "items": {"type": "string"}},
@@ -460,7 +460,7 @@ def test_a_recursive_schema_keeps_its_recursive_part_as_json_text():
               "properties": {"tree": {"$ref": "#/$defs/node"}}, "$defs": {"node": node}}
     request = asking(ResponseFormat(type="json_schema", schema=schema))
     status, body = MockEngine().answer("/v1/chat/completions", {
-        "model": "m", "messages": [{"role": "user", "content": "oak tree"}],
+        "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "oak tree"}],
         "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}})
     answer = body["choices"][0]["message"]["content"]
     assert status == 200
@@ -479,7 +479,7 @@ def test_a_recursive_schema_keeps_its_recursive_part_as_json_text():
 
 
 def _with_value(request: RequestConfig, value: dict) -> pa.Table:
-    from tasks.answers import answer_type, typed_answers
+    from enrichflow.tasks.answers import answer_type, typed_answers
     row = results(request, result(0, 1, True))
     return row.set_column(row.schema.get_field_index("_value"), "_value",
                           typed_answers([value], answer_type(request)))

@@ -12,7 +12,7 @@ import yaml
 from conftest import REPO, job_file, read_jsonl, sdk_client
 from PIL import Image
 
-from flows.enrich import enrich
+from enrichflow.flows.enrich import enrich
 
 
 def sent_requests(client) -> dict[str, dict]:
