@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 from contextlib import closing, nullcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from enrichflow.local_prefect import set_defaults, start_own_server
 
@@ -54,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
         from enrichflow.tasks.watch import watching
 
         if not args.verbose:
-            _quiet_tracebacks(_expected_errors())
+            _quiet_tracebacks()
         _stop_on_interrupt(job)
         bar = ProgressBar(job.name)
         with on_a_prefect_server(), (watching(bar) if sys.stderr.isatty() else nullcontext()), \
@@ -228,6 +228,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from enrichflow.config import ProviderKind
     from localbatch import DEFAULT_PORT
 
     parser = argparse.ArgumentParser(prog="enrichflow", description=__doc__)
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="job YAML file, e.g. configs/movies.yaml")
     run.add_argument("--output", help="output directory URI (overrides the job's output)")
     run.add_argument("--limit", type=_positive, help="only the first N rows")
-    run.add_argument("--provider", choices=["local", "openai", "azure"],
+    run.add_argument("--provider", choices=get_args(ProviderKind),
                      help="default: openai when OPENAI_API_KEY is set, else local")
     run.add_argument("--base-url", help="API base URL (a running `enrichflow serve`, ...)")
     run.add_argument("--model", help="the model (overrides the job's request.model)")
@@ -304,17 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     set_defaults()
     args = build_parser().parse_args(argv)
-    import openai
+    from enrichflow.tasks.api import describe_api_error, sdk_errors
 
-    from enrichflow.tasks.api import describe_api_error
-
-    expected = _expected_errors()
     try:
         return args.handler(args)
-    except expected as exc:
-        if args.verbose:
+    except Exception as exc:
+        if args.verbose or not isinstance(exc, _expected_errors()):
             raise
-        message = describe_api_error(exc) if isinstance(exc, openai.APIError) else exc
+        message = describe_api_error(exc) if isinstance(exc, sdk_errors()) else exc
         print(f"error: {message}", file=sys.stderr)
         return 2
 
@@ -322,16 +320,15 @@ def main(argv: list[str] | None = None) -> int:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """The errors said in one `error:` line. ConfigError, InputError and CostLimitError
     are ValueErrors; ProviderError, LeaseError, CanaryFailedError and RowsFailedError are
-    RuntimeErrors, and so is a local server's data folder in use; an openai.APIError is
+    RuntimeErrors, and so is a local server's data folder in use; an SDK's APIError is
     an API call (Files, Batches, or the canary's) that failed after its retries."""
-    import openai
-
     from enrichflow.errors import StorageError
+    from enrichflow.tasks.api import sdk_errors
 
-    return ValueError, StorageError, RuntimeError, openai.APIError
+    return ValueError, StorageError, RuntimeError, *sdk_errors()
 
 
-def _quiet_tracebacks(expected: tuple[type[BaseException], ...]) -> None:
+def _quiet_tracebacks() -> None:
     """An expected error is said once, by our `error:` line: on the console, Prefect's
     records of it (the task's and the flow's exception, with tracebacks, and the runs'
     "Finished in state Failed(...)" that repeat its text) are left out. The Prefect API
@@ -346,7 +343,7 @@ def _quiet_tracebacks(expected: tuple[type[BaseException], ...]) -> None:
             self.said: set[str] = set()  # the expected errors met so far
 
         def filter(self, record: logging.LogRecord) -> bool:
-            if record.exc_info and isinstance(record.exc_info[1], expected):
+            if record.exc_info and isinstance(record.exc_info[1], _expected_errors()):
                 self.said.add(str(record.exc_info[1]))
                 return False
             return not any(text in record.getMessage() for text in self.said)

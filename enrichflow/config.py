@@ -253,13 +253,17 @@ class RequestConfig(_Strict):
         return self.max_completion_tokens or self.max_tokens
 
 
+ProviderKind = Literal["local", "openai", "azure", "anthropic"]
+
+
 class ProviderConfig(_Strict):
-    kind: Literal["local", "openai", "azure"] | None = Field(
+    kind: ProviderKind | None = Field(
         default=None, description="Default: openai when OPENAI_API_KEY is set, else local.")
     base_url: str | None = Field(
         default=None, description="API base URL; for local, a running `enrichflow serve`; "
                                   "for azure, https://RESOURCE.openai.azure.com/openai/v1/ "
-                                  "(default: from AZURE_OPENAI_ENDPOINT).")
+                                  "(default: from AZURE_OPENAI_ENDPOINT); for anthropic, "
+                                  "default https://api.anthropic.com.")
     api_key_secret: str | None = Field(
         default=None, description="Name of a Prefect Secret block holding the API key.")
     local_data_dir: str | None = Field(
@@ -364,6 +368,19 @@ class Job(_Strict):
         default=True, description="Delete a batch's files at the provider once its results "
                                   "are collected, and the collected results once the output "
                                   "is written.")
+
+    @model_validator(mode="after")
+    def _provider_takes_the_request(self) -> Job:
+        if self.provider.kind == "anthropic":
+            if self.request.endpoint != CHAT_ENDPOINT:
+                raise ValueError(f"provider.kind anthropic answers chat requests; "
+                                 f"request.endpoint {self.request.endpoint} is OpenAI's only: "
+                                 f"use {CHAT_ENDPOINT} (the default) or another provider")
+            if self.canary and self.canary.mode == "batch":
+                raise ValueError("canary.mode batch: on anthropic a canary batch could not "
+                                 "be found again after a crash (Message Batches carry no "
+                                 "metadata); use canary.mode sync (the default)")
+        return self
 
     @field_validator("storage_options")
     @classmethod

@@ -1,8 +1,9 @@
-"""Which Batch API a job talks to, and the one OpenAI client it uses for it.
+"""Which Batch API a job talks to, and the adapter (`enrichflow.providers`) it uses.
 
 `openai` with `OPENAI_API_KEY` (or a Prefect Secret block); `azure`, Azure OpenAI's v1
-API, with `AZURE_OPENAI_API_KEY` (or the block); otherwise `local`: a running
-`enrichflow serve` at `base_url`, or a local server embedded in the run. The embedded
+API, with `AZURE_OPENAI_API_KEY` (or the block); `anthropic`, Message Batches, with
+`ANTHROPIC_API_KEY` (or the block); otherwise `local`: a running `enrichflow serve` at
+`base_url`, or a local server embedded in the run. The embedded
 server keeps its data with a local output (`<output>/_state/localbatch`), so a re-run of
 the same job finds the batches of the last one, and `enrichflow cancel` during a run
 reaches the run's own server.
@@ -20,18 +21,21 @@ from openai import OpenAI
 
 from enrichflow.config import ProviderConfig
 from enrichflow.errors import ConfigError
+from enrichflow.providers import BatchAPI
+from enrichflow.providers.openai_batches import OpenAIBatches
 from enrichflow.storage import Location
 from localbatch.simulation import AZURE_V1_PATH
 
 LOCAL_API_KEY_ENV = "LOCALBATCH_API_KEY"
 AZURE_KEY_ENV, AZURE_ENDPOINT_ENV = "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT"
+ANTHROPIC_KEY_ENV = "ANTHROPIC_API_KEY"
 
 
 def provider_kind(provider: ProviderConfig) -> str:
     return provider.kind or ("openai" if os.environ.get("OPENAI_API_KEY") else "local")
 
 
-def as_reached(provider: ProviderConfig, client: OpenAI) -> ProviderConfig:
+def as_reached(provider: ProviderConfig, client: BatchAPI) -> ProviderConfig:
     """The provider as a task in another process reaches it: its kind and the client's
     base URL (an embedded server's too, on loopback); the task finds the key itself."""
     return provider.model_copy(update={"kind": provider_kind(provider),
@@ -58,6 +62,8 @@ def answered_by(described: dict[str, Any]) -> str:
         return f"the local Batch API server at {described['base_url']}"
     if described["kind"] == "azure":
         return f"Azure OpenAI at {described['base_url']}"
+    if described["kind"] == "anthropic":
+        return f"Anthropic at {described['base_url'] or 'https://api.anthropic.com'}"
     return f"OpenAI at {described['base_url']}" if described.get("base_url") else "OpenAI"
 
 
@@ -83,10 +89,26 @@ def embedded_data_dir(provider: ProviderConfig, output: Location) -> Path:
 
 @contextmanager
 def open_client(provider: ProviderConfig, output: Location,
-                share_running: bool = False) -> Iterator[OpenAI]:
-    """The job's client. An embedded server whose folder a running job serves is shared
-    only with `share_running` (`enrichflow cancel`): a run that used another run's server
-    would lose it, mid-wait, when that run ends."""
+                share_running: bool = False) -> Iterator[BatchAPI]:
+    """The job's Batch API. An embedded server whose folder a running job serves is
+    shared only with `share_running` (`enrichflow cancel`): a run that used another run's
+    server would lose it, mid-wait, when that run ends."""
+    kind = provider_kind(provider)
+    if kind == "anthropic":
+        import anthropic  # seconds to import: only for a job on Anthropic
+
+        from enrichflow.providers.anthropic_batches import AnthropicBatches
+
+        yield AnthropicBatches(anthropic.Anthropic(api_key=_api_key(provider, ANTHROPIC_KEY_ENV),
+                                                   base_url=provider.base_url), output)
+        return
+    with _openai_client(provider, output, share_running) as client:
+        yield OpenAIBatches(client, kind)
+
+
+@contextmanager
+def _openai_client(provider: ProviderConfig, output: Location,
+                   share_running: bool) -> Iterator[OpenAI]:
     kind = provider_kind(provider)
     if kind == "openai":
         yield OpenAI(api_key=_api_key(provider, "OPENAI_API_KEY"), base_url=provider.base_url)
@@ -115,7 +137,7 @@ def open_client(provider: ProviderConfig, output: Location,
 
 
 def open_journaled_client(described: dict[str, Any], output: Location
-                          ) -> AbstractContextManager[OpenAI]:
+                          ) -> AbstractContextManager[BatchAPI]:
     """The client of the run whose journal `described` its provider (`describe`), for
     whoever acts on that run from outside it (`enrichflow cancel`, `status`): a running
     job's embedded server is shared."""

@@ -21,14 +21,13 @@ from datetime import UTC, datetime
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
-import openai
 import pyarrow.compute as pc
 from prefect import Flow, State, flow, get_run_logger, runtime
 from prefect.client.schemas.objects import FlowRun
 from prefect.logging.loggers import flow_run_logger
 from pydantic import Field
 
-from enrichflow.config import CanaryConfig, Job, resolve_job
+from enrichflow.config import CanaryConfig, Job, ProviderKind, resolve_job
 from enrichflow.errors import (
     CanaryFailedError,
     ConfigError,
@@ -41,7 +40,7 @@ from enrichflow.flows.send import WaitMode, run_attempts, suspend
 from enrichflow.provider import answered_by, cost_text, describe, open_client, provider_kind
 from enrichflow.storage import Location
 from enrichflow.tasks import watch
-from enrichflow.tasks.api import check_model, describe_api_error
+from enrichflow.tasks.api import describe_api_error, sdk_errors
 from enrichflow.tasks.canary import CanaryOutcome, delete_canary_files, run_canary_task
 from enrichflow.tasks.cancel import cancel_run
 from enrichflow.tasks.events import emit
@@ -98,7 +97,7 @@ def enrich(
     config_path: str | None = None,
     output: str | None = None,
     limit: Annotated[int | None, Field(gt=0)] = None,
-    provider: Literal["local", "openai", "azure"] | None = None,
+    provider: ProviderKind | None = None,
     base_url: str | None = None,
     model: str | None = None,
     wait_mode: WaitMode = "poll",
@@ -115,7 +114,8 @@ def enrich(
         config_path: Job YAML file, relative to the repository root, e.g. configs/movies.yaml.
         output: Output directory (local path or s3:// URI); default: the job file's.
         limit: Only the first N rows; default: all.
-        provider: local or openai; default: openai when OPENAI_API_KEY is set, else local.
+        provider: local, openai, azure or anthropic; default: openai when OPENAI_API_KEY
+            is set, else local.
         base_url: Batch API base URL, e.g. a running `enrichflow serve`; default: the job file's.
         model: Model; default: the job file's.
         wait_mode: poll: the run waits for its batches; suspend: it suspends itself, freeing
@@ -140,7 +140,7 @@ def enrich(
         with open_runner(resolved.runner) as shard_runner:
             return run_job(resolved, location, shard_runner, wait_mode, force, use_cache,
                            wait_for_lock, canary_only, resume)
-    except openai.APIError as exc:  # the run's state says it in the CLI's one line
+    except sdk_errors() as exc:  # the run's state says it in the CLI's one line
         raise ProviderError(describe_api_error(exc)) from exc
 
 
@@ -167,7 +167,7 @@ def run_job(job: Job, location: Location, shard_runner: Runner, wait_mode: WaitM
             raise
         if prepared.to_send.num_rows:
             with open_client(job.provider, location) as client:
-                check_model(client, job.request.model, provider_kind(job.provider))
+                client.check_model(job.request.model)
 
         state, resumed = RunState.open(
             location, prepared.job_key, job.config_hash(), prepared.fingerprint,
@@ -234,11 +234,10 @@ def check_with_canary(job: Job, location: Location, prepared: Prepared,
         log.info("canary: fewer than 2 rows to send; nothing to check")
         return CanaryOutcome.nothing()
     with open_client(job.provider, location) as client:
-        outcome = run_canary_task(client, job, prepared, canary, state.canary_metadata(),
-                                  state.started_at, state.sync_canary_batch,
-                                  wait=wait_mode == "poll")
+        outcome = run_canary_task(client, job, prepared, canary, state.canary_intent(),
+                                  state.sync_canary_batch, wait=wait_mode == "poll")
         if outcome.waiting:
-            suspend(state, [client.batches.retrieve(outcome.batch_id)],
+            suspend(state, [client.retrieve(outcome.batch_id)],
                     job.limits.max_wait_hours, f"the canary's batch {outcome.batch_id}")
     cancelled = state.cancel_requested()  # no verdict: its answers are kept, nothing more sent
     if cancelled:

@@ -21,7 +21,6 @@ from uuid import UUID
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from openai import OpenAI
 from openai.types import Batch
 from prefect import get_run_logger
 from prefect.artifacts import update_progress_artifact
@@ -31,6 +30,7 @@ from prefect.futures import PrefectFuture
 from enrichflow.config import Job, LimitsConfig
 from enrichflow.errors import InputError
 from enrichflow.provider import as_reached
+from enrichflow.providers import BatchAPI
 from enrichflow.tasks.budget import TokenBudget
 from enrichflow.tasks.collect import collect_shard_task
 from enrichflow.tasks.events import emit
@@ -42,8 +42,8 @@ from enrichflow.tasks.report import start_progress
 from enrichflow.tasks.runner import Runner
 from enrichflow.tasks.state import RunState, ShardRecord
 from enrichflow.tasks.submit import (
+    clean_up_task,
     create_batch_task,
-    delete_files_task,
     find_batch_task,
     upload_shard_task,
 )
@@ -60,7 +60,7 @@ UPLOADS_AT_ONCE = 2  # a shard's lines are held from its render until its upload
 SUSPEND_MARGIN_SECONDS = 3600  # resume-ready resumes a run past max_wait_hours before this
 
 
-def run_attempts(client: OpenAI, state: RunState, prepared: Prepared, job: Job,
+def run_attempts(client: BatchAPI, state: RunState, prepared: Prepared, job: Job,
                  runner: Runner, wait_mode: WaitMode = "poll") -> None:
     """Send the rows, then again the ones worth retrying; their results are journaled."""
     log = get_run_logger()
@@ -145,7 +145,7 @@ class ShardRun:
         return cls(shard, record, part[ROW].combine_chunks())
 
 
-def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
+def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Table,
                shards: list[Shard], budget: TokenBudget, job: Job, wait_mode: WaitMode,
                progress: UUID, lines: ShardLines, runner: Runner) -> None:
     """Run one attempt's shards, starting each only when it fits the enqueued-token
@@ -208,7 +208,7 @@ def run_shards(client: OpenAI, state: RunState, attempt: int, pending: pa.Table,
         collect_shards(client, state, to_collect, job, lines, runner)
 
 
-def collect_shards(client: OpenAI, state: RunState, finished: list[tuple[ShardRun, Batch]],
+def collect_shards(client: BatchAPI, state: RunState, finished: list[tuple[ShardRun, Batch]],
                    job: Job, lines: ShardLines, runner: Runner) -> None:
     """Collect finished shards on the runner, then journal each, then delete its files."""
     log = get_run_logger()
@@ -223,23 +223,23 @@ def collect_shards(client: OpenAI, state: RunState, finished: list[tuple[ShardRu
         log.info("%s: batch %s is %s; collected %s ok, %s failed", run.record.name,
                  batch.id, batch.status, f"{shard.ok:,}", f"{shard.failed:,}")
         if job.cleanup:
-            delete_files_task(client, [batch.input_file_id, batch.output_file_id,
-                                       batch.error_file_id])
+            clean_up_task(client, batch)
 
 
-def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
+def start_shards(client: BatchAPI, state: RunState, starting: list[ShardRun],
                  lines: ShardLines, job: Job) -> None:
     """Give each shard of `starting` its batch, exactly once: re-attach to a journaled
-    batch or to one created just before a crash (found by its metadata), else upload and
-    create, concurrently. The tasks get and return values; the flow journals before and
-    after each side effect."""
+    batch or to one created just before a crash (`BatchAPI.find`), else upload and
+    create, concurrently (creates one at a time on a provider whose batches carry no
+    metadata, so that a crash leaves at most one batch to find). The tasks get and
+    return values; the flow journals before and after each side effect."""
     log = get_run_logger()
     for run in starting:
         record = run.record
         if record.batch_id:
             log.info("%s: re-attaching to batch %s", record.name, record.batch_id)
         elif record.status == "creating":
-            found = find_batch_task(client, state.batch_metadata(record), state.started_at)
+            found = find_batch_task(client, state.intent(record))
             if found:
                 log.info("%s: found batch %s created before a crash", record.name, found.id)
                 state.update(record, batch_id=found.id, status="submitted")
@@ -257,21 +257,25 @@ def start_shards(client: OpenAI, state: RunState, starting: list[ShardRun],
                 client, state.upload_name(record), jsonl(requests), orphans_since)))
     while uploads:
         _uploaded(state, *uploads.popleft())
-    creates = []
+    creates: deque[tuple[ShardRun, PrefectFuture]] = deque()
     for run in starting:
         record = run.record
         if not record.batch_id:
-            state.update(record, status="creating")
+            if creates and not client.tags_batches:  # one unjournaled batch at a time
+                _created(state, job, *creates.popleft())
+            state.update(record, status="creating", creating_at=time.time())
             creates.append((run, create_batch_task.submit(
-                client, record.file_id, job.request.endpoint, state.batch_metadata(record),
-                state.started_at)))
-    for run, created in creates:
-        batch = created.result()
-        state.update(run.record, batch_id=batch.id, status="submitted",
-                     batch_status=batch.status)
-        log.info("%s: created batch %s", run.record.name, batch.id)
-        emit("batch.created", job.name, state.location.uri, batch=batch.id,
-             shard=run.record.name, rows=run.record.rows)
+                client, record.file_id, job.request.endpoint, state.intent(record))))
+    while creates:
+        _created(state, job, *creates.popleft())
+
+
+def _created(state: RunState, job: Job, run: ShardRun, created: PrefectFuture) -> None:
+    batch = created.result()
+    state.update(run.record, batch_id=batch.id, status="submitted", batch_status=batch.status)
+    get_run_logger().info("%s: created batch %s", run.record.name, batch.id)
+    emit("batch.created", job.name, state.location.uri, batch=batch.id,
+         shard=run.record.name, rows=run.record.rows)
 
 
 def _uploaded(state: RunState, run: ShardRun, upload: PrefectFuture) -> None:

@@ -10,6 +10,7 @@ the bearer token, stamps `x-request-id` and injects the configured HTTP faults.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from localbatch.anthropic import add_routes as add_anthropic_routes
 from localbatch.engines import BATCH_ENDPOINTS
 from localbatch.errors import APIError, not_found
 from localbatch.lifecycle import ID_PREFIXES, Lifecycle
-from localbatch.simulation import AZURE_V1_PATH, Dice
+from localbatch.simulation import AZURE_V1_PATH, Dice, HttpFault
 from localbatch.store import BATCH_FILE_TTL, new_id
 
 DIALECT = "localbatch.dialect"  # in a request's scope: the face it came in by
@@ -72,13 +73,18 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
             request.scope[DIALECT] = "azure"
         elif request.url.path.startswith(MESSAGES_PATH):
             request.scope[DIALECT] = "anthropic"
-        response = _auth_failure(request, api_key) or _injected_fault(request)
+        response = _auth_failure(request, api_key)
+        fault = None if response else _injected_fault(request)
+        if fault is not None and not fault.lost_response:
+            response = await _fault_answer(fault, request)
         if response is None:
             response = await call_next(request)
+            if fault is not None:  # done, and its answer lost on the way
+                response = await _fault_answer(fault, request)
         response.headers["x-request-id"] = request_id
         return response
 
-    def _injected_fault(request: Request) -> JSONResponse | None:
+    def _injected_fault(request: Request) -> HttpFault | None:
         for i, fault in enumerate(sim.http_faults):
             if not fault.matches(request.method, request.url.path):
                 continue
@@ -86,13 +92,17 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
                 continue
             if fault_dice.roll(fault.rate):
                 fault_counts[i] += 1
-                error = APIError(fault.status, f"Injected fault: HTTP {fault.status}.",
-                                 type_="rate_limit_error" if fault.status == 429
-                                 else "server_error")
-                headers = {} if fault.retry_after is None else {
-                    "retry-after": f"{fault.retry_after:g}"}
-                return JSONResponse(error.body(), status_code=fault.status, headers=headers)
+                return fault
         return None
+
+    async def _fault_answer(fault: HttpFault, request: Request) -> JSONResponse:
+        await asyncio.sleep(fault.delay_seconds)
+        dialect = request.scope.get(DIALECT, "openai")
+        error = APIError(fault.status, f"Injected fault: HTTP {fault.status}.",
+                         type_="rate_limit_error" if fault.status == 429 else
+                         "api_error" if dialect == "anthropic" else "server_error")
+        headers = {} if fault.retry_after is None else {"retry-after": f"{fault.retry_after:g}"}
+        return JSONResponse(error.body(dialect), status_code=fault.status, headers=headers)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):

@@ -68,6 +68,11 @@ class LocalBatchServer:
         """Its Azure OpenAI face, as a job's `provider.base_url` for `kind: azure`."""
         return f"http://{self.host}:{self.port}{AZURE_V1_PATH}"
 
+    @property
+    def anthropic_base_url(self) -> str:
+        """Its Anthropic face, as an Anthropic client (or `kind: anthropic`) takes it."""
+        return f"http://{self.host}:{self.port}"
+
     def start(self) -> LocalBatchServer:
         """Serve from background threads; returns once the server answers."""
         (self.store.root / URL_FILE).write_text(self.base_url)

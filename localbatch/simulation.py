@@ -30,6 +30,11 @@ class HttpFault(BaseModel):
     rate: float = Field(default=0.1, ge=0, le=1, description="Share of matching requests.")
     retry_after: float | None = Field(default=None, ge=0, description="Retry-After seconds.")
     times: int | None = Field(default=None, ge=1, description="Stop after this many faults.")
+    lost_response: bool = Field(
+        default=False, description="The route does its work (a batch is created), then its "
+                                   "answer is lost: the client gets the error instead.")
+    delay_seconds: float = Field(default=0.0, ge=0, description="Hold the faulty answer this "
+                                                                "long (a client killed meanwhile).")
 
     def matches(self, method: str, path: str) -> bool:
         if self.method and self.method.upper() != method.upper():

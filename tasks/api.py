@@ -1,76 +1,69 @@
-"""What is worth retrying when the API answers badly (one rule for every task), and how
-an error that outlasted its retries is told to the user."""
+"""What is worth retrying when a provider's API answers badly (one rule for every task
+and every provider's SDK), and how an error that outlasted its retries is told."""
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable
-
-import openai
-
-from enrichflow.errors import ConfigError
-
-TRANSIENT = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
-             openai.InternalServerError, openai.ConflictError)
+import sys
+from typing import Any
 
 
-def retry_on(*exceptions: type[BaseException]) -> Callable[..., bool]:
-    """A Prefect `retry_condition_fn` that retries only the given exceptions."""
+def sdk_errors() -> tuple[type[Exception], ...]:
+    """The base error of each provider SDK this process loaded (one not loaded raised
+    nothing: Anthropic's SDK is imported only by a job on Anthropic)."""
+    import openai
 
-    def condition(_task, _task_run, state) -> bool:
-        try:
-            state.result()
-        except exceptions:
-            return True
-        except Exception:
-            return False
+    loaded = sys.modules.get("anthropic")
+    return (openai.APIError,) + ((loaded.APIError,) if loaded else ())
+
+
+def transient_errors() -> tuple[type[Exception], ...]:
+    """The errors worth another try, of each provider SDK this process loaded."""
+    from enrichflow.providers.openai_batches import TRANSIENT
+
+    if "anthropic" not in sys.modules:
+        return TRANSIENT
+    from enrichflow.providers.anthropic_batches import TRANSIENT as ANTHROPIC_TRANSIENT
+
+    return TRANSIENT + ANTHROPIC_TRANSIENT
+
+
+def retry_transient(_task, _task_run, state) -> bool:
+    """A Prefect `retry_condition_fn` that retries only `transient_errors`."""
+    try:
+        state.result()
+    except transient_errors():
+        return True
+    except Exception:
         return False
+    return False
 
-    return condition
 
+RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 10, 30],
+                           "retry_condition_fn": retry_transient}
 
 _HINTS = {
-    401: "check the API key: OPENAI_API_KEY, or LOCALBATCH_API_KEY for an `enrichflow serve` "
-         "started with --api-key",
+    401: "check the API key: OPENAI_API_KEY, AZURE_OPENAI_API_KEY or ANTHROPIC_API_KEY as "
+         "the provider is, or LOCALBATCH_API_KEY for an `enrichflow serve` started with "
+         "--api-key",
     403: "the key may not use this model or endpoint",
     404: "the batch or file is gone: was the job started with another --base-url?",
-    413: "the file is larger than the provider takes: lower limits.max_bytes_per_shard",
+    413: "the batch is larger than the provider takes: lower limits.max_bytes_per_shard",
     429: "the provider's rate or quota limit: run the job again later; it re-attaches",
 }
 
 
-def describe_api_error(exc: openai.APIError) -> str:
-    """One line: the call, the HTTP status and the provider's message, and what to do."""
+def describe_api_error(exc: Exception) -> str:
+    """One line: the call, the HTTP status and the provider's message, and what to do
+    (an error of any SDK in `sdk_errors`: they share their shape)."""
     request = exc.request
     call = f"{request.method} {request.url}"
-    if isinstance(exc, openai.APIStatusError):
+    status = getattr(exc, "status_code", None)
+    if status is not None:
         body = exc.body if isinstance(exc.body, dict) else {}
-        message = body.get("message") or exc.message
-        hint = _HINTS.get(exc.status_code, "the provider is in trouble: run the job again "
-                          "later; it re-attaches to what was already created")
-        return f"the API call {call} failed: HTTP {exc.status_code}: {message} ({hint})"
+        message = (body.get("message") or (body.get("error") or {}).get("message")
+                   or exc.message)
+        hint = _HINTS.get(status, "the provider is in trouble: run the job again later; it "
+                          "re-attaches to what was already created")
+        return f"the API call {call} failed: HTTP {status}: {message} ({hint})"
     return (f"the API call {call} failed: {exc.message} (is the server at that address "
             "up? running the job again re-attaches to what was already created)")
-
-
-def check_model(client: openai.OpenAI, model: str, kind: str) -> None:
-    """Refuse, before anything is uploaded, a model the provider does not have (a typo
-    in a job file would otherwise be a batch of failed requests), with the closest one.
-    A server that lists no models (some OpenAI-compatible ones) cannot tell: no check;
-    nor can Azure, whose `model` is a deployment's name, which /models does not list."""
-    if kind == "azure":
-        return
-    try:
-        client.models.retrieve(model)
-        return
-    except openai.NotFoundError:
-        try:
-            names = [m.id for m in client.models.list()]
-        except openai.NotFoundError:
-            return
-    if not names or model in names:
-        return
-    close = difflib.get_close_matches(model, names, n=1)
-    raise ConfigError(f"request.model: {client.base_url} has no model {model!r}"
-                      + (f"; did you mean {close[0]!r}?" if close else "")
-                      + " Nothing was sent")

@@ -21,16 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 
-import httpx
-import openai
 import pyarrow as pa
 import pyarrow.compute as pc
-from openai import OpenAI
 from openai.types import Batch
 from prefect import get_run_logger
 
 from enrichflow.config import CanaryConfig, Job
 from enrichflow.provider import open_client
+from enrichflow.providers import BatchAPI, Intent
 from enrichflow.storage import Location
 from enrichflow.tasks import as_task
 from enrichflow.tasks.collect import collect_results, read_result_lines, results_of_lines
@@ -38,11 +36,10 @@ from enrichflow.tasks.load import KEY, ROW, RowReader
 from enrichflow.tasks.plan import jsonl
 from enrichflow.tasks.prepare import Prepared
 from enrichflow.tasks.render import CUSTOM_ID, LINE, render_requests
-from enrichflow.tasks.submit import create_batch, delete_files, find_batch, upload_shard
+from enrichflow.tasks.submit import create_batch
 from enrichflow.tasks.wait import TERMINAL, wait_for_batches
 
 SYNC_AT_ONCE = 8
-JOB_ERRORS = (401, 403, 404)  # a wrong key or address: an error of the job, not of its rows
 REPLACED = frozenset({"failed", "expired"})  # a canary batch that another one replaces
 
 
@@ -55,7 +52,7 @@ class CanaryOutcome:
     batch_id: str | None  # mode batch: the canary's batch
     cost_usd: float | None
     seconds: float
-    batch_files: tuple[str | None, ...] = ()  # mode batch: its input, output, error files
+    batch: Batch | None = None  # mode batch: its batch, cleaned up once journaled
 
     @classmethod
     def nothing(cls) -> CanaryOutcome:
@@ -92,12 +89,11 @@ class CanaryOutcome:
                 f"{self.seconds:.1f} s; cost {cost}")
 
 
-def run_canary(client: OpenAI, job: Job, prepared: Prepared, canary: CanaryConfig,
-               batch_metadata: dict[str, str], since: float, sync_batch_id: str,
-               wait: bool = True) -> CanaryOutcome:
+def run_canary(client: BatchAPI, job: Job, prepared: Prepared, canary: CanaryConfig,
+               intent: Intent, sync_batch_id: str, wait: bool = True) -> CanaryOutcome:
     """Send the sample and check its answers as collect does. Synchronous answers carry
-    `sync_batch_id` as their batch. A canary batch is tagged with `batch_metadata`; one
-    so tagged since `since` (and usable: see `_usable`) is used instead of a new one.
+    `sync_batch_id` as their batch. A canary batch carries the metadata of `intent`; one
+    found by it (and usable: see `_usable`) is used instead of a new one.
     Without `wait`, a canary batch still running is left to run: the outcome is
     `waiting`."""
     started = time.monotonic()
@@ -109,8 +105,7 @@ def run_canary(client: OpenAI, job: Job, prepared: Prepared, canary: CanaryConfi
     if canary.mode == "sync":
         results, batch = _answer_now(client, requests, job, sync_batch_id), None
     else:
-        results, batch = _answer_in_a_batch(client, requests, job, batch_metadata, since,
-                                            wait)
+        results, batch = _answer_in_a_batch(client, requests, job, intent, wait)
         if results is None:
             return CanaryOutcome(len(rows), CanaryOutcome.nothing().failed, None, batch.id,
                                  None, time.monotonic() - started)
@@ -124,25 +119,15 @@ def run_canary(client: OpenAI, job: Job, prepared: Prepared, canary: CanaryConfi
         pc.invert(pc.fill_null(results["_ok"], False)))
     return CanaryOutcome(rows=results.num_rows, failed=failed, results=results,
                          batch_id=batch and batch.id, cost_usd=cost,
-                         seconds=time.monotonic() - started,
-                         batch_files=() if batch is None else (
-                             batch.input_file_id, batch.output_file_id, batch.error_file_id))
+                         seconds=time.monotonic() - started, batch=batch)
 
 
-def _answer_now(client: OpenAI, requests: pa.Table, job: Job, batch_id: str) -> pa.Table:
+def _answer_now(client: BatchAPI, requests: pa.Table, job: Job, batch_id: str) -> pa.Table:
     """Each request through the synchronous API, its answer as a Batch API output line of
     a batch named `batch_id`."""
-    path = job.request.endpoint.removeprefix("/v1")
 
     def answer(custom_id: str, line: str) -> dict:
-        body = json.loads(line)["body"]
-        try:
-            response = client.post(path, body=body, cast_to=httpx.Response)
-            status, answer = response.status_code, response.json()
-        except openai.APIStatusError as exc:
-            if exc.status_code in JOB_ERRORS:
-                raise
-            status, answer = exc.status_code, {"error": exc.body}
+        status, answer = client.answer_now(job.request.endpoint, json.loads(line)["body"])
         return {"custom_id": custom_id, "response": {"status_code": status, "body": answer}}
 
     with ThreadPoolExecutor(SYNC_AT_ONCE) as pool:
@@ -159,22 +144,21 @@ def _answer_now(client: OpenAI, requests: pa.Table, job: Job, batch_id: str) -> 
                             requests[CUSTOM_ID].combine_chunks(), job.request)
 
 
-def _answer_in_a_batch(client: OpenAI, requests: pa.Table, job: Job,
-                       metadata: dict[str, str], since: float,
+def _answer_in_a_batch(client: BatchAPI, requests: pa.Table, job: Job, intent: Intent,
                        wait: bool) -> tuple[pa.Table | None, Batch]:
     """The requests as one small batch, uploaded, created (never twice), waited for (or,
     without `wait`, left running: no results) and collected as a shard's are; (the
     results, the batch). Its files are left for `delete_canary_files`."""
     limits = job.limits
-    batch = find_batch(client, metadata, since)
+    batch = client.find(intent)
     if batch is not None and _usable(client, batch):
         get_run_logger().info("canary: batch %s of this run exists already (the run stopped "
                               "after creating it); using it rather than paying for another "
                               "(--force starts a new run)", batch.id)
     else:
-        file_id = upload_shard(client, f"{job.name}-canary.jsonl", jsonl(requests),
-                               orphans_since=since)
-        batch = create_batch(client, file_id, job.request.endpoint, metadata, time.time())
+        upload_id = client.upload(f"{job.name}-canary.jsonl", jsonl(requests),
+                                  orphans_since=intent.since)
+        batch = create_batch(client, upload_id, job.request.endpoint, intent)
     if not wait and batch.status not in TERMINAL:
         return None, batch
     while batch.status not in TERMINAL:
@@ -184,15 +168,12 @@ def _answer_in_a_batch(client: OpenAI, requests: pa.Table, job: Job,
                            requests[CUSTOM_ID].combine_chunks(), job.request), batch
 
 
-def _usable(client: OpenAI, batch: Batch) -> bool:
+def _usable(client: BatchAPI, batch: Batch) -> bool:
     """Whether a canary batch found again can be used: not failed or expired, and its
     answers not deleted (an older enrichflow deleted them before journaling them)."""
     if batch.status in REPLACED:
         return False
-    try:
-        for file_id in filter(None, (batch.output_file_id, batch.error_file_id)):
-            client.files.retrieve(file_id)
-    except openai.NotFoundError:
+    if not client.results_kept(batch):
         get_run_logger().warning("canary: the answers of batch %s of this run are gone; a "
                                  "new canary batch replaces it", batch.id)
         return False
@@ -202,9 +183,9 @@ def _usable(client: OpenAI, batch: Batch) -> bool:
 def delete_canary_files(job: Job, location: Location, outcome: CanaryOutcome) -> None:
     """Delete a canary batch's files, once its answers are journaled (or it failed): a
     run killed before finds them still there."""
-    if job.cleanup and outcome.batch_files:
+    if job.cleanup and outcome.batch is not None:
         with open_client(job.provider, location) as client:
-            delete_files(client, list(outcome.batch_files))
+            client.clean_up(outcome.batch)
 
 
 run_canary_task = as_task(run_canary, "canary")

@@ -6,8 +6,6 @@ Used by `enrichflow cancel` and by the flow when its Prefect run is cancelled.
 
 from __future__ import annotations
 
-import openai
-
 from enrichflow.provider import open_journaled_client
 from enrichflow.storage import Location
 from enrichflow.tasks.state import RunState
@@ -27,11 +25,8 @@ def cancel_run(location: Location, flow_run_id: str | None = None
     cancelled = []
     with open_journaled_client(state.provider, location) as client:
         for name, batch_id in awaited_batches(client, state):
-            batch = client.batches.retrieve(batch_id)
-            if batch.status not in TERMINAL and batch.status != "cancelling":
-                try:
-                    client.batches.cancel(batch.id)
-                except (openai.BadRequestError, openai.ConflictError):
-                    continue  # it finished between the look and the cancel
+            batch = client.retrieve(batch_id)
+            if batch.status not in TERMINAL and batch.status != "cancelling" \
+                    and client.cancel(batch.id):  # not finished between the look and now
                 cancelled.append(f"batch {batch.id} ({name})")
     return state, cancelled

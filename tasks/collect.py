@@ -9,10 +9,6 @@ each answer's content is parsed in Python, once.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +17,6 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json
-from openai import OpenAI
 from openai.types import Batch
 
 from enrichflow.config import (
@@ -32,10 +27,11 @@ from enrichflow.config import (
     RequestConfig,
 )
 from enrichflow.provider import open_client
+from enrichflow.providers import BatchAPI
 from enrichflow.storage import Location
 from enrichflow.tasks import as_task
 from enrichflow.tasks.answers import answer_type, read_answers
-from enrichflow.tasks.api import TRANSIENT, retry_on
+from enrichflow.tasks.api import RETRIES
 from enrichflow.tasks.load import ROW
 from enrichflow.tasks.render import CUSTOM_ID
 from enrichflow.tasks.state import ShardRecord, write_results
@@ -116,7 +112,7 @@ def results_schema(request: RequestConfig) -> pa.Schema:
     return pa.schema([*RESULT_FIELDS, (VALUE, answer_type(request))])
 
 
-def collect_results(client: OpenAI, batch: Batch, rows: pa.Array, custom_ids: pa.Array,
+def collect_results(client: BatchAPI, batch: Batch, rows: pa.Array, custom_ids: pa.Array,
                     request: RequestConfig) -> pa.Table:
     """Results for exactly the shard's rows (`rows`, with their `custom_ids`), whatever
     the batch returned."""
@@ -127,11 +123,8 @@ def collect_results(client: OpenAI, batch: Batch, rows: pa.Array, custom_ids: pa
         message = f"batch {batch.id} failed validation: {code}: {first.message if first else ''}"
         return error_results(rows, custom_ids, batch.id, message, code in RETRYABLE_CODES,
                              schema)
-    lines = []
-    for file_id in (batch.output_file_id, batch.error_file_id):
-        if file_id:  # a clean batch may report "" as well as null
-            with _downloaded(client, file_id) as path:
-                lines.append(read_result_lines(path, request.endpoint))
+    with client.result_files(batch, custom_ids) as paths:
+        lines = [read_result_lines(path, request.endpoint) for path in paths]
     return results_of_lines(
         pa.concat_tables(lines) if lines else line_schema(request.endpoint).empty_table(),
         batch.id, rows, custom_ids, request)
@@ -293,19 +286,6 @@ def read_result_lines(path: str, endpoint: str = CHAT_ENDPOINT) -> pa.Table:
                                          for line in handle if line.strip()], schema=schema)
 
 
-@contextmanager
-def _downloaded(client: OpenAI, file_id: str) -> Iterator[str]:
-    """The file's content in a local temporary file, streamed, never whole in memory."""
-    handle, path = tempfile.mkstemp(suffix=".jsonl")
-    os.close(handle)
-    try:
-        with client.files.with_streaming_response.content(file_id) as response:
-            response.stream_to_file(path)
-        yield path
-    finally:
-        os.remove(path)
-
-
 def _shaped(value: Any, kind: pa.DataType) -> Any:
     """`value` with what does not have the type `kind` gives it made null (an error given
     as bare text becomes its message), so that Arrow takes any line."""
@@ -323,6 +303,4 @@ def _shaped(value: Any, kind: pa.DataType) -> Any:
     return None
 
 
-collect_shard_task = as_task(collect_shard, "collect shard", retries=3,
-                             retry_delay_seconds=[2, 10, 30],
-                             retry_condition_fn=retry_on(*TRANSIENT))
+collect_shard_task = as_task(collect_shard, "collect shard", **RETRIES)

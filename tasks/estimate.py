@@ -285,7 +285,11 @@ class Estimate:
                  *([("already sent by the run this one resumes", f"{self.already_sent:,}")]
                    if self.already_sent else []),
                  ("requests to send", f"{self.requests:,}"), ("shards", f"{self.shards:,}"),
-                 ("input tokens", f"{self.input_tokens:,}"), ("output token ceiling", ceiling)]
+                 ("input tokens", f"{self.input_tokens:,}" + (
+                     " (approximated offline with OpenAI's o200k tokenizer: Anthropic "
+                     "publishes no tokenizer; its own count differs)"
+                     if self.model.startswith("claude") else "")),
+                 ("output token ceiling", ceiling)]
         if self.price is None:
             pairs.append(("cost", f"unknown: no price for {self.model}; set `price` in the "
                                   "job file"))

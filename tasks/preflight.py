@@ -8,10 +8,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 from enrichflow.config import Job
-from enrichflow.provider import open_client, provider_kind
+from enrichflow.provider import open_client
 from enrichflow.storage import Location
 from enrichflow.tasks.answers import check_answer_columns
-from enrichflow.tasks.api import check_model
 from enrichflow.tasks.load import Source
 from enrichflow.tasks.render import LINE, render_requests
 
@@ -20,7 +19,7 @@ FIRST_ROWS = 100
 
 def preflight(job: Job) -> None:
     """Raise the error a run of `job` would meet first (InputError, ConfigError, an
-    openai.APIError), before anything is sent."""
+    a provider SDK's APIError), before anything is sent."""
     rows = first_rows(job, FIRST_ROWS)
     if rows is not None:
         check_answer_columns(rows, job.request)
@@ -29,7 +28,7 @@ def preflight(job: Job) -> None:
     output = Location(job.output, job.storage_options)
     with open_client(job.provider, output, share_running=True) as client:  # a running
         # job's embedded server answers too
-        check_model(client, job.request.model, provider_kind(job.provider))
+        client.check_model(job.request.model)
 
 
 def preview_lines(job: Job, rows: int) -> list[str]:

@@ -23,9 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from enrichflow.errors import StorageError
+from enrichflow.providers import Intent
 from enrichflow.storage import Location
 from enrichflow.tasks.lease import Lease
 from enrichflow.tasks.load import ROW
+from enrichflow.tasks.render import CUSTOM_ID
 
 STATE_FILE = "_state/run.json"
 CANCEL_FILE = "_state/cancel-requested.json"
@@ -52,6 +54,7 @@ class ShardRecord:
     request_counts: dict[str, int] | None = None
     start: int | None = None  # a piece of a split shard: its first row in the attempt
     parent: int | None = None  # a piece of a split shard: the shard it was cut from
+    creating_at: float | None = None  # when its batch was asked for (re-attach looks after)
     first_row: int | None = None  # collected: the dataset rows its results are of, from...
     last_row: int | None = None  # ...to (both included)
 
@@ -209,6 +212,27 @@ class RunState:
         return {"enrichflow_job": self.job_key, "enrichflow_run": self.run_id,
                 "attempt": str(record.attempt), "shard": str(record.shard),
                 "submission": str(record.submission)}
+
+    def intent(self, record: ShardRecord) -> Intent:
+        """What finds the batch of `record` again after a kill between its create call
+        and its journal write (`BatchAPI.find`)."""
+
+        def custom_ids() -> list[str]:
+            requests = self.location.read_parquet(record.requests_name, columns=[CUSTOM_ID])
+            return requests[CUSTOM_ID].to_pylist()
+
+        return Intent(self.batch_metadata(record), record.creating_at or self.started_at,
+                      record.rows, custom_ids, self._journaled_batches())
+
+    def canary_intent(self) -> Intent:
+        """What finds the canary's batch again (only a provider that keeps metadata has
+        canary batches: `Job._provider_takes_the_request`)."""
+        return Intent(self.canary_metadata(), self.started_at, 0, list,
+                      self._journaled_batches())
+
+    def _journaled_batches(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(r.batch_id for r in self.shards if r.batch_id)
 
     @property
     def sync_canary_batch(self) -> str:

@@ -117,8 +117,7 @@ def _as_the_provider_says(state: RunState, location: Location
                           ) -> tuple[dict[str, Batch], str | None]:
     """The run's batches not yet collected as the provider sees them now (the journal
     has their counts at the run's last poll); or, when it cannot be asked, why."""
-    import openai
-
+    from enrichflow.tasks.api import sdk_errors
     from enrichflow.tasks.wait import look_at_batches
 
     running = [record.batch_id for record in state.awaited()]
@@ -127,7 +126,7 @@ def _as_the_provider_says(state: RunState, location: Location
     try:
         with open_journaled_client(state.provider, location) as client:
             return {batch.id: batch for batch in look_at_batches(client, running)}, None
-    except (openai.APIError, ConfigError, StorageError, OSError) as exc:
+    except (*sdk_errors(), ConfigError, StorageError, OSError) as exc:
         return {}, f"{type(exc).__name__}: {exc}"
 
 

@@ -11,31 +11,27 @@ from __future__ import annotations
 
 import time
 
-from openai import OpenAI
 from openai.types import Batch
 from prefect import get_run_logger
 
 from enrichflow.errors import ProviderError
+from enrichflow.providers import BatchAPI
 from enrichflow.tasks import as_task, watch
-from enrichflow.tasks.api import TRANSIENT, retry_on
+from enrichflow.tasks.api import RETRIES
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 REPORT_SECONDS = 600  # hand the request counts back to the flow (journal, UI) this often
 LOG_SECONDS = 60  # log moving request counts at most this often (a new status at once)
 UNREACHABLE_SECONDS = 900  # give up on a provider that does not answer for this long
-LIST_LIMIT = 100  # the most batches one list call returns
 
 
-def look_at_batches(client: OpenAI, batch_ids: list[str]) -> list[Batch]:
-    """The batches as they are now: those among the provider's newest LIST_LIMIT from one
-    list call, any other by its own (twenty running shards are one request a poll, not
-    twenty, under the provider's rate limits)."""
-    wanted = set(batch_ids)
-    listed = {b.id: b for b in client.batches.list(limit=LIST_LIMIT).data if b.id in wanted}
-    return [listed.get(batch_id) or client.batches.retrieve(batch_id) for batch_id in batch_ids]
+def look_at_batches(client: BatchAPI, batch_ids: list[str]) -> list[Batch]:
+    """The batches as they are now (in as few calls as the provider allows: twenty
+    running shards are not twenty requests a poll, under its rate limits)."""
+    return client.look(batch_ids)
 
 
-def wait_for_batches(client: OpenAI, batch_ids: list[str], poll_min: float, poll_max: float,
+def wait_for_batches(client: BatchAPI, batch_ids: list[str], poll_min: float, poll_max: float,
                      max_wait_hours: float) -> list[Batch]:
     """The batches as soon as one of them is finished, or after REPORT_SECONDS: the flow
     journals their request counts, collects the finished ones and calls again. Polls
@@ -51,7 +47,7 @@ def wait_for_batches(client: OpenAI, batch_ids: list[str], poll_min: float, poll
         try:
             batches = look_at_batches(client, batch_ids)
             reached = time.monotonic()
-        except TRANSIENT as exc:
+        except client.transient as exc:
             if time.monotonic() - reached > UNREACHABLE_SECONDS:
                 raise ProviderError(
                     f"the Batch API at {client.base_url} did not answer for "
@@ -101,6 +97,4 @@ def _progress(batch: Batch) -> str:
 
 
 wait_for_batches_task = as_task(wait_for_batches, "wait for batches")
-look_at_batches_task = as_task(look_at_batches, "look at batches", retries=3,
-                               retry_delay_seconds=[2, 10, 30],
-                               retry_condition_fn=retry_on(*TRANSIENT))
+look_at_batches_task = as_task(look_at_batches, "look at batches", **RETRIES)

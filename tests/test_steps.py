@@ -11,6 +11,8 @@ from jsonschema import Draft202012Validator
 
 from enrichflow.config import DatasetConfig, RequestConfig, ResponseFormat, load_job
 from enrichflow.errors import InputError
+from enrichflow.providers import openai_batches
+from enrichflow.providers.openai_batches import OpenAIBatches
 from enrichflow.tasks import answers, load, wait
 from enrichflow.tasks.answers import answer_reader, read_answers
 from enrichflow.tasks.estimate import Price, chat_prompt_tokens, request_tokens
@@ -499,7 +501,7 @@ def test_batches_are_looked_at_with_one_list_call_and_found_past_it(start_localb
                                                                     monkeypatch):
     """Running shards are read from one list of the newest batches; a batch past that
     list (here: past 2) is retrieved on its own, so none is ever missed."""
-    monkeypatch.setattr(wait, "LIST_LIMIT", 2)
+    monkeypatch.setattr(openai_batches, "LIST_LIMIT", 2)
     client = sdk_client(start_localbatch().base_url)
     ids = []
     for i in range(3):
@@ -508,7 +510,7 @@ def test_batches_are_looked_at_with_one_list_call_and_found_past_it(start_localb
         ids.append(client.batches.create(input_file_id=file.id, completion_window="24h",
                                          endpoint="/v1/chat/completions").id)
     done = [wait_until(client, batch_id) for batch_id in ids]
-    seen = wait.look_at_batches(client, ids)
+    seen = wait.look_at_batches(OpenAIBatches(client, "local"), ids)
     assert [b.model_dump() for b in seen] == [b.model_dump() for b in done]
 
 

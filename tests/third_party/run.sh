@@ -26,15 +26,19 @@ openai_batch="$(venv openai-batch python3 'openai-batch==0.3.4' 'openai<3')"
 batchor="$(venv batchor "${PYTHON312:-python3.12}" 'batchor==0.0.7')"
 
 port="$("$repo/.venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+# curator asks Anthropic for a model that litellm knows the limits of: the mock answers it too
+printf 'models: [claude-3-5-haiku-20241022]\n' > "$work/simulation.yaml"
 "$repo/.venv/bin/enrichflow" serve --port "$port" --data-dir "$work/serve-$port" \
-    > "$work/serve.log" 2>&1 &
+    --config "$work/simulation.yaml" > "$work/serve.log" 2>&1 &
 server=$!
 trap 'kill $server' EXIT
 export BASE_URL="http://127.0.0.1:$port/v1" OPENAI_BASE_URL="http://127.0.0.1:$port/v1"
-export OPENAI_API_KEY=local
+export OPENAI_API_KEY=local ANTHROPIC_BASE_URL="http://127.0.0.1:$port" ANTHROPIC_API_KEY=local
 for _ in $(seq 60); do curl -sf "$BASE_URL/models" > /dev/null && break; sleep 0.5; done
 
 cd "$work"
 HOME="$work/home" CURATOR_DISABLE_CACHE=1 TELEMETRY_ENABLED=0 "$curator" "$here/curator_basic.py"
+HOME="$work/home" CURATOR_DISABLE_CACHE=1 TELEMETRY_ENABLED=0 "$curator" \
+    "$here/curator_anthropic_batch.py"
 "$batchor" "$here/batchor_basic.py"
 "$here/openai_batch_basic.sh" "$openai_batch"
