@@ -8,18 +8,27 @@ row is in the output exactly once and `ok`, then prints the figures of each size
 ratios of the largest to the smallest (goals at 1,000,000 rows: at most 8 minutes, and
 at most 1.5x the memory of 100,000 rows, under 1.5 GB).
 
-    .venv/bin/python bench/e2e_scale.py [--rows 100000,1000000] [--work DIR]
+    .venv/bin/python bench/e2e_scale.py [--rows 100000,1000000] [--work DIR] \
+        [--provider local|azure|anthropic]
+
+With `--provider azure` or `anthropic` the job talks to that dialect of a localbatch
+server of its own (`enrichflow serve`, started here; its memory is not the run's).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import yaml
@@ -36,7 +45,14 @@ MEASURED = ("import resource, subprocess, sys\n"
             "sys.exit(code)\n")
 
 
-def run_job(rows: int, work: Path) -> tuple[float, float]:
+# What a job on each dialect of a served localbatch takes: its flags, its key variable
+DIALECTS = {"azure": (["--provider", "azure"], "AZURE_OPENAI_API_KEY", "/openai/v1/"),
+            "anthropic": (["--provider", "anthropic", "--model", "claude-haiku-4-5"],
+                          "ANTHROPIC_API_KEY", "")}
+
+
+def run_job(rows: int, work: Path, provider: list[str],
+            env: dict[str, str] | None) -> tuple[float, float]:
     """(seconds, peak MiB) of one run of the movies job over `rows` generated movies."""
     data = work / f"movies-{rows}.csv"
     if not data.exists():
@@ -50,7 +66,8 @@ def run_job(rows: int, work: Path) -> tuple[float, float]:
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", MEASURED, str(log),
                            str(Path(sys.executable).with_name("enrichflow")), "run", str(path),
-                           "--force", "--no-cache"], capture_output=True, text=True, cwd=REPO)
+                           "--force", "--no-cache", *provider], capture_output=True, text=True,
+                          cwd=REPO, env=env)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"the run of {rows:,} rows failed; see {log}")
@@ -71,13 +88,50 @@ def main() -> None:
                         help="comma-separated table sizes, smallest first")
     parser.add_argument("--work", type=Path, default=None,
                         help="folder for the tables and outputs (default: a temporary one)")
+    parser.add_argument("--provider", choices=["local", *DIALECTS], default="local",
+                        help="local: the run's embedded server; else that dialect of a "
+                             "localbatch server started here")
     args = parser.parse_args()
     sizes = [int(size) for size in args.rows.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="enrichflow-scale-"))
     work.mkdir(parents=True, exist_ok=True)
+    with served(args.provider, work) as (provider, env):
+        measure(sizes, work, provider, env)
+    print(f"tables, outputs and logs are in {work}")
+
+
+@contextmanager
+def served(dialect: str, work: Path) -> Iterator[tuple[list[str], dict[str, str] | None]]:
+    """The run's flags and environment for `dialect`, its server up meanwhile."""
+    if dialect == "local":
+        yield [], None
+        return
+    flags, key, path = DIALECTS[dialect]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).with_name("enrichflow")), "serve",
+                               "--port", str(port), "--data-dir", str(work / "localbatch")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                httpx.get(f"{base}/v1/models", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield [*flags, "--base-url", base + path], {**os.environ, key: "bench"}
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def measure(sizes: list[int], work: Path, provider: list[str],
+            env: dict[str, str] | None) -> None:
     figures = {}
     for rows in sizes:
-        seconds, peak = run_job(rows, work)
+        seconds, peak = run_job(rows, work, provider, env)
         figures[rows] = seconds, peak
         print(f"{rows:>10,} rows: {seconds:7.1f} s wall, {rows / seconds:9,.0f} rows/s, "
               f"peak RSS {peak:7,.0f} MiB", flush=True)
@@ -85,7 +139,6 @@ def main() -> None:
         small, large = figures[sizes[0]], figures[sizes[-1]]
         print(f"{sizes[-1]:,} / {sizes[0]:,} rows: time {large[0] / small[0]:.1f}x, "
               f"memory {large[1] / small[1]:.2f}x (goal at most 1.5x)")
-    print(f"tables, outputs and logs are in {work}")
 
 
 if __name__ == "__main__":

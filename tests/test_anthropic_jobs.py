@@ -97,6 +97,28 @@ def test_a_job_runs_on_anthropic_with_the_same_columns_and_says_so(
     assert message_batches(server) == [], "a collected batch is deleted (cleanup)"
 
 
+def test_new_rows_alone_are_sent_again_and_the_cost_cap_holds_on_anthropic(
+        start_localbatch, prefect_api, tmp_path):
+    """An incremental re-run sends only the rows it has no answer for; a cap below the
+    estimate stops the run before anything is sent."""
+    server = start_localbatch(api_key=KEY)
+    path = on_anthropic(server, tmp_path, generated_movies(20))
+    assert run_cli(path, prefect_api)[0] == 0
+    path = on_anthropic(server, tmp_path, generated_movies(30), cleanup=False)
+    code, _, stderr = run_cli(path, prefect_api)
+    assert code == 0, stderr[-3000:]
+    (batch,) = message_batches(server)  # the first run's was deleted once collected
+    assert batch.request_counts.succeeded == 10
+    assert pd.read_parquet(tmp_path / "out")["_status"].eq("ok").sum() == 30
+
+    (tmp_path / "capped").mkdir()
+    capped = on_anthropic(server, tmp_path / "capped", generated_movies(30),
+                          max_cost_usd=0.000001)
+    code, _, stderr = run_cli(capped, prefect_api)
+    assert code == 2 and "max_cost_usd" in stderr, stderr[-2000:]
+    assert len(message_batches(server)) == 1, "nothing sent past the cap"
+
+
 def test_failed_and_expired_requests_go_round_again_on_anthropic(
         start_localbatch, prefect_api, tmp_path):
     server = start_localbatch(Simulation(request_failure_rate=0.3, expire_batches=1,

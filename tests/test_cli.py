@@ -236,7 +236,7 @@ def test_cancel_stops_a_running_job(prefect_api, start_localbatch, tmp_path, cap
 
 
 def test_two_runs_of_one_output_at_once_pay_once(prefect_api, start_localbatch, tmp_path):
-    server = start_localbatch(Simulation(requests_per_second=1))
+    server = start_localbatch(Simulation(requests_per_second=0.5))
     path = job_file(tmp_path, generated_movies(20))
     first = start_job([ENRICHFLOW, "run", str(path), "--base-url", server.base_url],
                       prefect_api, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anthropic
 import httpx
 import pandas as pd
 import pytest
@@ -26,6 +27,7 @@ from enrichflow.cli import main
 from localbatch import Simulation
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+ANTHROPIC_KEY = "sk-ant-test"  # the worker's, for the runs on Anthropic
 
 
 def test_every_entrypoint_imports_to_a_flow_whose_form_describes_its_parameters():
@@ -55,7 +57,7 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
-           "PREFECT_WORKER_QUERY_SECONDS": "2"}
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "ANTHROPIC_API_KEY": ANTHROPIC_KEY}
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
@@ -308,6 +310,26 @@ def _suspend_and_resume_past_a_dead_provider(api: PrefectAPI, start_localbatch,
     assert "suspending the run" in api.logs(suspended)
     keys = [a["key"] for a in api.artifacts(suspended) if a["type"]]
     assert sorted(keys) == sorted(set(keys)), "one of each artifact, also after a resume"
+
+
+def test_a_suspended_run_on_anthropic_is_resumed_when_its_message_batch_ends(
+        prefect_env, start_localbatch, tmp_path):
+    api = PrefectAPI(prefect_env)
+    server = start_localbatch(Simulation(requests_per_second=0.5), api_key=ANTHROPIC_KEY)
+    claude = anthropic.Anthropic(base_url=server.anthropic_base_url, api_key=ANTHROPIC_KEY)
+    run = api.run_with_cli("enrich/movies", limit=6, output=str(tmp_path / "out"),
+                           provider="anthropic", base_url=server.anthropic_base_url,
+                           model="claude-haiku-4-5", wait_mode="suspend")
+    api.wait_for(run, {"Suspended"})
+    (batch,) = claude.messages.batches.list()
+    eventually(lambda: claude.messages.batches.retrieve(batch.id).processing_status == "ended",
+               60)
+    api.wait_for(api.run_with_cli("resume-ready/resume-ready"), {"Completed"})
+    api.wait_for(run, {"Completed"})
+    data = pd.read_parquet(tmp_path / "out")
+    assert len(data) == 6 and (data["_status"] == "ok").all()
+    assert (data["_batch_id"] == batch.id).sum() == 3  # the other 3: the canary's sample
+    assert list(claude.messages.batches.list()) == [], "collected, then deleted"
 
 
 def test_a_suspended_run_collects_each_shard_and_holds_a_cancel(prefect_env, start_localbatch,

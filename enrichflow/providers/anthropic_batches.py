@@ -5,12 +5,13 @@ translated here into Messages API params (`message_params`) and each result back
 OpenAI batch output line (`output_line`), so collect reads them as it reads OpenAI's.
 
 A Message Batch holds its requests in the create call itself and carries no metadata.
-So `upload` keeps a shard's requests in the output's `_state/` until its batch exists, and
-a run killed between the create call and its journal write finds the batch by what the
-API shows: created after the run started, not journaled by the run, holding as many
-requests as the shard. Should two such batches exist (another job sent one of the same
-size in that window), the one whose results carry the shard's custom ids is it, once
-they have ended; until then the run stops and says so, sending nothing twice.
+So `upload` keeps a shard's requests in the output's `_state/` until its batch exists,
+creates go one at a time, and a run killed between the create call and its journal write
+finds the batch by what the API shows: created after the call was journaled (less clock
+slack), not journaled by the run, holding as many requests as the shard. An ended one is
+checked by the custom ids of its results; of those still running, a single one is taken
+(it cannot be checked before it ends), and two or more stop the run, saying so, until
+they end: nothing is sent twice.
 """
 
 from __future__ import annotations
@@ -96,21 +97,21 @@ class AnthropicBatches(BatchAPI):
                 break  # newest first
             if batch.id not in intent.known and _total(batch) == intent.requests:
                 candidates.append(batch)
-        if len(candidates) <= 1:
-            return as_batch(candidates[0]) if candidates else None
-        wire_ids = {wire_id(c) for c in intent.custom_ids()}
+        wire_ids = {wire_id(c) for c in intent.custom_ids()} if candidates else set()
+        running = []
         for batch in candidates:
-            if batch.processing_status == "ended":
-                first = next(iter(self.client.messages.batches.results(batch.id)), None)
-                if first is not None and first.custom_id in wire_ids:
-                    return as_batch(batch)
-        running = [b.id for b in candidates if b.processing_status != "ended"]
-        if not running:
-            return None
-        raise ProviderError(f"batches {', '.join(running)} could each be the one created for "
-                            "this shard before the run was stopped (Message Batches carry no "
-                            "metadata); which one shows in their results once they end: "
-                            "run the job again then. Nothing was sent twice")
+            if batch.processing_status != "ended":
+                running.append(batch)
+                continue
+            first = next(iter(self.client.messages.batches.results(batch.id)), None)
+            if first is not None and first.custom_id in wire_ids:
+                return as_batch(batch)
+        if len(running) <= 1:  # one still running cannot be checked before it ends
+            return as_batch(running[0]) if running else None
+        raise ProviderError(f"batches {', '.join(b.id for b in running)} could each be the one "
+                            "created for this shard before the run was stopped (Message "
+                            "Batches carry no metadata); which one shows in their results "
+                            "once they end: run the job again then. Nothing was sent twice")
 
     def look(self, batch_ids: list[str]) -> list[Batch]:
         wanted = set(batch_ids)

@@ -5,7 +5,7 @@ import os
 
 from bespokelabs import curator
 
-llm = curator.LLM(model_name="claude-3-5-haiku-20241022", backend="anthropic", batch=True,
+llm = curator.LLM(model_name="claude-haiku-4-5", backend="anthropic", batch=True,
                   backend_params={"base_url": os.environ["ANTHROPIC_BASE_URL"],
                                   "batch_check_interval": 1, "require_all_responses": True})
 rows = llm([f"Tell me about owl {i}" for i in range(20)]).dataset

@@ -20,16 +20,15 @@ venv() {  # venv NAME PYTHON PACKAGE...: a virtualenv with the packages, made on
     echo "$dir/bin/python"
 }
 
-curator="$(venv curator python3 'bespokelabs-curator==0.1.31')"
+# curator's Anthropic batch backend calls instructor.handle_response_model, gone after 1.9
+curator="$(venv curator python3 'bespokelabs-curator==0.1.31' 'instructor==1.9.2')"
 # openai-batch imports httpx, which the openai SDK 3 no longer brings: it runs on SDK 2
 openai_batch="$(venv openai-batch python3 'openai-batch==0.3.4' 'openai<3')"
 batchor="$(venv batchor "${PYTHON312:-python3.12}" 'batchor==0.0.7')"
 
 port="$("$repo/.venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-# curator asks Anthropic for a model that litellm knows the limits of: the mock answers it too
-printf 'models: [claude-3-5-haiku-20241022]\n' > "$work/simulation.yaml"
 "$repo/.venv/bin/enrichflow" serve --port "$port" --data-dir "$work/serve-$port" \
-    --config "$work/simulation.yaml" > "$work/serve.log" 2>&1 &
+    > "$work/serve.log" 2>&1 &
 server=$!
 trap 'kill $server' EXIT
 export BASE_URL="http://127.0.0.1:$port/v1" OPENAI_BASE_URL="http://127.0.0.1:$port/v1"
