@@ -257,7 +257,7 @@ def _interrupt_said(job: Job) -> Iterator[None]:
     except KeyboardInterrupt as exc:
         from enrichflow.tasks.status import what_runs_on
 
-        raise Interrupted(what_runs_on(Location(job.output, job.storage_options))) from exc
+        raise Interrupted(what_runs_on(Location(job.output, job.storage_options), job)) from exc
 
 
 def _place(raw: dict[str, Any], name: str, value: Any) -> None:

@@ -144,7 +144,7 @@ def _stop_on_interrupt(job: Job) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         threading.Timer(4.0, os._exit, (130,)).start()  # if the storage does not answer
         try:  # not print(): in a flow, Prefect's log_prints makes it a log record
-            line = what_runs_on(Location(job.output, job.storage_options))
+            line = what_runs_on(Location(job.output, job.storage_options), job)
             os.write(sys.stderr.fileno(), f"\n{line}\n".encode())
         finally:
             os._exit(130)

@@ -141,7 +141,8 @@ class ShardRun:
         part = pending.slice(shard.start, shard.rows)
         plan = hashlib.sha256(part[ROW].to_numpy().tobytes() + part[BYTES].to_numpy().tobytes())
         record = state.record(attempt, shard.index, shard.rows, shard.bytes, plan.hexdigest(),
-                              start=None if parent is None else shard.start, parent=parent)
+                              shard.tokens, start=None if parent is None else shard.start,
+                              parent=parent)
         return cls(shard, record, part[ROW].combine_chunks())
 
 
@@ -222,7 +223,11 @@ def collect_shards(client: BatchAPI, state: RunState, finished: list[tuple[Shard
         state.mark_collected(run.record, shard.rows)
         log.info("%s: batch %s is %s; collected %s ok, %s failed", run.record.name,
                  batch.id, batch.status, f"{shard.ok:,}", f"{shard.failed:,}")
-        if job.cleanup:
+        if shard.foreign:
+            log.warning("%s: batch %s holds none of its requests (another client's, taken "
+                        "for it after a crash): left alone; its rows go round again",
+                        run.record.name, batch.id)
+        elif job.cleanup:
             clean_up_task(client, batch)
 
 

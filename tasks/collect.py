@@ -91,6 +91,11 @@ class CollectedShard:
     ok: int
     failed: int
     rows: tuple[int, int]  # the first and the last row of its results
+    foreign: bool = False  # its batch held none of its requests: not ours to clean up
+
+
+class ForeignBatchError(Exception):
+    """A batch found for a shard after a crash holds none of the shard's requests."""
 
 
 def collect_shard(provider: ProviderConfig, location: Location, batch: Batch,
@@ -98,13 +103,21 @@ def collect_shard(provider: ProviderConfig, location: Location, batch: Batch,
     """Collect a finished shard's results (for the rows and custom ids its requests file
     names) and write them where its journal entry says: the work of a task that may run
     in another process, with its own client. The flow journals the shard collected once
-    this returns."""
+    this returns. A batch that holds none of the shard's requests (on a provider without
+    metadata, another client's batch was taken for it) gives every row a retryable error."""
     requests = location.read_parquet(record.requests_name)
+    rows, custom_ids = (requests[c].combine_chunks() for c in (ROW, CUSTOM_ID))
+    foreign = False
     with open_client(provider, location) as client:
-        results = collect_results(client, batch, requests[ROW].combine_chunks(),
-                                  requests[CUSTOM_ID].combine_chunks(), request)
+        try:
+            results = collect_results(client, batch, rows, custom_ids, request)
+        except ForeignBatchError as exc:
+            foreign = True
+            results = error_results(rows, custom_ids, batch.id, str(exc), True,
+                                    results_schema(request))
     ok = pc.sum(results["_ok"]).as_py() or 0
-    return CollectedShard(ok, results.num_rows - ok, write_results(location, record, results))
+    return CollectedShard(ok, results.num_rows - ok, write_results(location, record, results),
+                          foreign)
 
 
 def results_schema(request: RequestConfig) -> pa.Schema:
@@ -125,9 +138,14 @@ def collect_results(client: BatchAPI, batch: Batch, rows: pa.Array, custom_ids: 
                              schema)
     with client.result_files(batch, custom_ids) as paths:
         lines = [read_result_lines(path, request.endpoint) for path in paths]
-    return results_of_lines(
-        pa.concat_tables(lines) if lines else line_schema(request.endpoint).empty_table(),
-        batch.id, rows, custom_ids, request)
+    lines = pa.concat_tables(lines) if lines else line_schema(request.endpoint).empty_table()
+    if lines.num_rows and not pc.any(pc.is_in(lines["custom_id"], value_set=custom_ids)).as_py():
+        raise ForeignBatchError(
+            f"batch {batch.id} holds none of this shard's requests: another client's batch "
+            "of the same size, created when this run was stopped, was taken for this "
+            "shard's (its provider keeps no metadata); it is left alone, and these rows go "
+            "round again")
+    return results_of_lines(lines, batch.id, rows, custom_ids, request)
 
 
 def results_of_lines(lines: pa.Table, batch_id: str, rows: pa.Array, custom_ids: pa.Array,

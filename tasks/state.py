@@ -55,6 +55,7 @@ class ShardRecord:
     start: int | None = None  # a piece of a split shard: its first row in the attempt
     parent: int | None = None  # a piece of a split shard: the shard it was cut from
     creating_at: float | None = None  # when its batch was asked for (re-attach looks after)
+    tokens: int = 0  # its estimated prompt tokens (what an interrupted run says it costs)
     first_row: int | None = None  # collected: the dataset rows its results are of, from...
     last_row: int | None = None  # ...to (both included)
 
@@ -191,7 +192,8 @@ class RunState:
         return 1 + max((r.shard for r in self.shards if r.attempt == attempt), default=-1)
 
     def record(self, attempt: int, shard: int, rows: int, size: int, sha256: str,
-               start: int | None = None, parent: int | None = None) -> ShardRecord:
+               tokens: int = 0, start: int | None = None, parent: int | None = None
+               ) -> ShardRecord:
         """The journal entry of a planned shard; the same plan must map to the same entry."""
         with self._lock:
             for existing in self.shards:
@@ -202,7 +204,7 @@ class RunState:
                             "differently (limits changed?); run again with --force")
                     return existing
             record = ShardRecord(attempt, shard, rows, size, sha256, start=start,
-                                 parent=parent)
+                                 parent=parent, tokens=tokens)
             self.shards.append(record)
             self.save()
             return record

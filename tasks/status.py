@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from enrichflow.config import Job
 from enrichflow.errors import ConfigError, StorageError
-from enrichflow.provider import open_journaled_client
+from enrichflow.provider import answered_by, open_journaled_client
 from enrichflow.storage import Location
 from enrichflow.tasks.lease import drop_own_lease
 from enrichflow.tasks.load import Source
-from enrichflow.tasks.state import RunState
+from enrichflow.tasks.state import RunState, ShardRecord
 from enrichflow.tasks.write import read_manifest
 
 if TYPE_CHECKING:
@@ -130,23 +130,39 @@ def _as_the_provider_says(state: RunState, location: Location
         return {}, f"{type(exc).__name__}: {exc}"
 
 
-def what_runs_on(location: Location) -> str:
-    """One line: what an interrupted run leaves running at the provider, and how to go
-    on. Drops this process's lease, so that the next run, from any host, need not find
-    it dead first."""
+def what_runs_on(location: Location, job: Job) -> str:
+    """One line: what an interrupted run of `job` leaves running at the provider, what it
+    may cost, and how to go on. Drops this process's lease, so that the next run, from
+    any host, need not find it dead first."""
     drop_own_lease(location)
     state = RunState.load(location)
     if state is None or state.finished:
         return "interrupted: nothing was sent yet"
     resume = state.resume.get("command", "the same command")
-    running = [record.batch_id for record in state.awaited()]
+    running = state.awaited()
     if not running:
         return (f"interrupted: no batch of this run was running; `{resume}` goes on where "
                 "it stopped")
-    batches = f"{len(running)} batch(es) ({', '.join(running)})"
+    batches = f"{len(running)} batch(es) ({', '.join(r.batch_id for r in running)})"
     if state.provider.get("local_data_dir"):
         return (f"interrupted: {batches} wait in the embedded local server, stopped with "
                 f"this run; `{resume}` goes on with them")
-    return (f"interrupted: {batches} run on at {state.provider.get('base_url') or 'OpenAI'} "
-            f"and are billed as they finish; `{resume}` collects them without paying twice, "
+    cost = "" if state.provider["kind"] == "local" else _cost_of(running, job)  # a mock's
+    return (f"interrupted: {batches} run on at {answered_by(state.provider)} and are billed "
+            f"as they finish{cost}; `{resume}` collects them without paying twice, "
             f"`enrichflow cancel {location.uri}` stops them")
+
+
+def _cost_of(records: list[ShardRecord], job: Job) -> str:
+    """What batches of these shards may cost at batch prices, as an estimate says it."""
+    from enrichflow.tasks.estimate import price_for, usd
+
+    price = price_for(job.request.model, job.price)
+    tokens = sum(record.tokens for record in records)
+    if price is None or not tokens:  # a journal of an older enrichflow has no tokens
+        return ""
+    ceiling = job.request.output_ceiling()
+    high = None if ceiling is None else price.batch_cost(
+        tokens, ceiling * sum(record.rows for record in records))
+    return (f" (about {usd(price.batch_cost(tokens, 0))} of prompts"
+            + (f", up to {usd(high)} with the longest answers)" if high is not None else ")"))

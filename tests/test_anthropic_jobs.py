@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,6 +98,19 @@ def test_a_job_runs_on_anthropic_with_the_same_columns_and_says_so(
     assert message_batches(server) == [], "a collected batch is deleted (cleanup)"
 
 
+def test_canary_only_answers_the_sample_through_messages_and_sends_no_batch(
+        start_localbatch, prefect_api, tmp_path):
+    server = start_localbatch(api_key=KEY)
+    path = job_file(tmp_path, canary=True, **{
+        "provider.kind": "anthropic", "provider.base_url": server.anthropic_base_url,
+        "request.model": MODEL, "canary.rows": 5})
+    code, stdout, stderr = run_cli(path, prefect_api, "--canary-only")
+    assert code == 0, stderr[-3000:]
+    assert "5 of 5 sample rows answered usably (sync" in stdout
+    assert message_batches(server) == []
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+
+
 def test_new_rows_alone_are_sent_again_and_the_cost_cap_holds_on_anthropic(
         start_localbatch, prefect_api, tmp_path):
     """An incremental re-run sends only the rows it has no answer for; a cap below the
@@ -173,6 +187,55 @@ def test_a_run_killed_between_create_and_journal_finds_its_batch_and_pays_once(
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert created.id in {s["batch_id"] for s in manifest["shards"]}
     assert other.id not in set(data["_batch_id"])
+
+
+def test_another_clients_batch_taken_for_a_shard_is_left_alone_and_its_rows_go_again(
+        start_localbatch, prefect_api, tmp_path):
+    """What is not guaranteed, made safe: the create fails (HTTP 500, nothing created)
+    while another client creates a batch of the same size; the run takes it for the
+    shard's, finds none of its requests in it, leaves it alone (not deleted: not ours)
+    and sends its rows again."""
+    server = start_localbatch(Simulation(requests_per_second=1, http_faults=[HttpFault(
+        path=CREATE, method="POST", rate=1.0, times=1, delay_seconds=5)]), api_key=KEY)
+    path = on_anthropic(server, tmp_path, generated_movies(20))
+    run = start_job([ENRICHFLOW, "run", str(path)], prefect_api, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, text=True, env_extra={"ANTHROPIC_API_KEY": KEY})
+    journal = tmp_path / "out" / "_state" / "run.json"
+    deadline = time.monotonic() + 120
+    while not (journal.exists() and '"creating"' in journal.read_text()):
+        assert run.poll() is None and time.monotonic() < deadline, "the run never created"
+        time.sleep(0.05)
+    other = claude(server).messages.batches.create(requests=[
+        {"custom_id": f"other-{i}", "params": {"model": MODEL, "max_tokens": 20, "messages": [
+            {"role": "user", "content": "hi"}]}} for i in range(20)])
+    output, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, output[-3000:]
+    assert f"batch {other.id} holds none of its requests" in output
+    data = pd.read_parquet(tmp_path / "out")
+    assert len(data) == 20 and (data["_status"] == "ok").all()
+    assert claude(server).messages.batches.retrieve(other.id).request_counts.succeeded == 20
+    assert [b.id for b in message_batches(server)] == [other.id], "the run's own: deleted"
+
+
+def test_ctrl_c_says_what_the_running_message_batches_may_cost(
+        start_localbatch, prefect_api, tmp_path):
+    server = start_localbatch(Simulation(requests_per_second=0.2), api_key=KEY)
+    path = on_anthropic(server, tmp_path, generated_movies(20))
+    run = start_job([ENRICHFLOW, "run", str(path)], prefect_api, stderr=subprocess.PIPE,
+                    text=True, env_extra={"ANTHROPIC_API_KEY": KEY}, start_new_session=True)
+    journal = tmp_path / "out" / "_state" / "run.json"
+    wait_for_batches(run, lambda: journal.exists() and json.loads(journal.read_text()),
+                     shards=1)
+    os.killpg(run.pid, signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130
+    (line,) = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    (batch,) = message_batches(server)
+    assert re.match(
+        rf"interrupted: 1 batch\(es\) \({batch.id}\) run on at Anthropic at "
+        rf"{re.escape(server.anthropic_base_url)} and are billed as they finish \(about "
+        r"\$0\.\d+ of prompts, up to \$0\.\d+ with the longest answers\); `enrichflow run",
+        line), line
 
 
 def test_cancel_cancels_a_message_batch(start_localbatch, prefect_api, tmp_path):

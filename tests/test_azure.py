@@ -12,8 +12,17 @@ import httpx
 import openai
 import pandas as pd
 import pytest
-from conftest import chat_line, job_file, read_jsonl, sdk_client, start_job, wait_until
+from conftest import (
+    chat_line,
+    generated_movies,
+    job_file,
+    read_jsonl,
+    sdk_client,
+    start_job,
+    wait_until,
+)
 
+import enrichflow
 from localbatch import Simulation
 
 ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
@@ -89,6 +98,28 @@ def test_a_job_runs_on_azure_with_its_key_and_says_so(start_localbatch, prefect_
     assert canary.sum() == 15 and (~canary).sum() == 15  # the sample answered synchronously
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert manifest["provider"]["kind"] == "azure"
+
+
+def test_canary_only_and_the_python_api_on_azure(start_localbatch, prefect_api, tmp_path,
+                                               monkeypatch):
+    server = start_localbatch(api_key=KEY)
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", KEY)
+    path = job_file(tmp_path, canary=True, **{
+        "provider.kind": "azure", "provider.base_url": server.azure_base_url,
+        "canary.rows": 5})
+    run = start_job([ENRICHFLOW, "run", str(path), "--canary-only"], prefect_api,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
+    assert "5 of 5 sample rows answered usably (sync" in stdout
+    assert azure_client(server).batches.list().data == []
+
+    movies = generated_movies(4)
+    enriched = enrichflow.enrich(
+        movies, user="Title: {Series_Title}", model="gpt-4o-mini", workdir=str(tmp_path / "w"),
+        provider={"kind": "azure", "base_url": server.azure_base_url})
+    assert enriched["Series_Title"].tolist() == movies["Series_Title"].tolist()
+    assert set(enriched["_status"]) == {"ok"} and enriched["response"].notna().all()
 
 
 def test_azure_without_its_key_is_one_line_before_anything_is_sent(prefect_api, tmp_path):

@@ -184,8 +184,9 @@ def test_interrupting_the_kernel_says_what_runs_on_and_the_same_cell_collects_it
     batch = client.batches.list().data[0].id
     assert len(interrupted["error"]) == 1, interrupted["error"]
     assert interrupted["error"][0].startswith(
-        f"interrupted: 1 batch(es) ({batch}) run on at {server.base_url} and are billed as "
-        "they finish; `the same enrichflow.enrich() or enrichflow.run() call in Python` "
+        f"interrupted: 1 batch(es) ({batch}) run on at the local Batch API server at "
+        f"{server.base_url} and are billed as they finish; `the same enrichflow.enrich() or "
+        "enrichflow.run() call in Python` "
         "collects them without paying twice")
     assert again["error"] is None and "rows: 60" in again["stdout"]
     assert len(client.batches.list().data) == 1
