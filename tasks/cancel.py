@@ -24,8 +24,9 @@ def cancel_run(location: Location, flow_run_id: str | None = None
     state.request_cancel()
     cancelled = []
     with open_journaled_client(state.provider, location) as client:
-        for name, batch_id in awaited_batches(client, state):
-            batch = client.retrieve(batch_id)
+        awaited = awaited_batches(client, state)
+        batches = client.look([batch_id for _, batch_id in awaited]) if awaited else []
+        for (name, _), batch in zip(awaited, batches, strict=True):
             if batch.status not in TERMINAL and batch.status != "cancelling" \
                     and client.cancel(batch.id):  # not finished between the look and now
                 cancelled.append(f"batch {batch.id} ({name})")
