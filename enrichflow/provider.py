@@ -102,14 +102,13 @@ def open_client(provider: ProviderConfig, output: Location,
         yield AnthropicBatches(anthropic.Anthropic(api_key=_api_key(provider, ANTHROPIC_KEY_ENV),
                                                    base_url=provider.base_url), output)
         return
-    with _openai_client(provider, output, share_running) as client:
+    with _openai_client(provider, kind, output, share_running) as client:
         yield OpenAIBatches(client, kind)
 
 
 @contextmanager
-def _openai_client(provider: ProviderConfig, output: Location,
+def _openai_client(provider: ProviderConfig, kind: str, output: Location,
                    share_running: bool) -> Iterator[OpenAI]:
-    kind = provider_kind(provider)
     if kind == "openai":
         yield OpenAI(api_key=_api_key(provider, "OPENAI_API_KEY"), base_url=provider.base_url)
     elif kind == "azure":

@@ -35,7 +35,7 @@ def awaited_batches(client: BatchAPI, state: RunState) -> list[tuple[str, str]]:
     """(what, batch id) of the batches the run waits for: its shards' and, before it has
     any, its canary's, which only the provider's list knows of until it is collected."""
     awaited = [(record.name, record.batch_id) for record in state.awaited()]
-    if not state.shards and client.kind != "anthropic":  # no canary batch there: config
+    if not state.shards and client.tags_batches:  # only there can a canary be a batch
         canary = client.find(state.canary_intent())
         awaited += [("the canary", canary.id)] if canary else []
     return awaited
