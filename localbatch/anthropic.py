@@ -13,16 +13,15 @@ import json
 import re
 import tempfile
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 
 from localbatch.engines import CHAT_URL
-from localbatch.errors import APIError, not_found
+from localbatch.errors import APIError, json_body, not_found
 from localbatch.lifecycle import ANTHROPIC_MAX_REQUESTS, ID_PREFIXES, Lifecycle
-from localbatch.store import Store, new_id
+from localbatch.store import Store, new_id, rfc3339
 
 MESSAGES_PATH = "/v1/messages"
 MAX_BATCH_BYTES = 256 * 1024 * 1024
@@ -41,7 +40,7 @@ def add_routes(app: FastAPI, lifecycle: Lifecycle) -> None:
 
     @app.post(MESSAGES_PATH)
     async def create_message(request: Request):
-        body = chat_body(await _json(request))
+        body = chat_body(await json_body(request))
         status, answer = engine.answer(CHAT_URL, body)
         if status != 200:
             raise APIError(status, answer["error"]["message"],
@@ -50,7 +49,7 @@ def add_routes(app: FastAPI, lifecycle: Lifecycle) -> None:
 
     @app.post(f"{MESSAGES_PATH}/batches")
     async def create_batch(request: Request):
-        body = await _json(request)
+        body = await json_body(request)
         requests = body.get("requests") if isinstance(body, dict) else None
         _check_requests(requests, len(await request.body()))
         lines = [{"custom_id": r["custom_id"], "method": "POST", "url": CHAT_URL,
@@ -188,9 +187,9 @@ def message_batch(store: Store, batch: dict[str, Any], base_url: str) -> dict[st
         "id": batch["id"], "type": "message_batch",
         "processing_status": "ended" if ended else
         "canceling" if batch["status"] == "cancelling" else "in_progress",
-        "request_counts": tally, "created_at": _rfc3339(batch["created_at"]),
-        "expires_at": _rfc3339(batch["expires_at"]), "ended_at": _rfc3339(ended_at),
-        "cancel_initiated_at": _rfc3339(batch.get("cancelling_at")), "archived_at": None,
+        "request_counts": tally, "created_at": rfc3339(batch["created_at"]),
+        "expires_at": rfc3339(batch["expires_at"]), "ended_at": rfc3339(ended_at),
+        "cancel_initiated_at": rfc3339(batch.get("cancelling_at")), "archived_at": None,
         "results_url": f"{base_url.rstrip('/')}{MESSAGES_PATH}/batches/{batch['id']}/results"
         if ended else None,
     }
@@ -200,9 +199,9 @@ def results(store: Store, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Anthropic's result lines of an ended batch: those that succeeded from its output
     file, the others from its error file."""
     bodies = {line["custom_id"]: line["body"]
-              for line in _file_lines(store, batch["input_file_id"])}
+              for line in store.json_lines(batch["input_file_id"])}
     for field in ("output_file_id", "error_file_id"):
-        for line in _file_lines(store, batch[field]):
+        for line in store.json_lines(batch[field]):
             yield result_line(line, bodies[line["custom_id"]])
 
 
@@ -225,18 +224,9 @@ def result_line(line: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
 def _failures(store: Store, batch: dict[str, Any]) -> dict[str, int]:
     """The ended batch's requests that did not succeed, told apart by their error."""
     tally = {"errored": 0, "canceled": 0, "expired": 0}
-    for line in _file_lines(store, batch["error_file_id"]):
+    for line in store.json_lines(batch["error_file_id"]):
         tally[FAILURES.get((line.get("error") or {}).get("code"), "errored")] += 1
     return tally
-
-
-def _file_lines(store: Store, file_id: str | None) -> Iterator[dict[str, Any]]:
-    if not file_id:
-        return
-    with store.file_path(file_id).open(encoding="utf-8") as lines:
-        for line in lines:
-            if line.strip():
-                yield json.loads(line)
 
 
 def _chat_part(block: Any) -> Any:
@@ -271,20 +261,6 @@ def _forced_tool(params: dict[str, Any]) -> dict[str, Any] | None:
 def _forced_tool_name(body: dict[str, Any]) -> str | None:
     name = ((body.get("response_format") or {}).get("json_schema") or {}).get("name", "")
     return name.removeprefix(TOOL_SCHEMA) if name.startswith(TOOL_SCHEMA) else None
-
-
-def _rfc3339(timestamp: int | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
-
-
-async def _json(request: Request) -> Any:
-    try:
-        return await request.json()
-    except ValueError as exc:
-        raise APIError(400, "The body is not valid JSON.",
-                       type_="invalid_request_error") from exc
 
 
 def _check_requests(requests: Any, size: int) -> None:

@@ -1,8 +1,8 @@
 """HTTP routes of the local server: parse OpenAI-shaped requests, render OpenAI-shaped answers.
 
 Azure OpenAI's v1 API is the same routes under `/openai/v1/`, with its `api-key` header;
-a batch created there keeps Azure's rules (`Lifecycle.create`). Anthropic's face has
-routes of its own (`localbatch.anthropic`).
+a batch created there keeps Azure's rules (`Lifecycle.create`). Anthropic's and Gemini's
+faces have routes of their own (`localbatch.anthropic`, `localbatch.gemini`).
 
 The state lives in `Store` and moves in `Lifecycle`; this module only translates, checks
 the bearer token, stamps `x-request-id` and injects the configured HTTP faults.
@@ -28,12 +28,15 @@ from localbatch.anthropic import MESSAGES_PATH
 from localbatch.anthropic import add_routes as add_anthropic_routes
 from localbatch.engines import BATCH_ENDPOINTS
 from localbatch.errors import APIError, not_found
+from localbatch.gemini import GEMINI_PATH
+from localbatch.gemini import add_routes as add_gemini_routes
 from localbatch.lifecycle import ID_PREFIXES, Lifecycle
 from localbatch.simulation import AZURE_V1_PATH, Dice, HttpFault
 from localbatch.store import BATCH_FILE_TTL, new_id
 
 DIALECT = "localbatch.dialect"  # in a request's scope: the face it came in by
-KEY_HEADERS = {"azure": "api-key", "anthropic": "x-api-key"}  # besides a bearer token
+# each face's own key header, besides a bearer token
+KEY_HEADERS = {"azure": "api-key", "anthropic": "x-api-key", "gemini": "x-goog-api-key"}
 UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data"})
 MAX_FILE_BYTES = 512 * 1024 * 1024  # OpenAI's limit for a file of any purpose
 FORM_SLACK = 1024 * 1024  # what the multipart form adds around the file
@@ -73,6 +76,8 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
             request.scope[DIALECT] = "azure"
         elif request.url.path.startswith(MESSAGES_PATH):
             request.scope[DIALECT] = "anthropic"
+        elif request.url.path.startswith(GEMINI_PATH):
+            request.scope[DIALECT] = "gemini"
         response = _auth_failure(request, api_key)
         fault = None if response else _injected_fault(request)
         if fault is not None and not fault.lost_response:
@@ -220,6 +225,7 @@ def create_app(lifecycle: Lifecycle, api_key: str | None = None) -> FastAPI:
         return lifecycle.cancel(batch_id)
 
     add_anthropic_routes(app, lifecycle)
+    add_gemini_routes(app, lifecycle)
 
     # models ---------------------------------------------------------------------------
 
@@ -282,6 +288,8 @@ def _auth_failure(request: Request, api_key: str | None) -> JSONResponse | None:
     if api_key is None or request.headers.get("authorization") == f"Bearer {api_key}":
         return None
     dialect = request.scope.get(DIALECT, "openai")
+    if dialect == "gemini" and "upload_id" in request.query_params:
+        return None  # a resumable upload's URL, given by a call with the key, is its key
     if request.headers.get(KEY_HEADERS.get(dialect, "")) == api_key:
         return None
     error = APIError(401, "Incorrect API key provided.", code="invalid_api_key",

@@ -56,7 +56,9 @@ MOCK_MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano
                "omni-moderation-latest", "text-moderation-latest",
                # Anthropic's, answered on its face (`localbatch.anthropic`)
                "claude-haiku-4-5", "claude-sonnet-4-6", "claude-opus-4-8", "claude-sonnet-5",
-               "claude-opus-5"]
+               "claude-opus-5",
+               # Google's, answered on its face (`localbatch.gemini`)
+               "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.5-pro"]
 SNAPSHOT_DATE = re.compile(r"-\d{4}-\d{2}-\d{2}$")  # gpt-4o-2024-08-06 is a gpt-4o
 
 Result = tuple[int, dict[str, Any]]

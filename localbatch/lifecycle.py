@@ -24,7 +24,8 @@ from localbatch.tokens import prompt_tokens
 
 ANTHROPIC_MAX_REQUESTS = 100_000  # Message Batches' limit a batch
 # a batch's id says the face it belongs to; each face lists its own
-ID_PREFIXES = {"openai": "batch_", "azure": "batch_", "anthropic": "msgbatch_"}
+ID_PREFIXES = {"openai": "batch_", "azure": "batch_", "anthropic": "msgbatch_",
+               "gemini": "gbatch"}
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 CANCELLED_MESSAGE = "This request was not executed because the batch was cancelled."
 MAX_REPORTED_ERRORS = 100

@@ -17,6 +17,7 @@ import uvicorn
 
 from localbatch.app import create_app
 from localbatch.engines import Engine, ForwardEngine, MockEngine
+from localbatch.gemini import GEMINI_PATH
 from localbatch.lifecycle import Lifecycle
 from localbatch.simulation import AZURE_V1_PATH, Simulation
 from localbatch.store import Store
@@ -72,6 +73,12 @@ class LocalBatchServer:
     def anthropic_base_url(self) -> str:
         """Its Anthropic face, as an Anthropic client (or `kind: anthropic`) takes it."""
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def gemini_base_url(self) -> str:
+        """Its Gemini face, as a `google-genai` client's `http_options.base_url` (or
+        `kind: gemini`) takes it."""
+        return f"http://{self.host}:{self.port}{GEMINI_PATH}"
 
     def start(self) -> LocalBatchServer:
         """Serve from background threads; returns once the server answers."""

@@ -14,6 +14,8 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,13 @@ def new_id(prefix: str, nbytes: int = 12) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def rfc3339(timestamp: int | None) -> str | None:
+    """A timestamp as the Anthropic and Google faces show times."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
 class Store:
@@ -118,6 +127,15 @@ class Store:
                 (file_id, purpose, json.dumps(obj)),
             )
         return obj
+
+    def json_lines(self, file_id: str | None) -> Iterator[dict[str, Any]]:
+        """A JSONL file's lines, read one at a time (none without a file)."""
+        if not file_id:
+            return
+        with self.file_path(file_id).open(encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip():
+                    yield json.loads(line)
 
     def get_file(self, file_id: str) -> dict[str, Any] | None:
         self.remove_expired_files()
