@@ -9,9 +9,9 @@ ratios of the largest to the smallest (goals at 1,000,000 rows: at most 8 minute
 at most 1.5x the memory of 100,000 rows, under 1.5 GB).
 
     .venv/bin/python bench/e2e_scale.py [--rows 100000,1000000] [--work DIR] \
-        [--provider local|azure|anthropic]
+        [--provider local|azure|anthropic|gemini]
 
-With `--provider azure` or `anthropic` the job talks to that dialect of a localbatch
+With `--provider azure`, `anthropic` or `gemini` the job talks to that dialect of a localbatch
 server of its own (`enrichflow serve`, started here; its memory is not the run's).
 """
 
@@ -48,7 +48,9 @@ MEASURED = ("import resource, subprocess, sys\n"
 # What a job on each dialect of a served localbatch takes: its flags, its key variable
 DIALECTS = {"azure": (["--provider", "azure"], "AZURE_OPENAI_API_KEY", "/openai/v1/"),
             "anthropic": (["--provider", "anthropic", "--model", "claude-haiku-4-5"],
-                          "ANTHROPIC_API_KEY", "")}
+                          "ANTHROPIC_API_KEY", ""),
+            "gemini": (["--provider", "gemini", "--model", "gemini-2.5-flash"],
+                       "GEMINI_API_KEY", "/gemini")}
 
 
 def run_job(rows: int, work: Path, provider: list[str],

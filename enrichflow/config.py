@@ -253,7 +253,7 @@ class RequestConfig(_Strict):
         return self.max_completion_tokens or self.max_tokens
 
 
-ProviderKind = Literal["local", "openai", "azure", "anthropic"]
+ProviderKind = Literal["local", "openai", "azure", "anthropic", "gemini"]
 
 
 class ProviderConfig(_Strict):
@@ -263,7 +263,8 @@ class ProviderConfig(_Strict):
         default=None, description="API base URL; for local, a running `enrichflow serve`; "
                                   "for azure, https://RESOURCE.openai.azure.com/openai/v1/ "
                                   "(default: from AZURE_OPENAI_ENDPOINT); for anthropic, "
-                                  "default https://api.anthropic.com.")
+                                  "default https://api.anthropic.com; for gemini, default "
+                                  "https://generativelanguage.googleapis.com/.")
     api_key_secret: str | None = Field(
         default=None, description="Name of a Prefect Secret block holding the API key.")
     local_data_dir: str | None = Field(
@@ -371,11 +372,12 @@ class Job(_Strict):
 
     @model_validator(mode="after")
     def _provider_takes_the_request(self) -> Job:
-        if self.provider.kind == "anthropic":
-            if self.request.endpoint != CHAT_ENDPOINT:
-                raise ValueError(f"provider.kind anthropic answers chat requests; "
-                                 f"request.endpoint {self.request.endpoint} is OpenAI's only: "
-                                 f"use {CHAT_ENDPOINT} (the default) or another provider")
+        kind = self.provider.kind
+        if kind in ("anthropic", "gemini") and self.request.endpoint != CHAT_ENDPOINT:
+            raise ValueError(f"provider.kind {kind} answers chat requests; request.endpoint "
+                             f"{self.request.endpoint} is OpenAI's only: use {CHAT_ENDPOINT} "
+                             "(the default) or another provider")
+        if kind == "anthropic":
             if self.canary and self.canary.mode == "batch":
                 raise ValueError("canary.mode batch: on anthropic a canary batch could not "
                                  "be found again after a crash (Message Batches carry no "

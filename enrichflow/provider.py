@@ -2,7 +2,8 @@
 
 `openai` with `OPENAI_API_KEY` (or a Prefect Secret block); `azure`, Azure OpenAI's v1
 API, with `AZURE_OPENAI_API_KEY` (or the block); `anthropic`, Message Batches, with
-`ANTHROPIC_API_KEY` (or the block); otherwise `local`: a running `enrichflow serve` at
+`ANTHROPIC_API_KEY` (or the block); `gemini`, Gemini's Batch Mode, with `GEMINI_API_KEY`
+(or the block); otherwise `local`: a running `enrichflow serve` at
 `base_url`, or a local server embedded in the run. The embedded
 server keeps its data with a local output (`<output>/_state/localbatch`), so a re-run of
 the same job finds the batches of the last one, and `enrichflow cancel` during a run
@@ -29,6 +30,7 @@ from localbatch.simulation import AZURE_V1_PATH
 LOCAL_API_KEY_ENV = "LOCALBATCH_API_KEY"
 AZURE_KEY_ENV, AZURE_ENDPOINT_ENV = "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT"
 ANTHROPIC_KEY_ENV = "ANTHROPIC_API_KEY"
+GEMINI_KEY_ENV = "GEMINI_API_KEY"
 
 
 def provider_kind(provider: ProviderConfig) -> str:
@@ -64,6 +66,9 @@ def answered_by(described: dict[str, Any]) -> str:
         return f"Azure OpenAI at {described['base_url']}"
     if described["kind"] == "anthropic":
         return f"Anthropic at {described['base_url'] or 'https://api.anthropic.com'}"
+    if described["kind"] == "gemini":
+        return (f"Gemini at "
+                f"{described['base_url'] or 'https://generativelanguage.googleapis.com/'}")
     return f"OpenAI at {described['base_url']}" if described.get("base_url") else "OpenAI"
 
 
@@ -101,6 +106,13 @@ def open_client(provider: ProviderConfig, output: Location,
 
         yield AnthropicBatches(anthropic.Anthropic(api_key=_api_key(provider, ANTHROPIC_KEY_ENV),
                                                    base_url=provider.base_url), output)
+        return
+    if kind == "gemini":
+        from enrichflow.providers import gemini_batches  # only for a job on Gemini
+
+        yield gemini_batches.GeminiBatches(
+            gemini_batches.client(_api_key(provider, GEMINI_KEY_ENV), provider.base_url),
+            provider.base_url)
         return
     with _openai_client(provider, kind, output, share_running) as client:
         yield OpenAIBatches(client, kind)

@@ -114,7 +114,7 @@ def enrich(
         config_path: Job YAML file, relative to the repository root, e.g. configs/movies.yaml.
         output: Output directory (local path or s3:// URI); default: the job file's.
         limit: Only the first N rows; default: all.
-        provider: local, openai, azure or anthropic; default: openai when OPENAI_API_KEY
+        provider: local, openai, azure, anthropic or gemini; default: openai when OPENAI_API_KEY
             is set, else local.
         base_url: Batch API base URL, e.g. a running `enrichflow serve`; default: the job file's.
         model: Model; default: the job file's.

@@ -185,7 +185,7 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
                                             limits.poll_interval_max, limits.max_wait_hours)
         for batch in batches:
             counts = batch.request_counts
-            state.update(running[batch.id].record, batch_status=batch.status,
+            state.update(running[batch.id].record, batch_status=client.state_name(batch.status),
                          request_counts=counts.model_dump() if counts else None)
         update_progress_artifact(progress, state.progress(attempt))
         finished = [batch for batch in batches if batch.status in TERMINAL]

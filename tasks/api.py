@@ -8,23 +8,36 @@ from typing import Any
 
 
 def sdk_errors() -> tuple[type[Exception], ...]:
-    """The base error of each provider SDK this process loaded (one not loaded raised
-    nothing: Anthropic's SDK is imported only by a job on Anthropic)."""
+    """The errors of each provider SDK this process loaded (one not loaded raised
+    nothing: Anthropic's and Google's SDKs are imported only by a job on them)."""
     import openai
 
-    loaded = sys.modules.get("anthropic")
-    return (openai.APIError,) + ((loaded.APIError,) if loaded else ())
+    found: tuple[type[Exception], ...] = (openai.APIError,)
+    if "anthropic" in sys.modules:
+        found += (sys.modules["anthropic"].APIError,)
+    if "enrichflow.providers.gemini_batches" in sys.modules:
+        from google.genai.errors import APIError
+
+        from enrichflow.providers.gemini_batches import CONNECTION_ERRORS
+
+        found += (APIError, *CONNECTION_ERRORS)
+    return found
 
 
 def transient_errors() -> tuple[type[Exception], ...]:
     """The errors worth another try, of each provider SDK this process loaded."""
     from enrichflow.providers.openai_batches import TRANSIENT
 
-    if "anthropic" not in sys.modules:
-        return TRANSIENT
-    from enrichflow.providers.anthropic_batches import TRANSIENT as ANTHROPIC_TRANSIENT
+    found = TRANSIENT
+    if "anthropic" in sys.modules:
+        from enrichflow.providers.anthropic_batches import TRANSIENT as ANTHROPIC_TRANSIENT
 
-    return TRANSIENT + ANTHROPIC_TRANSIENT
+        found += ANTHROPIC_TRANSIENT
+    if "enrichflow.providers.gemini_batches" in sys.modules:
+        from enrichflow.providers.gemini_batches import TRANSIENT as GEMINI_TRANSIENT
+
+        found += GEMINI_TRANSIENT
+    return found
 
 
 def retry_transient(_task, _task_run, state) -> bool:
@@ -42,9 +55,9 @@ RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 10, 30],
                            "retry_condition_fn": retry_transient}
 
 _HINTS = {
-    401: "check the API key: OPENAI_API_KEY, AZURE_OPENAI_API_KEY or ANTHROPIC_API_KEY as "
-         "the provider is, or LOCALBATCH_API_KEY for an `enrichflow serve` started with "
-         "--api-key",
+    401: "check the API key: OPENAI_API_KEY, AZURE_OPENAI_API_KEY, ANTHROPIC_API_KEY or "
+         "GEMINI_API_KEY as the provider is, or LOCALBATCH_API_KEY for an `enrichflow "
+         "serve` started with --api-key",
     403: "the key may not use this model or endpoint",
     404: "the batch or file is gone: was the job started with another --base-url?",
     413: "the batch is larger than the provider takes: lower limits.max_bytes_per_shard",
@@ -54,16 +67,19 @@ _HINTS = {
 
 def describe_api_error(exc: Exception) -> str:
     """One line: the call, the HTTP status and the provider's message, and what to do
-    (an error of any SDK in `sdk_errors`: they share their shape)."""
-    request = exc.request
+    (an error of any SDK in `sdk_errors`: OpenAI's and Anthropic's share their shape;
+    Google's keeps its status in `code` and its request in its response)."""
+    response = getattr(exc, "response", None)
+    request = getattr(response, "request", None) or exc.request
     call = f"{request.method} {request.url}"
-    status = getattr(exc, "status_code", None)
+    status = getattr(exc, "status_code", None) or getattr(exc, "code", None)
+    message = getattr(exc, "message", None) or str(exc)
     if status is not None:
-        body = exc.body if isinstance(exc.body, dict) else {}
-        message = (body.get("message") or (body.get("error") or {}).get("message")
-                   or exc.message)
+        body = getattr(exc, "body", None)
+        body = body if isinstance(body, dict) else {}
+        message = body.get("message") or (body.get("error") or {}).get("message") or message
         hint = _HINTS.get(status, "the provider is in trouble: run the job again later; it "
                           "re-attaches to what was already created")
         return f"the API call {call} failed: HTTP {status}: {message} ({hint})"
-    return (f"the API call {call} failed: {exc.message} (is the server at that address "
+    return (f"the API call {call} failed: {message} (is the server at that address "
             "up? running the job again re-attaches to what was already created)")

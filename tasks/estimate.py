@@ -285,10 +285,7 @@ class Estimate:
                  *([("already sent by the run this one resumes", f"{self.already_sent:,}")]
                    if self.already_sent else []),
                  ("requests to send", f"{self.requests:,}"), ("shards", f"{self.shards:,}"),
-                 ("input tokens", f"{self.input_tokens:,}" + (
-                     " (approximated offline with OpenAI's o200k tokenizer: Anthropic "
-                     "publishes no tokenizer; its own count differs)"
-                     if self.model.startswith("claude") else "")),
+                 ("input tokens", f"{self.input_tokens:,}" + _approximation(self.model)),
                  ("output token ceiling", ceiling)]
         if self.price is None:
             pairs.append(("cost", f"unknown: no price for {self.model}; set `price` in the "
@@ -344,3 +341,13 @@ def usd(amount: float) -> str:
     if amount == 0 or abs(amount) >= 0.0001:
         return f"${amount:,.4f}"
     return f"${amount:.{1 - math.floor(math.log10(abs(amount)))}f}"
+
+
+def _approximation(model: str) -> str:
+    """Said of a token count made with OpenAI's tokenizer for another's model."""
+    maker = "Anthropic" if model.startswith("claude") else (
+        "Google" if model.startswith("gemini") else None)
+    if maker is None:
+        return ""
+    return (f" (approximated offline with OpenAI's o200k tokenizer: {maker}'s own count "
+            "differs)")

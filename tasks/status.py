@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from enrichflow.config import Job
 from enrichflow.errors import ConfigError, StorageError
@@ -16,9 +16,6 @@ from enrichflow.tasks.lease import drop_own_lease
 from enrichflow.tasks.load import Source
 from enrichflow.tasks.state import RunState, ShardRecord
 from enrichflow.tasks.write import read_manifest
-
-if TYPE_CHECKING:
-    from openai.types import Batch
 
 
 @dataclass(frozen=True)
@@ -103,9 +100,8 @@ def run_status(location: Location) -> Status | None:
         counts = shard.request_counts or {}
         status = shard.batch_status or ""
         if shard.batch_id in live:
-            batch = live[shard.batch_id]
-            counts = batch.request_counts.model_dump() if batch.request_counts else counts
-            status = batch.status
+            status, live_counts = live[shard.batch_id]
+            counts = live_counts or counts
         done = counts.get("completed", 0) + counts.get("failed", 0)
         shards.append({"shard": shard.name, "rows": shard.rows, "status": shard.status,
                        "batch": shard.batch_id, "batch status": status,
@@ -114,9 +110,10 @@ def run_status(location: Location) -> Status | None:
 
 
 def _as_the_provider_says(state: RunState, location: Location
-                          ) -> tuple[dict[str, Batch], str | None]:
-    """The run's batches not yet collected as the provider sees them now (the journal
-    has their counts at the run's last poll); or, when it cannot be asked, why."""
+                          ) -> tuple[dict[str, tuple[str, dict | None]], str | None]:
+    """The status and request counts of the run's batches not yet collected, as the
+    provider sees them now (the journal has them as of the run's last poll); or, when
+    it cannot be asked, why."""
     from enrichflow.tasks.api import sdk_errors
     from enrichflow.tasks.wait import look_at_batches
 
@@ -125,7 +122,10 @@ def _as_the_provider_says(state: RunState, location: Location
         return {}, None
     try:
         with open_journaled_client(state.provider, location) as client:
-            return {batch.id: batch for batch in look_at_batches(client, running)}, None
+            return {batch.id: (client.state_name(batch.status),
+                               batch.request_counts.model_dump() if batch.request_counts
+                               else None)
+                    for batch in look_at_batches(client, running)}, None
     except (*sdk_errors(), ConfigError, StorageError, OSError) as exc:
         return {}, f"{type(exc).__name__}: {exc}"
 

@@ -63,7 +63,7 @@ def wait_for_batches(client: BatchAPI, batch_ids: list[str], poll_min: float, po
         now = time.monotonic()
         moved = statuses != last_statuses or done != last_done
         if statuses != last_statuses or (done != last_done and now - logged >= LOG_SECONDS):
-            log.info("; ".join(f"batch {b.id} is {b.status}, {_progress(b)} requests done"
+            log.info("; ".join(f"batch {b.id} is {client.state_name(b.status)}{_progress(b)}"
                                for b in batches))
             logged = now
         last_statuses, last_done = statuses, done
@@ -93,7 +93,7 @@ def _done(batch: Batch) -> int:
 
 def _progress(batch: Batch) -> str:
     counts = batch.request_counts
-    return f"{_done(batch):,}/{counts.total:,}" if counts else "?"
+    return f", {_done(batch):,}/{counts.total:,} requests done" if counts else ""
 
 
 wait_for_batches_task = as_task(wait_for_batches, "wait for batches")

@@ -4,7 +4,8 @@ Everything above it (journal, lease, cache, canary, budget, output) is provider-
 sees a batch as OpenAI's `Batch` model describes one (status, request counts, creation
 time) and a batch's results as OpenAI's batch output lines, and each adapter translates
 its provider's shapes to and from those: `OpenAIBatches` (OpenAI, Azure OpenAI and
-localbatch's OpenAI face) and `AnthropicBatches` (Message Batches).
+localbatch's OpenAI face), `AnthropicBatches` (Message Batches) and `GeminiBatches`
+(Gemini's Batch Mode).
 """
 
 from __future__ import annotations
@@ -38,10 +39,15 @@ class BatchAPI(ABC):
     """A provider's Batch API as the flow uses it. A method that talks to the provider
     raises its SDK's errors; `transient` says which of them are worth another try."""
 
-    kind: str  # openai, azure, local or anthropic
+    kind: str  # openai, azure, local, anthropic or gemini
     base_url: str
     transient: tuple[type[Exception], ...]
     tags_batches: bool  # a batch carries the metadata it was created with (`find` by it)
+    state_names: dict[str, str] = {}  # the provider's words for our statuses, where they differ
+
+    def state_name(self, status: str) -> str:
+        """A batch's status as the provider's own console and docs call it (logs, status)."""
+        return self.state_names.get(status, status)
 
     @abstractmethod
     def check_model(self, model: str) -> None:
