@@ -10,6 +10,7 @@ localbatch's OpenAI face), `AnthropicBatches` (Message Batches) and `GeminiBatch
 
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -18,6 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 from openai.types import Batch
+
+from enrichflow.errors import ConfigError
 
 SLACK_SECONDS = 300  # clock differences between us and the provider
 JOB_ERRORS = (401, 403, 404)  # a wrong key or address: an error of the job, not of a row
@@ -99,3 +102,12 @@ class BatchAPI(ABC):
     def retrieve(self, batch_id: str) -> Batch:
         (batch,) = self.look([batch_id])
         return batch
+
+
+def unknown_model(base_url: str, model: str, names: list[str]) -> ConfigError:
+    """The error of a model the provider at `base_url` does not have (it has `names`),
+    naming the closest one."""
+    close = difflib.get_close_matches(model, names, n=1)
+    return ConfigError(f"request.model: {base_url} has no model {model!r}"
+                       + (f"; did you mean {close[0]!r}?" if close else "")
+                       + " Nothing was sent")

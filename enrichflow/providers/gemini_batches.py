@@ -14,7 +14,6 @@ request counts), and a job still PENDING is OpenAI's `validating`: not started.
 from __future__ import annotations
 
 import base64
-import difflib
 import io
 import json
 import mimetypes
@@ -33,12 +32,11 @@ from google.genai import errors, types
 from openai.types import Batch
 from prefect import get_run_logger
 
-from enrichflow.errors import ConfigError
-from enrichflow.providers import JOB_ERRORS, SLACK_SECONDS, BatchAPI, Intent
+from enrichflow.providers import JOB_ERRORS, SLACK_SECONDS, BatchAPI, Intent, unknown_model
 
 # The SDK retries itself what was not done (408, 429: `client`), at create too; a 5xx or
 # a lost connection is ours to retry, except at create (see submit).
-CONNECTION_ERRORS = (httpx.TransportError, httpx2.TransportError)  # raised by the SDK as are
+CONNECTION_ERRORS = (httpx.TransportError, httpx2.TransportError)  # its HTTP clients' own
 TRANSIENT = (errors.ServerError, *CONNECTION_ERRORS)
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"
 NAME_PREFIX = "enrichflow "  # a display name that carries metadata starts so
@@ -80,10 +78,7 @@ class GeminiBatches(BatchAPI):
                 raise
         names = [m.name.removeprefix("models/") for m in self.sdk.models.list()
                  if m.name]
-        close = difflib.get_close_matches(model, names, n=1)
-        raise ConfigError(f"request.model: {self.base_url} has no model {model!r}"
-                          + (f"; did you mean {close[0]!r}?" if close else "")
-                          + " Nothing was sent")
+        raise unknown_model(self.base_url, model, names)
 
     def upload(self, filename: str, payload: bytes, orphans_since: float | None = None
                ) -> str:
@@ -236,10 +231,12 @@ def chat_completion(response: dict[str, Any]) -> dict[str, Any]:
     """A GenerateContentResponse (REST JSON) as the body of an OpenAI chat completion:
     its first candidate's text (thoughts left out), its finish reason, its usage, with
     thinking tokens counted as output, as they are billed."""
-    candidate = (response.get("candidates") or [{}])[0]
+    candidates = response.get("candidates") or []
+    candidate = candidates[0] if candidates else {}  # none: the prompt itself was blocked
     parts = (candidate.get("content") or {}).get("parts") or []
     texts = [p["text"] for p in parts if p.get("text") is not None and not p.get("thought")]
-    reason = FINISH_REASONS.get(candidate.get("finishReason") or "STOP", "content_filter")
+    reason = FINISH_REASONS.get(candidate.get("finishReason") or "STOP", "content_filter"
+                                ) if candidates else "content_filter"
     usage = response.get("usageMetadata") or {}
     prompt = usage.get("promptTokenCount") or 0
     completion = (usage.get("candidatesTokenCount") or 0) + (usage.get("thoughtsTokenCount")

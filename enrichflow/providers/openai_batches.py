@@ -4,7 +4,6 @@ killed after creating it finds it again."""
 
 from __future__ import annotations
 
-import difflib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -17,8 +16,7 @@ import pyarrow as pa
 from openai.types import Batch
 from prefect import get_run_logger
 
-from enrichflow.errors import ConfigError
-from enrichflow.providers import JOB_ERRORS, SLACK_SECONDS, BatchAPI, Intent
+from enrichflow.providers import JOB_ERRORS, SLACK_SECONDS, BatchAPI, Intent, unknown_model
 
 TRANSIENT = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
              openai.InternalServerError, openai.ConflictError)
@@ -48,10 +46,7 @@ class OpenAIBatches(BatchAPI):
                 return
         if not names or model in names:
             return
-        close = difflib.get_close_matches(model, names, n=1)
-        raise ConfigError(f"request.model: {self.base_url} has no model {model!r}"
-                          + (f"; did you mean {close[0]!r}?" if close else "")
-                          + " Nothing was sent")
+        raise unknown_model(self.base_url, model, names)
 
     def upload(self, filename: str, payload: bytes, orphans_since: float | None = None
                ) -> str:
