@@ -196,9 +196,9 @@ def test_a_provider_error_names_the_call_the_status_and_the_fix(prefect_api, sta
     assert code == 2 and "Traceback" not in stdout + stderr
     assert stderr.strip().splitlines() == [  # the pre-flight's, before Prefect starts
         f"error: the API call GET {server.base_url}/models/gpt-4o-mini failed: HTTP 401: "
-        "Incorrect API key provided. (check the API key: OPENAI_API_KEY, AZURE_OPENAI_API_KEY "
-        "or ANTHROPIC_API_KEY as the provider is, or LOCALBATCH_API_KEY for an `enrichflow "
-        "serve` started with --api-key)"]
+        "Incorrect API key provided. (check the API key: OPENAI_API_KEY, AZURE_OPENAI_API_KEY, "
+        "ANTHROPIC_API_KEY or GEMINI_API_KEY as the provider is, or LOCALBATCH_API_KEY for an "
+        "`enrichflow serve` started with --api-key)"]
 
 
 def test_cancel_stops_a_running_job(prefect_api, start_localbatch, tmp_path, capsys):
@@ -312,3 +312,4 @@ def test_ctrl_c_stops_the_run_at_once_and_says_what_runs_on(prefect_api, start_l
     assert stderr.index(f"movies: resuming run {journal['run_id']}") < stderr.index("estimate:")
     assert "already sent by the run this one resumes: 30" in stderr
     assert re.search(r"requests to send: +0\n", stderr)
+
