@@ -1,4 +1,5 @@
-"""The `enrichflow` command: run jobs, inspect and cancel them, serve the local Batch API."""
+"""The `enrichflow` command: run jobs, inspect and cancel them, serve the local Batch API
+and receive OpenAI's batch webhooks."""
 
 from __future__ import annotations
 
@@ -220,6 +221,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _webhooks(args: argparse.Namespace) -> int:
+    from enrichflow.webhooks import SECRET_ENV, serve
+
+    serve(args.host, args.port, os.environ.get(SECRET_ENV))
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -299,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", help="cancel a job's unfinished batches")
     cancel.add_argument("output", help="the job's output directory URI")
     cancel.set_defaults(handler=_cancel)
+
+    webhooks = commands.add_parser(
+        "webhooks", help="resume suspended runs when OpenAI's batch webhooks say a batch "
+                         "ended (signing secret in OPENAI_WEBHOOK_SECRET)")
+    webhooks.add_argument("--host", default="127.0.0.1",
+                          help="bind address (default: loopback; 0.0.0.0 behind a proxy)")
+    webhooks.add_argument("--port", type=int, default=8700)
+    webhooks.set_defaults(handler=_webhooks)
     return parser
 
 

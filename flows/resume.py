@@ -3,13 +3,16 @@
 Runs started with `wait_mode=suspend` suspend themselves while their batches run, which
 frees the worker. This flow, deployed on an interval schedule, looks at each suspended
 `enrich` run's journal and asks the Batch API about its batches; when one is done, it
-resumes the run, which then collects, sends what is left, and writes.
+resumes the run, which then collects, sends what is left, and writes. OpenAI's batch
+webhooks, received by `enrichflow webhooks` (`resume_runs_waiting_for`), resume a run
+within seconds of its batch's end; this flow's schedule stays the fallback.
 
     python -m enrichflow.flows.resume          # once, by hand
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import UTC, datetime
 
@@ -22,6 +25,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateName,
 )
+from prefect.client.schemas.objects import FlowRun
 from prefect.flow_runs import resume_flow_run
 from prefect.variables import Variable
 
@@ -33,6 +37,7 @@ from enrichflow.tasks.state import RunState
 from enrichflow.tasks.submit import awaited_batches
 from enrichflow.tasks.wait import TERMINAL, look_at_batches
 
+logger = logging.getLogger(__name__)  # outside a flow run: the webhook receiver
 UNREACHABLE = "enrichflow_unreachable_runs"  # run id -> when it was reported unreachable
 REPORT_AGAIN_SECONDS = 24 * 3600
 
@@ -65,6 +70,34 @@ def reasons_to_resume(parameters: dict) -> list[str]:
 reasons_to_resume_task = as_task(reasons_to_resume, "check suspended run")
 
 
+def suspended_runs(flow_name: str = "enrich") -> list[FlowRun]:
+    with get_client(sync_client=True) as prefect_api:
+        return prefect_api.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                name=FlowRunFilterStateName(any_=["Suspended"]))))
+
+
+def resume_runs_waiting_for(batch_id: str, flow_name: str = "enrich") -> list[str]:
+    """Resume the suspended runs whose journal awaits `batch_id` (a webhook said it has
+    ended: nothing need ask the provider); their ids. A run whose journal cannot be read
+    is left to resume-ready, which reports it."""
+    resumed = []
+    for run in suspended_runs(flow_name):
+        try:
+            job = job_from_parameters(run.parameters)
+            state = RunState.load(Location(job.output, job.storage_options))
+        except Exception as exc:
+            logger.warning("cannot read the journal of suspended run %s (%s): %s", run.name,
+                           run.id, exc)
+            continue
+        if state is not None and batch_id in {r.batch_id for r in state.awaited()}:
+            resume_flow_run(run.id)
+            resumed.append(str(run.id))
+            logger.info("resumed %s (%s): its batch %s has ended", run.name, run.id, batch_id)
+    return resumed
+
+
 @flow(name="resume-ready", log_prints=True)
 def resume_ready(flow_name: str = "enrich") -> list[str]:
     """Resume the suspended runs of `flow_name` that have a finished batch; their ids.
@@ -78,11 +111,7 @@ def resume_ready(flow_name: str = "enrich") -> list[str]:
         flow_name: The flow whose suspended runs to look at.
     """
     log = get_run_logger()
-    with get_client(sync_client=True) as prefect_api:
-        suspended = prefect_api.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
-                name=FlowRunFilterStateName(any_=["Suspended"]))))
+    suspended = suspended_runs(flow_name)
     reported = Variable.get(UNREACHABLE, default={})
     still_reported, resumed, failed = {}, [], []
     for run in suspended:

@@ -19,8 +19,9 @@ from typing import Any
 from localbatch.engines import BATCH_ENDPOINTS, Engine, error_body
 from localbatch.errors import APIError, not_found
 from localbatch.simulation import Dice, Simulation
-from localbatch.store import BATCH_FILE_TTL, Store, new_id, now
+from localbatch.store import BATCH_FILE_TTL, TERMINAL_STATUSES, Store, new_id, now
 from localbatch.tokens import prompt_tokens
+from localbatch.webhooks import WebhookSender
 
 ANTHROPIC_MAX_REQUESTS = 100_000  # Message Batches' limit a batch
 # a batch's id says the face it belongs to; each face lists its own
@@ -41,6 +42,8 @@ class Lifecycle:
         self.dice = Dice(simulation.seed)
         self._lock = threading.RLock()
         self._lines: dict[str, InputLines] = {}  # input of running batches
+        self.webhooks = (WebhookSender(simulation.webhook_url, simulation.webhook_secret)
+                         if simulation.webhook_url else None)
 
     # requests from clients ----------------------------------------------------------
 
@@ -121,6 +124,16 @@ class Lifecycle:
                 log.exception("batch %s: step failed; the batch fails", batch_id)
                 with self._lock:
                     self._fail(batch_id, exc)
+            if self.webhooks is not None:
+                self._announce_if_ended(batch_id)
+
+    def _announce_if_ended(self, batch_id: str) -> None:
+        """The webhook of a batch of the OpenAI face that its last step ended (it is
+        stepped no more: one event a batch)."""
+        batch = self.store.get_batch(batch_id)
+        if (batch["status"] in TERMINAL_STATUSES
+                and self.store.get_work(batch_id).get("dialect", "openai") == "openai"):
+            self.webhooks.batch_ended(batch)
 
     def _fail(self, batch_id: str, exc: Exception) -> None:
         batch, work = self.store.get_batch(batch_id), self.store.get_work(batch_id)

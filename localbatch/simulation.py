@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAX_BATCH_FILE_BYTES = 200 * 1024 * 1024
 MAX_REQUESTS_PER_BATCH = 50_000
@@ -84,6 +84,18 @@ class Simulation(BaseModel):
         default=2000, gt=0, description="Requests run between two saves of a batch's progress."
     )
     seed: int | None = Field(default=None, description="Seed for the fault dice.")
+    webhook_url: str | None = Field(
+        default=None, description="POST OpenAI's batch webhooks (batch.completed, ...) here "
+                                  "when a batch of the OpenAI face ends.")
+    webhook_secret: str | None = Field(
+        default=None, description="The webhooks' signing secret, `whsec_` and base64, as "
+                                  "OpenAI's dashboard gives it (OPENAI_WEBHOOK_SECRET).")
+
+    @model_validator(mode="after")
+    def _webhooks_are_signed(self) -> Simulation:
+        if self.webhook_url and not self.webhook_secret:
+            raise ValueError("webhook_url needs webhook_secret: OpenAI signs every webhook")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Simulation:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from enrichflow.cli import main
 from localbatch import Simulation
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 ANTHROPIC_KEY = "sk-ant-test"  # the worker's, for the runs on Anthropic
 
 
@@ -443,6 +445,56 @@ def test_cancelling_a_suspended_run_cancels_its_batches(prefect_env, start_local
                       api.logs(run), 30)
     (canceller,) = api.flow_runs("cancel-batches/cancel-batches", ["Completed"])
     assert canceller["parameters"] == {"flow_run": f"prefect.flow-run.{run}"}
+
+
+def test_a_webhook_from_localbatch_resumes_a_suspended_run_within_seconds(
+        prefect_env, start_localbatch, tmp_path):
+    """OpenAI's batch.completed webhook, signed and sent by localbatch, received by
+    `enrichflow webhooks`: the run resumes within seconds of its batch's end, with
+    resume-ready's schedule off (no pass in between). A forged event is refused."""
+    api = PrefectAPI(prefect_env)
+    secret = "whsec_" + base64.b64encode(b"enrichflow-test-webhook-secret").decode()
+    port = free_port()
+    receiver = subprocess.Popen([ENRICHFLOW, "webhooks", "--port", str(port)],
+                                env={**prefect_env, "OPENAI_WEBHOOK_SECRET": secret},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}/webhooks/openai"
+    try:
+        eventually(lambda: _answers(url), 60)
+        forged = httpx.post(url, content=b'{"type": "batch.completed"}', headers={
+            "webhook-id": "evt_1", "webhook-timestamp": str(int(time.time())),
+            "webhook-signature": "v1,Zm9yZ2Vk"})
+        assert forged.status_code == 400
+
+        server = start_localbatch(Simulation(requests_per_second=1, webhook_url=url,
+                                             webhook_secret=secret))
+        client = sdk_client(server.base_url)
+        with api.schedules_paused("resume-ready/resume-ready"):
+            run = api.run_with_cli("enrich/movies", limit=6, output=str(tmp_path / "out"),
+                                   base_url=server.base_url, wait_mode="suspend")
+            api.wait_for(run, {"Suspended"})
+            (batch,) = client.batches.list().data
+            assert eventually(lambda: client.batches.retrieve(batch.id).status == "completed",
+                              60, every=0.1)
+            ended = time.monotonic()
+            assert eventually(lambda: api.state(run) != "Suspended", 30, every=0.2)
+            print(f"resumed {time.monotonic() - ended:.1f} s after its batch ended")
+            assert time.monotonic() - ended < 10
+            assert api.wait_for(run, {"Completed", "Failed"}) == "Completed"
+        data = pd.read_parquet(tmp_path / "out")
+        assert len(data) == 6 and (data["_status"] == "ok").all()
+    finally:
+        _stop(receiver)
+    assert f"batch.completed {batch.id}: 1 suspended run(s) resumed" in receiver.stdout.read()
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=2)
+        return True
+    except httpx.HTTPError:
+        return False
 
 
 def test_a_suspended_run_past_max_wait_hours_ends_saying_its_batch_runs_on(
