@@ -325,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
+    except KeyboardInterrupt:  # a run's own line is `_stop_on_interrupt`'s, once it sends
+        print("\ninterrupted" + (": nothing was sent" if args.handler is _run else ""),
+              file=sys.stderr)
+        return 130
     except Exception as exc:
         if args.verbose or not isinstance(exc, _expected_errors()):
             raise

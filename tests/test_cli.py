@@ -313,3 +313,22 @@ def test_ctrl_c_stops_the_run_at_once_and_says_what_runs_on(prefect_api, start_l
     assert "already sent by the run this one resumes: 30" in stderr
     assert re.search(r"requests to send: +0\n", stderr)
 
+
+def test_ctrl_c_in_the_first_second_says_nothing_was_sent(tmp_path):
+    """Before the run has started (imports, the pre-flight, Prefect's start): one line,
+    no traceback, exit code 130."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL",
+                                                             "OPENAI_API_KEY")}
+    run = subprocess.Popen([ENRICHFLOW, "run", "configs/movies.yaml", "--output",
+                            str(tmp_path / "out"), "--limit", "3"], cwd=REPO, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    time.sleep(1)
+    os.killpg(run.pid, signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: nothing was sent"), stderr
+    assert "Traceback" not in stderr
