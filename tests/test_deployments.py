@@ -207,6 +207,53 @@ def test_deploy_registers_the_schedules_and_the_real_directory(prefect_env):
             "directory": str(REPO)}
 
 
+def test_the_portable_recipe_runs_from_git_on_a_worker_in_another_folder(
+        prefect_env, start_localbatch, tmp_path):
+    """docs/prefect-git.yaml: deployed as its comments say; a worker started in an empty
+    folder runs a job file that exists only in git, whose key comes from a Secret block
+    named in it (the local server refuses any other key) and is stored nowhere else."""
+    origin = tmp_path / "origin"
+    env = {**prefect_env, "ENRICHFLOW_GIT_URL": f"file://{origin}"}
+    subprocess.run(["git", "clone", "-q", str(REPO), str(origin)], check=True)
+    job = yaml.safe_load((REPO / "configs" / "movies.yaml").read_text())
+    job["provider"] = {"kind": "openai", "api_key_secret": "openai-api-key"}
+    (origin / "configs" / "movies-keyed.yaml").write_text(yaml.safe_dump(job))
+    for git in (["checkout", "-q", "-B", "main"], ["add", "configs/movies-keyed.yaml"],
+                ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "keyed"]):
+        subprocess.run(["git", "-C", str(origin), *git], check=True)
+    save_secret = ("from prefect.blocks.system import Secret; "
+                   "Secret(value='sk-from-the-block').save('openai-api-key', overwrite=True)")
+    for command in ([PREFECT, "work-pool", "create", "enrich-remote", "--type", "process"],
+                    [sys.executable, "-c", save_secret],
+                    ["script", "-qefc", f"{PREFECT} deploy --prefect-file docs/prefect-git.yaml"
+                                        " --all", "/dev/null"]):
+        done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=300, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stdout + done.stderr
+    elsewhere = tmp_path / "worker-host"
+    elsewhere.mkdir()
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "enrich-remote"],
+                              env={**prefect_env, "PWD": str(elsewhere)}, cwd=elsewhere,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        api = PrefectAPI(prefect_env)
+        server = start_localbatch(api_key="sk-from-the-block")
+        run = api.run_with_cli("enrich/movies-git", config_path="configs/movies-keyed.yaml",
+                               limit=5, output=str(tmp_path / "out"),
+                               base_url=server.base_url)
+        assert api.wait_for(run, {"Completed", "Failed", "Crashed"}) == "Completed", \
+            api.logs(run)[-3000:]
+    finally:
+        _stop(worker)
+    assert len(pd.read_parquet(tmp_path / "out")) == 5
+    deployment = api.deployment("enrich/movies-git")
+    (step,) = deployment["pull_steps"]  # the code came from git, not from a folder
+    assert step["prefect.deployments.steps.git_clone"]["repository"] == \
+        env["ENRICHFLOW_GIT_URL"]
+    assert "sk-from-the-block" not in json.dumps(deployment), "the key is not stored in it"
+
+
 def test_the_scheduler_creates_runs_and_the_worker_runs_them(prefect_env):
     api = PrefectAPI(prefect_env)
     # prefect.yaml's own schedules: the scheduler service fills them ahead
