@@ -21,6 +21,8 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import REPO, free_port, job_file, sdk_client
+from google import genai
+from google.genai.types import HttpOptions
 from prefect import Flow
 from prefect.flows import load_flow_from_entrypoint
 
@@ -30,6 +32,7 @@ from localbatch import Simulation
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 ANTHROPIC_KEY = "sk-ant-test"  # the worker's, for the runs on Anthropic
+GEMINI_KEY = "gemini-test"  # and on Gemini
 
 
 def test_every_entrypoint_imports_to_a_flow_whose_form_describes_its_parameters():
@@ -59,7 +62,8 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
-           "PREFECT_WORKER_QUERY_SECONDS": "2", "ANTHROPIC_API_KEY": ANTHROPIC_KEY}
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
+           "GEMINI_API_KEY": GEMINI_KEY}
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
@@ -379,6 +383,26 @@ def test_a_suspended_run_on_anthropic_is_resumed_when_its_message_batch_ends(
     assert len(data) == 6 and (data["_status"] == "ok").all()
     assert (data["_batch_id"] == batch.id).sum() == 3  # the other 3: the canary's sample
     assert list(claude.messages.batches.list()) == [], "collected, then deleted"
+
+
+def test_a_suspended_run_on_gemini_is_resumed_when_its_batch_job_ends(
+        prefect_env, start_localbatch, tmp_path):
+    api = PrefectAPI(prefect_env)
+    server = start_localbatch(Simulation(requests_per_second=0.5), api_key=GEMINI_KEY)
+    gemini = genai.Client(api_key=GEMINI_KEY,
+                          http_options=HttpOptions(base_url=server.gemini_base_url))
+    run = api.run_with_cli("enrich/movies", limit=6, output=str(tmp_path / "out"),
+                           provider="gemini", base_url=server.gemini_base_url,
+                           model="gemini-2.5-flash", wait_mode="suspend")
+    api.wait_for(run, {"Suspended"})
+    (job,) = gemini.batches.list()
+    eventually(lambda: gemini.batches.get(name=job.name).done, 60)
+    api.wait_for(api.run_with_cli("resume-ready/resume-ready"), {"Completed"})
+    api.wait_for(run, {"Completed"})
+    data = pd.read_parquet(tmp_path / "out")
+    assert len(data) == 6 and (data["_status"] == "ok").all()
+    assert (data["_batch_id"] == job.name).sum() == 3  # the other 3: the canary's sample
+    assert list(gemini.batches.list()) == [], "collected, then deleted"
 
 
 def test_a_suspended_run_collects_each_shard_and_holds_a_cancel(prefect_env, start_localbatch,
