@@ -113,6 +113,8 @@ class LocalBatchServer:
             self._worker.join(timeout=10)
         if isinstance(self.engine, ForwardEngine):
             self.engine.close()
+        if self.lifecycle.webhooks is not None:
+            self.lifecycle.webhooks.close()
         self._socket.close()
         self.store.close()
 

@@ -43,8 +43,10 @@ def signed(secret: str, webhook_id: str, timestamp: int, body: str) -> str:
 class WebhookSender:
     def __init__(self, url: str, secret: str):
         self.url, self.secret = url, secret
-        self._events: queue.Queue[dict] = queue.Queue()
-        threading.Thread(target=self._deliver, name="localbatch-webhooks", daemon=True).start()
+        self._events: queue.Queue[dict | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._deliver, name="localbatch-webhooks",
+                                        daemon=True)
+        self._thread.start()
 
     def batch_ended(self, batch: dict) -> None:
         """Queue the event of a batch that has just ended."""
@@ -52,10 +54,14 @@ class WebhookSender:
                           "type": EVENTS[batch["status"]], "created_at": now(),
                           "data": {"id": batch["id"]}})
 
+    def close(self) -> None:
+        """Deliver what is queued (each tried as usual), then stop."""
+        self._events.put(None)
+        self._thread.join(timeout=30)
+
     def _deliver(self) -> None:
         with httpx.Client(timeout=10) as http:
-            while True:
-                event = self._events.get()
+            while (event := self._events.get()) is not None:
                 body = json.dumps(event)
                 for attempt in range(ATTEMPTS):
                     timestamp = int(time.time())
@@ -73,4 +79,5 @@ class WebhookSender:
                     log.warning("webhook %s for batch %s to %s failed (%s), attempt %d of %d",
                                 event["type"], event["data"]["id"], self.url, reason,
                                 attempt + 1, ATTEMPTS)
-                    time.sleep(RETRY_SECONDS * 2 ** attempt)
+                    if attempt + 1 < ATTEMPTS:
+                        time.sleep(RETRY_SECONDS * 2 ** attempt)
