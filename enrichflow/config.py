@@ -291,6 +291,10 @@ class LimitsConfig(_Strict):
     max_bytes_per_shard: int = Field(default=MAX_BATCH_FILE_BYTES, gt=0,
                                      le=MAX_BATCH_FILE_BYTES)
     max_attempts: int = Field(default=3, ge=1, le=10)
+    max_shards_in_flight: int = Field(
+        default=12, gt=0, description="Batches of a run unfinished at once, at most: bounds "
+                                      "the input files at the provider and the results "
+                                      "waiting here, also where no token limit does.")
     poll_interval_min: float = Field(default=1.0, gt=0)
     poll_interval_max: float = Field(default=60.0, gt=0)
     max_wait_hours: float = Field(default=25.0, gt=0)

@@ -1,12 +1,14 @@
 """Sending a job's rows: attempts of shards, each shard through render, upload, batch,
 wait and collect, under the enqueued-token budget, journaled at every step.
 
-An attempt's shards start while they fit the budget, are watched together by one polling
-task, and are collected and journaled one by one as their batches finish. Rows whose
-request failed, expired or gave an unusable answer go round again as the next attempt.
-A shard is a range of the attempt's rows to send (row numbers, tokens, bytes): its lines
-are rendered from the dataset when it is uploaded, and only its results are kept, in
-`_state/results/`, so memory holds the shards in flight, not the table.
+An attempt's shards start while they fit the budget and the cap on shards in flight
+(which bounds the files at the provider and the results waiting here), are watched
+together by one polling task, and are collected and journaled one by one as their
+batches finish. Rows whose request failed, expired or gave an unusable answer go round
+again as the next attempt. A shard is a range of the attempt's rows to send (row
+numbers, tokens, bytes): its lines are rendered from the dataset when it is uploaded,
+and only its results are kept, in `_state/results/`, so memory holds the shards in
+flight, not the table.
 """
 
 from __future__ import annotations
@@ -150,8 +152,9 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
                shards: list[Shard], budget: TokenBudget, job: Job, wait_mode: WaitMode,
                progress: UUID, lines: ShardLines, runner: Runner) -> None:
     """Run one attempt's shards, starting each only when it fits the enqueued-token
-    budget, and collect (and journal) each as soon as its batch is finished: the
-    collects are tasks on the job's runner, each writing its shard's results. A shard
+    budget and fewer than `max_shards_in_flight` run, and collect (and journal) each as
+    soon as its batch is finished: the collects are tasks on the job's runner, each
+    writing its shard's results. A shard
     refused for `token_limit_exceeded` is cut into smaller shards under the limit the
     refusal named (or, refused alone, into halves), or waits for running batches and
     goes again; a refusal is never one of its rows' attempts. In `suspend` mode the run,
@@ -171,7 +174,8 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
                         len(unsent), attempt)
             queue = deque(run for run in queue if run.record.batch_id)  # re-attach to these
         starting = []
-        while queue and budget.fits(queue[0].shard.tokens):
+        while (queue and len(running) + len(starting) < limits.max_shards_in_flight
+               and budget.fits(queue[0].shard.tokens)):
             starting.append(queue.popleft())
             budget.take(starting[-1].shard.tokens)
         start_shards(client, state, starting, lines, job)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import json
 import signal
+import threading
+import time
 
 import pandas as pd
 import pyarrow as pa
@@ -133,6 +135,34 @@ def test_bad_input_fails_before_anything_is_uploaded(prefect_api, start_localbat
     client = sdk_client(server.base_url)
     assert client.files.list().data == [] and client.batches.list().data == []
     assert not (tmp_path / "out").exists()
+
+
+def test_no_more_shards_than_max_shards_in_flight_run_at_once(prefect_api, start_localbatch,
+                                                              tmp_path):
+    """Against a server with no token limit too: the first shards are collected while
+    the later ones wait to be sent, and every row is written once."""
+    server = start_localbatch(Simulation(requests_per_second=20, chunk_size=2))
+    path = job_file(tmp_path, generated_movies(60), **{"limits.max_requests_per_shard": 10,
+                                                      "limits.max_shards_in_flight": 2})
+    most, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            most[0] = max(most[0], len(server.store.active_batch_ids()))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        enrich(str(path), base_url=server.base_url)
+    finally:
+        done.set()
+        sampler.join()
+    assert most[0] == 2
+    assert len(sdk_client(server.base_url).batches.list().data) == 6
+    data = pd.read_parquet(tmp_path / "out")
+    assert len(data) == 60 and data["Series_Title"].is_unique
+    assert (data["_status"] == "ok").all()
 
 
 def test_a_killed_run_resumes_without_creating_batches_again(prefect_api, start_localbatch,
