@@ -37,6 +37,7 @@ from enrichflow.providers import JOB_ERRORS, SLACK_SECONDS, BatchAPI, Intent, un
 # The SDK retries itself what was not done (408, 429: `client`), at create too; a 5xx or
 # a lost connection is ours to retry, except at create (see submit).
 CONNECTION_ERRORS = (httpx.TransportError, httpx2.TransportError)  # its HTTP clients' own
+ERRORS = (errors.APIError, *CONNECTION_ERRORS)  # what a call raises (`tasks.api.sdk_errors`)
 TRANSIENT = (errors.ServerError, *CONNECTION_ERRORS)
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"
 NAME_PREFIX = "enrichflow "  # a display name that carries metadata starts so
@@ -138,12 +139,12 @@ class GeminiBatches(BatchAPI):
 
     @contextmanager
     def result_files(self, batch: Batch, custom_ids: pa.Array) -> Iterator[list[str]]:
-        """The result file streams to disk, then line by line into a file of OpenAI
-        output and error lines: a large job's results are never whole in memory."""
-        job = self.sdk.batches.get(name=batch.id)
+        """The result file (`output_file_id`, as `as_batch` reads it) streams to disk,
+        then line by line into a file of OpenAI output and error lines: a large job's
+        results are never whole in memory."""
         with _temp_file() as downloaded, _temp_file() as translated:
-            if job.dest and job.dest.file_name:
-                self.sdk.files.download(file=job.dest.file_name, destination=downloaded)
+            if batch.output_file_id:
+                self.sdk.files.download(file=batch.output_file_id, destination=downloaded)
             with open(downloaded, encoding="utf-8") as lines, open(translated, "w") as sink:
                 for line in lines:
                     if line.strip():
@@ -152,9 +153,8 @@ class GeminiBatches(BatchAPI):
 
     def results_kept(self, batch: Batch) -> bool:
         try:
-            job = self.sdk.batches.get(name=batch.id)
-            if job.dest and job.dest.file_name:
-                self.sdk.files.get(name=job.dest.file_name)
+            if batch.output_file_id:
+                self.sdk.files.get(name=batch.output_file_id)
         except errors.ClientError as exc:
             if exc.code == 404:
                 return False
@@ -165,9 +165,8 @@ class GeminiBatches(BatchAPI):
         """The batch and its result file; the input file expires at Gemini by itself
         (a job does not name it back)."""
         try:
-            job = self.sdk.batches.get(name=batch.id)
-            if job.dest and job.dest.file_name:
-                self.sdk.files.delete(name=job.dest.file_name)
+            if batch.output_file_id:
+                self.sdk.files.delete(name=batch.output_file_id)
             self.sdk.batches.delete(name=batch.id)
         except errors.ClientError as exc:
             if exc.code != 404:
