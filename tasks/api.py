@@ -4,40 +4,27 @@ and every provider's SDK), and how an error that outlasted its retries is told."
 from __future__ import annotations
 
 import sys
+from types import ModuleType
 from typing import Any
+
+ADAPTERS = ("openai_batches", "anthropic_batches", "gemini_batches")  # of enrichflow.providers
+
+
+def _loaded_adapters() -> list[ModuleType]:
+    """The provider adapters this process loaded (an SDK's errors come only through its
+    adapter; Anthropic's and Google's SDKs, seconds to import, only for a job on them)."""
+    return [module for name in ADAPTERS
+            if (module := sys.modules.get(f"enrichflow.providers.{name}")) is not None]
 
 
 def sdk_errors() -> tuple[type[Exception], ...]:
-    """The errors of each provider SDK this process loaded (one not loaded raised
-    nothing: Anthropic's and Google's SDKs are imported only by a job on them)."""
-    import openai
-
-    found: tuple[type[Exception], ...] = (openai.APIError,)
-    if "anthropic" in sys.modules:
-        found += (sys.modules["anthropic"].APIError,)
-    if "enrichflow.providers.gemini_batches" in sys.modules:
-        from google.genai.errors import APIError
-
-        from enrichflow.providers.gemini_batches import CONNECTION_ERRORS
-
-        found += (APIError, *CONNECTION_ERRORS)
-    return found
+    """What a call of each loaded adapter's SDK raises (one not loaded raised nothing)."""
+    return tuple(error for adapter in _loaded_adapters() for error in adapter.ERRORS)
 
 
 def transient_errors() -> tuple[type[Exception], ...]:
-    """The errors worth another try, of each provider SDK this process loaded."""
-    from enrichflow.providers.openai_batches import TRANSIENT
-
-    found = TRANSIENT
-    if "anthropic" in sys.modules:
-        from enrichflow.providers.anthropic_batches import TRANSIENT as ANTHROPIC_TRANSIENT
-
-        found += ANTHROPIC_TRANSIENT
-    if "enrichflow.providers.gemini_batches" in sys.modules:
-        from enrichflow.providers.gemini_batches import TRANSIENT as GEMINI_TRANSIENT
-
-        found += GEMINI_TRANSIENT
-    return found
+    """The errors worth another try, of each loaded adapter's SDK."""
+    return tuple(error for adapter in _loaded_adapters() for error in adapter.TRANSIENT)
 
 
 def retry_transient(_task, _task_run, state) -> bool:

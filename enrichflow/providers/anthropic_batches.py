@@ -35,6 +35,7 @@ from enrichflow.errors import ConfigError, ProviderError
 from enrichflow.providers import JOB_ERRORS, SLACK_SECONDS, BatchAPI, Intent
 from enrichflow.storage import Location
 
+ERRORS = (anthropic.APIError,)  # what a call raises (`tasks.api.sdk_errors`)
 TRANSIENT = (anthropic.APIConnectionError, anthropic.RateLimitError,
              anthropic.InternalServerError, anthropic.ConflictError)
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; a job that sets none gets this

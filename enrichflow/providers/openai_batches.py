@@ -18,6 +18,7 @@ from prefect import get_run_logger
 
 from enrichflow.providers import JOB_ERRORS, SLACK_SECONDS, BatchAPI, Intent, unknown_model
 
+ERRORS = (openai.APIError,)  # what a call raises (`tasks.api.sdk_errors`)
 TRANSIENT = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
              openai.InternalServerError, openai.ConflictError)
 LIST_LIMIT = 100  # the most batches one list call returns
