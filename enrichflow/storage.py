@@ -6,7 +6,6 @@ moved into place, so a reader or a crash never meets a half-written file.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import io
@@ -27,6 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 from enrichflow.errors import StorageError
 
 STAGING = "_staging"
+CONFLICT_ATTEMPTS = 10  # of a conditional put that S3 answers 409 (about 2.75 s)
 
 
 @dataclass(frozen=True)
@@ -89,13 +89,15 @@ class Location:
     def create_json(self, name: str, value: Any) -> bool:
         """Write `name` only if it does not exist (O_EXCL locally, a conditional put on
         S3), atomically with respect to every other writer; False if it exists."""
-        if self.is_local:
-            with self._errors("write", name):
-                self.fs.makedirs(self.path(name).rsplit("/", 1)[0], exist_ok=True)
+        data = json.dumps(value).encode()
+        if not self.is_local:
+            return self._put_if(name, data, IfNoneMatch="*")
+        with self._errors("write", name):
+            self.fs.makedirs(self.path(name).rsplit("/", 1)[0], exist_ok=True)
         try:
             with self._errors("write", name, expected=FileExistsError), \
                     self.fs.open(self.path(name), "xb") as handle:
-                handle.write(json.dumps(value).encode())
+                handle.write(data)
         except FileExistsError:
             return False
         return True
@@ -125,21 +127,9 @@ class Location:
         disk, the compare and the rename under an advisory lock of the folder. False if it
         changed or is gone."""
         data = json.dumps(value).encode()
-        path = self.path(name)
         if not self.is_local:
-            try:
-                with self._errors("write", name, expected=(FileNotFoundError, _Changed)):
-                    try:
-                        self.fs.pipe_file(path, data, IfMatch=version)
-                    except OSError as exc:  # s3fs's word for 412 Precondition Failed
-                        if exc.errno != errno.EINVAL:
-                            raise
-                        raise _Changed from exc
-            except (FileNotFoundError, _Changed):
-                return False
-            finally:
-                self.fs.invalidate_cache(path)
-            return True
+            return self._put_if(name, data, IfMatch=version)
+        path = self.path(name)
         with self._errors("write", name), self._folder_locked(path.rsplit("/", 1)[0]):
             try:
                 with open(path, "rb") as handle:
@@ -149,6 +139,34 @@ class Location:
                 return False
             self.write_bytes(name, data)
         return True
+
+    def _put_if(self, name: str, data: bytes, **condition: str) -> bool:
+        """Put `data` at `name` on object storage only if `condition` holds (S3's
+        conditional put, `IfNoneMatch="*"` or `IfMatch=<ETag>`: one step that no other
+        writer comes between); False if it does not. While another conditional write of
+        the object is in flight, S3 may answer 409 ConditionalRequestConflict and asks
+        for the put to be tried again: it is, until one of the writers has won."""
+        path = self.path(name)
+        try:
+            for attempt in range(CONFLICT_ATTEMPTS):
+                with self._errors("write", name):
+                    try:
+                        self.fs.pipe_file(path, data, **condition)
+                        return True
+                    except FileExistsError:
+                        return False
+                    except OSError as exc:
+                        code = _s3_error_code(exc)
+                        if code in ("PreconditionFailed", "NoSuchKey"):  # changed; gone
+                            return False
+                        if code != "ConditionalRequestConflict":
+                            raise
+                time.sleep(0.05 * (attempt + 1))
+        finally:
+            self.fs.invalidate_cache(path)
+        raise StorageError(f"cannot write {self.uri}/{name}: other writers kept it busy "
+                           f"through {CONFLICT_ATTEMPTS} tries (409 "
+                           f"ConditionalRequestConflict); run again")
 
     @contextmanager
     def _folder_locked(self, folder: str) -> Iterator[None]:
@@ -226,8 +244,10 @@ class Location:
                                f"{exc}); {hint}") from exc
 
 
-class _Changed(Exception):
-    """A conditional write found the file changed."""
+def _s3_error_code(exc: OSError) -> str | None:
+    """The S3 error code behind an error s3fs translated (it keeps botocore's as cause)."""
+    response = getattr(exc.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code")
 
 
 def _digest(data: bytes) -> str:

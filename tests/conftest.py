@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -183,10 +184,50 @@ def s3_endpoint() -> Iterator[str]:
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
         os.environ[name] = value
+    make_conditional_puts_atomic()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+CONFLICT = (409, {}, "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>"
+            "ConditionalRequestConflict</Code><Message>A conflicting operation occurred. "
+            "If using PutObject you can retry the request.</Message></Error>")
+CONDITIONAL_PUT_IN_FLIGHT = threading.Lock()
+
+
+def make_conditional_puts_atomic() -> None:
+    """Give moto's server S3's conditional puts. S3 checks `If-Match`/`If-None-Match`
+    and writes in one step: of concurrent conditional writes of an object one wins, and
+    the others are answered 412, or 409 ConditionalRequestConflict while it is in flight.
+    moto checks and then writes, so two puts judged against the same ETag can both
+    succeed (seen as two runs holding one lease); here a conditional put meeting another
+    one in flight is answered 409, as S3 may."""
+    from moto.s3.responses import S3Response
+
+    put_object = S3Response.put_object
+    if getattr(put_object, "atomic", False):
+        return
+
+    def put_object_atomically(response: S3Response):
+        if not (response.headers.get("If-Match") or response.headers.get("If-None-Match")):
+            return put_object(response)
+        if not CONDITIONAL_PUT_IN_FLIGHT.acquire(blocking=False):
+            return CONFLICT
+        try:
+            return put_object(response)
+        finally:
+            CONDITIONAL_PUT_IN_FLIGHT.release()
+
+    put_object_atomically.atomic = True
+    S3Response.put_object = put_object_atomically
+
+
+@pytest.fixture
+def conditional_put_in_flight(s3_endpoint) -> threading.Lock:
+    """Held, it is another writer's conditional put in flight on the S3 endpoint."""
+    return CONDITIONAL_PUT_IN_FLIGHT
 
 
 @pytest.fixture

@@ -6,12 +6,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import pytest
 
-from enrichflow.errors import LeaseError
+from enrichflow.errors import LeaseError, StorageError
 from enrichflow.storage import Location
 from enrichflow.tasks import lease as lease_module
 from enrichflow.tasks.lease import LEASE_FILE, STALE_SECONDS, Lease
@@ -21,11 +22,14 @@ from enrichflow.tasks.lease import LEASE_FILE, STALE_SECONDS, Lease
 def location(request, tmp_path) -> Location:
     if request.param == "local":
         return Location(str(tmp_path / "out"))
-    s3 = request.getfixturevalue("s3")
+    return request.getfixturevalue("s3_location")
+
+
+@pytest.fixture
+def s3_location(s3, s3_endpoint) -> Location:
     bucket = f"lease-{uuid.uuid4().hex[:8]}"
     s3.mkdir(bucket)
-    return Location(f"s3://{bucket}/out",
-                    {"endpoint_url": request.getfixturevalue("s3_endpoint")})
+    return Location(f"s3://{bucket}/out", {"endpoint_url": s3_endpoint})
 
 
 def a_dead_pid() -> int:
@@ -154,3 +158,30 @@ def test_a_lease_removed_twice_at_once_is_no_error(location):
     location.remove(LEASE_FILE)
     location.remove(LEASE_FILE)  # as a second remover finds it: already removed
     assert not location.exists(LEASE_FILE)
+
+
+def test_a_conditional_put_answered_409_is_tried_again(s3_location, conditional_put_in_flight):
+    """While another conditional write of the lease is in flight S3 may answer 409
+    ConditionalRequestConflict: the take-over waits it out, then wins or loses by its
+    condition, never by the conflict."""
+    s3_location.write_json(LEASE_FILE, {"id": "dead"})
+    seen = s3_location.read_versioned(LEASE_FILE)
+    with conditional_put_in_flight:
+        outcome = []
+        taking = threading.Thread(target=lambda: outcome.append(
+            s3_location.replace_json(LEASE_FILE, {"id": "mine"}, seen.version)))
+        taking.start()
+        time.sleep(0.3)  # answered 409 meanwhile
+        assert not outcome
+    taking.join(timeout=10)
+    assert outcome == [True] and s3_location.read_json(LEASE_FILE) == {"id": "mine"}
+    assert not s3_location.create_json(LEASE_FILE, {"id": "late"})
+    s3_location.remove(LEASE_FILE)
+    assert not s3_location.replace_json(LEASE_FILE, {"id": "mine"}, seen.version)
+
+
+def test_a_conflict_that_does_not_end_is_a_storage_error(s3_location, conditional_put_in_flight):
+    with conditional_put_in_flight, pytest.raises(StorageError, match="409 "
+                                                   "ConditionalRequestConflict"):
+        s3_location.create_json(LEASE_FILE, {"id": "mine"})
+    assert not s3_location.exists(LEASE_FILE)
