@@ -18,6 +18,7 @@ from pathlib import Path
 import anthropic
 import httpx
 import pandas as pd
+import psutil
 import pytest
 import yaml
 from conftest import REPO, free_port, job_file, sdk_client
@@ -86,15 +87,35 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
                                "automations.yaml"], env=env, cwd=REPO, capture_output=True,
                               text=True, timeout=120)  # as `make automations` does
         assert done.returncode == 0, done.stdout + done.stderr
-        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "enrich-pool",
-                                   "--limit", "1"], env=env, cwd=REPO,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
+        worker = _start_worker(env, "default", limit=1)
         yield env
     finally:
         for process in (worker, server):
             if process is not None:
                 _stop(process)
+
+
+def _start_worker(env: dict[str, str], queue: str, limit: int) -> subprocess.Popen:
+    """A process worker of enrich-pool that takes the runs of one work queue only (the
+    deployments' runs go to `default`; a test's own worker gets runs sent to its queue)."""
+    return subprocess.Popen([PREFECT, "worker", "start", "--pool", "enrich-pool",
+                             "--work-queue", queue, "--limit", str(limit)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+@contextmanager
+def worker_of_its_own(env: dict[str, str], queue: str, limit: int
+                      ) -> Iterator[subprocess.Popen]:
+    """A worker on a work queue of its own (created here), stopped at the end."""
+    done = subprocess.run([PREFECT, "work-queue", "create", queue, "--pool", "enrich-pool"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    worker = _start_worker(env, queue, limit)
+    try:
+        yield worker
+    finally:
+        _stop(worker)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -117,10 +138,25 @@ def _healthy(api: str) -> bool:
         return False
 
 
+class RetryWhenBusy(httpx.HTTPTransport):
+    """Sends a request again while the server answers 503 (SQLite was busy: the scheduler,
+    the runs' logs), as Prefect's own client does."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for _ in range(30):
+            response = super().handle_request(request)
+            if response.status_code != 503:
+                break
+            response.close()
+            time.sleep(1)
+        return response
+
+
 class PrefectAPI:
     def __init__(self, env: dict[str, str]):
         self.env = env
-        self.http = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30)
+        self.http = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30,
+                                 transport=RetryWhenBusy())
 
     def run_with_cli(self, deployment: str, **parameters) -> str:
         """`prefect deployment run`, as docs/prefect.md says; returns the flow run id."""
@@ -130,6 +166,20 @@ class PrefectAPI:
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         return re.search(r"UUID: ([0-9a-f-]{36})", done.stdout).group(1)
+
+    def run_on_queue(self, deployment: str, queue: str, **parameters) -> str:
+        """A run of the deployment sent to one work queue (`prefect deployment run` has no
+        such option); returns the flow run id."""
+        created = self.http.post(f"/deployments/{self.deployment(deployment)['id']}"
+                                 "/create_flow_run",
+                                 json={"parameters": parameters, "work_queue_name": queue})
+        created.raise_for_status()
+        return created.json()["id"]
+
+    def state_names(self, flow_run_id: str) -> list[str]:
+        """The states the run went through, oldest first."""
+        states = self.http.get("/flow_run_states/", params={"flow_run_id": flow_run_id})
+        return [s["name"] for s in sorted(states.json(), key=lambda s: s["timestamp"])]
 
     def deployment(self, name: str) -> dict:
         return self.http.get(f"/deployments/name/{name}").json()
@@ -143,14 +193,8 @@ class PrefectAPI:
 
         def turn(on: bool) -> None:
             for schedule in active:
-                url = f"/deployments/{found['id']}/schedules/{schedule}"
-
-                def patched(url: str = url) -> httpx.Response | None:
-                    response = self.http.patch(url, json={"active": on})
-                    # 503: SQLite was busy (the scheduler, the runs' logs); it passes
-                    return None if response.status_code == 503 else response
-
-                eventually(patched, timeout=60).raise_for_status()
+                self.http.patch(f"/deployments/{found['id']}/schedules/{schedule}",
+                                json={"active": on}).raise_for_status()
 
         turn(False)
         try:
@@ -615,3 +659,71 @@ def test_a_crashed_run_is_run_again_and_pays_once(prefect_env, start_localbatch,
     assert [b.id for b in client.batches.list().data] == [batch.id], "paid once"
     data = pd.read_parquet(out)
     assert len(data) == 6 and (data["_status"] == "ok").all()
+
+
+def test_a_lost_machine_is_crashed_by_its_missing_heartbeats_and_run_again(
+        prefect_env, start_localbatch, tmp_path):
+    """Worker and flow-run process killed together, as when their machine is lost: nothing
+    is left to say the run crashed. The automation of automations.yaml marks it Crashed
+    once its heartbeats stop (90 s), rerun-crashed runs it again, and the rerun
+    re-attaches to its batch."""
+    api = PrefectAPI(prefect_env)
+    server = start_localbatch(Simulation(requests_per_second=0.05))
+    client = sdk_client(server.base_url)
+    out = tmp_path / "movies"
+    with worker_of_its_own(prefect_env, "lost-machine", limit=1) as machine:
+        run = api.run_on_queue("enrich/movies", "lost-machine", limit=6, output=str(out),
+                               base_url=server.base_url)
+        (batch,) = eventually(lambda: client.batches.list().data, 180, 0.5)
+        assert eventually(lambda: "heartbeat" in _event_names(api, run), 90)
+        lost = [machine, *(psutil.Process(machine.pid).children(recursive=True))]
+        for process in lost:  # the run has a session of its own: killed one by one
+            process.kill()
+        lost_at = time.monotonic()
+    assert api.state(run) == "Running"
+    eventually(lambda: api.state(run) == "Crashed", 240, every=2)
+    print(f"marked Crashed {time.monotonic() - lost_at:.0f} s after its machine was lost")
+    message = api.http.get(f"/flow_runs/{run}").json()["state"]["message"]
+    assert message == "no heartbeat for 90 s: its process or machine was lost"
+
+    def rerun_completed():
+        return [r for r in api.flow_runs("enrich/movies", ["Completed"])
+                if f"enrichflow-rerun-of:{run}" in r["tags"]]
+    (rerun,) = eventually(rerun_completed, 300, every=2)
+    assert [b.id for b in client.batches.list().data] == [batch.id], "one batch: paid once"
+    data = pd.read_parquet(out)
+    assert len(data) == 6 and (data["_status"] == "ok").all()
+    assert (data["_batch_id"] == batch.id).sum() == 3  # the other 3: the canary's sample
+
+
+def _event_names(api: PrefectAPI, flow_run_id: str) -> list[str]:
+    events = api.http.post("/events/filter", json={"filter": {
+        "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]}}}).json()["events"]
+    return [event["event"].removeprefix("prefect.flow-run.") for event in events]
+
+
+def test_two_runs_of_one_output_at_once_the_second_waits_then_finds_it_complete(
+        prefect_env, start_localbatch, tmp_path):
+    """A worker that runs two flow runs at once: another job runs beside the first, but a
+    second run of the same deployment waits for its concurrency slot (not a red LeaseError
+    run), then finds the output complete and sends nothing."""
+    api = PrefectAPI(prefect_env)
+    slow = start_localbatch(Simulation(requests_per_second=0.05))
+    fast = start_localbatch()
+    out = tmp_path / "movies"
+    with worker_of_its_own(prefect_env, "pair", limit=2):
+        first = api.run_on_queue("enrich/movies", "pair", limit=6, output=str(out),
+                                 base_url=slow.base_url)
+        api.wait_for(first, {"Running"})
+        second = api.run_on_queue("enrich/movies", "pair", limit=6, output=str(out),
+                                  base_url=slow.base_url)
+        beside = api.run_on_queue("enrich/furniture", "pair", limit=3,
+                                  output=str(tmp_path / "furniture"), base_url=fast.base_url)
+        api.wait_for(beside, {"Completed"})
+        assert api.state(first) == "Running", "the furniture run ran beside it"
+        assert api.wait_for(second, {"Completed"}, timeout=300)
+        # its process sends its last logs as it ends: while its worker still runs
+        assert eventually(lambda: "is already complete" in api.logs(second), 60)
+    assert "AwaitingConcurrencySlot" in api.state_names(second)
+    assert len(sdk_client(slow.base_url).batches.list().data) == 1, "sent once"
+    assert len(pd.read_parquet(out)) == 6
