@@ -1,7 +1,9 @@
-"""Screenshot a page of the Prefect UI after clicking one of its tabs (headless Chromium
-through its DevTools protocol): the flow run page only opens its Artifacts tab by a click.
+"""Screenshot a page of the Prefect UI after clicking the elements with the given texts, in
+turn (headless Chromium through its DevTools protocol): the flow run page opens its
+Artifacts and Details tabs only by a click, the state message its whole text by "See More",
+and the run form is submitted by its Submit button.
 
-    python docs/click_and_shoot.py URL TAB OUT.png
+    python docs/click_and_shoot.py URL OUT.png TEXT [TEXT ...]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ CLICK = """[...document.querySelectorAll('*')]
   .find(e => e.children.length === 0 && e.textContent.trim() === %s)?.click()"""
 
 
-async def shoot(url: str, tab: str, out: str) -> None:
+async def shoot(url: str, out: str, *texts: str) -> None:
     profile = tempfile.mkdtemp()
     chromium = subprocess.Popen(
         ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
@@ -51,9 +53,10 @@ async def shoot(url: str, tab: str, out: str) -> None:
                     if answer.get("id") == number:
                         return answer.get("result", {})
 
-            await asyncio.sleep(8)  # the UI loads the run
-            await call("Runtime.evaluate", expression=CLICK % json.dumps(tab))
-            await asyncio.sleep(4)
+            await asyncio.sleep(8)  # the UI loads the page
+            for text in texts:
+                await call("Runtime.evaluate", expression=CLICK % json.dumps(text))
+                await asyncio.sleep(4)
             shot = await call("Page.captureScreenshot", format="png")
         with open(out, "wb") as handle:
             handle.write(base64.b64decode(shot["data"]))
@@ -63,4 +66,4 @@ async def shoot(url: str, tab: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(shoot(*sys.argv[1:4]))
+    asyncio.run(shoot(*sys.argv[1:]))

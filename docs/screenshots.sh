@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Screenshots of the Prefect UI for docs/prefect.md, taken as a user sees it: a real Prefect
 # server with its scheduler, the deployments of prefect.yaml, a worker, one movies run on
-# a local Batch API server, then headless Chromium on the run page, three of its artifacts,
-# the deployment's run form and its upcoming (scheduled) runs. Needs Debian's chromium
-# (apt-get install chromium) and `make install`.
+# a local Batch API server and one furniture run whose provider is unreachable, then
+# headless Chromium on the run page, three of its artifacts, the failed run's cause, the
+# deployment's run form (submitted as it opens: its defaults must pass the server's
+# checks) and its upcoming (scheduled) runs. Needs Debian's chromium (apt-get install
+# chromium) and `make install`.
 #   bash docs/screenshots.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,9 +31,16 @@ BASE_URL=$(until grep -o 'http://[^ ,]*' "$WORK/serve.log"; do sleep 0.5; done)
 pids+=($!)
 RUN=$("$BIN/prefect" deployment run enrich/movies --param limit=20 \
       --param "output=$WORK/movies" --param "base_url=$BASE_URL" | grep -o 'UUID: [0-9a-f-]*' | cut -c7-)
-state() { curl -sf "$PREFECT_API_URL/flow_runs/$RUN" | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["state"]["type"])'; }
-until [ "$(state)" = COMPLETED ]; do
-  case "$(state)" in FAILED|CRASHED|CANCELLED) echo "the run ended $(state)" >&2; exit 1;; esac
+state() { curl -sf "$PREFECT_API_URL/flow_runs/$1" | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["state"]["type"])'; }
+until [ "$(state "$RUN")" = COMPLETED ]; do
+  case "$(state "$RUN")" in FAILED|CRASHED|CANCELLED) echo "the run ended $(state "$RUN")" >&2; exit 1;; esac
+  sleep 2
+done
+# nothing listens on port 9 of loopback: the run fails at its first call to the provider
+FAILED_RUN=$("$BIN/prefect" deployment run enrich/furniture --param limit=3 \
+      --param "output=$WORK/furniture" --param base_url=http://127.0.0.1:9/v1 | grep -o 'UUID: [0-9a-f-]*' | cut -c7-)
+until [ "$(state "$FAILED_RUN")" = FAILED ]; do
+  case "$(state "$FAILED_RUN")" in COMPLETED|CRASHED|CANCELLED) echo "the failing run ended $(state "$FAILED_RUN")" >&2; exit 1;; esac
   sleep 2
 done
 DEPLOYMENT=$(curl -sf "$PREFECT_API_URL/deployments/name/enrich/movies" | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["id"])')
@@ -42,8 +51,10 @@ shot() {  # shot NAME PATH: a 1600x1000 screenshot of the UI page at PATH
     --screenshot="docs/$1.png" "http://127.0.0.1:$PORT$2" 2> /dev/null
 }
 shot run-page "/runs/flow-run/$RUN"
-"$BIN/python" docs/click_and_shoot.py "http://127.0.0.1:$PORT/runs/flow-run/$RUN" Artifacts \
-  docs/run-artifacts.png
+"$BIN/python" docs/click_and_shoot.py "http://127.0.0.1:$PORT/runs/flow-run/$RUN" \
+  docs/run-artifacts.png Artifacts
+"$BIN/python" docs/click_and_shoot.py "http://127.0.0.1:$PORT/runs/flow-run/$FAILED_RUN" \
+  docs/failed-run.png Details "See More"
 artifact() {  # the id of this run's artifact with key $1
   curl -sf -X POST "$PREFECT_API_URL/artifacts/filter" -H 'content-type: application/json' \
     -d "{\"artifacts\": {\"key\": {\"any_\": [\"$1\"]}, \"flow_run_id\": {\"any_\": [\"$RUN\"]}}}" \
@@ -52,6 +63,20 @@ artifact() {  # the id of this run's artifact with key $1
 shot rows-artifact "/artifacts/artifact/$(artifact movies-rows)"
 shot summary-artifact "/artifacts/artifact/$(artifact movies-summary)"
 shot canary-artifact "/artifacts/artifact/$(artifact movies-canary)"
-shot run-form "/deployments/deployment/$DEPLOYMENT/run"
+# through DevTools with no click: the page has settled when it is shot
+"$BIN/python" docs/click_and_shoot.py "http://127.0.0.1:$PORT/deployments/deployment/$DEPLOYMENT/run" \
+  docs/run-form.png
+runs() {  # the deployment's runs, but for those its schedule made
+  curl -sf -X POST "$PREFECT_API_URL/flow_runs/filter" -H 'content-type: application/json' \
+    -d "{\"deployments\": {\"id\": {\"any_\": [\"$DEPLOYMENT\"]}}}" \
+    | "$BIN/python" -c 'import json,sys; print(sum("auto-scheduled" not in r["tags"] for r in json.load(sys.stdin)))'
+}
+BEFORE=$(runs)
+for attempt in 1 2 3; do  # the UI does not retry when SQLite was busy (503)
+  "$BIN/python" docs/click_and_shoot.py "http://127.0.0.1:$PORT/deployments/deployment/$DEPLOYMENT/run" \
+    docs/run-form-submitted.png Submit
+  [ "$(runs)" -gt "$BEFORE" ] && break
+  [ "$attempt" = 3 ] && { echo "the run form, submitted untouched, made no run" >&2; exit 1; }
+done
 shot upcoming-runs "/deployments/deployment/$DEPLOYMENT?tab=Upcoming"
 ls docs/*.png

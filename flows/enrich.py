@@ -19,13 +19,13 @@ import shlex
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import PurePath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import pyarrow.compute as pc
 from prefect import Flow, State, flow, get_run_logger, runtime
 from prefect.client.schemas.objects import FlowRun
 from prefect.logging.loggers import flow_run_logger
-from pydantic import Field
+from pydantic import Field, WithJsonSchema
 
 from enrichflow.config import CanaryConfig, Job, ProviderKind, resolve_job
 from enrichflow.errors import (
@@ -55,6 +55,27 @@ from enrichflow.tasks.write import finish_output, start_output
 
 JOB_PARAMETERS = ("config_path", "output", "limit", "provider", "base_url", "model", "runner",
                   "job")
+
+# Prefect's run form shows `str | None` as a str/None toggle ("Property is type None") and
+# refuses a null default in a plain input. So the form's optional inputs are plain ones whose
+# empty value ("", 0) means "not given", and its choices are selects with a None option;
+# Python callers (the CLI, the Python API) still pass None.
+Text = Annotated[str | None, WithJsonSchema({"type": "string"})]
+RunnerKind = Literal["threads", "dask"]
+
+
+def choice_of(kind: Any) -> Any:
+    """A Literal parameter that may be None, shown by the run form as one select."""
+    return Annotated[kind | None, WithJsonSchema({"enum": [*get_args(kind), None]})]
+
+
+ProviderChoice = choice_of(ProviderKind)
+RunnerChoice = choice_of(RunnerKind)
+
+
+def given(value: Any) -> Any:
+    """A parameter's value, or None for the run form's empty ones ("", 0)."""
+    return value or None
 
 
 def cancel_batches_on_cancellation(flow: Flow, flow_run: FlowRun, state: State) -> None:
@@ -94,26 +115,27 @@ def run_name() -> str:
 @flow(name="enrich", flow_run_name=run_name, log_prints=True, persist_result=True,
       on_cancellation=[cancel_batches_on_cancellation])
 def enrich(
-    config_path: str | None = None,
-    output: str | None = None,
-    limit: Annotated[int | None, Field(gt=0)] = None,
-    provider: ProviderKind | None = None,
-    base_url: str | None = None,
-    model: str | None = None,
+    config_path: Text = "",
+    output: Text = "",
+    limit: Annotated[int | None, Field(ge=0),
+                     WithJsonSchema({"type": "integer", "minimum": 0})] = 0,
+    provider: ProviderChoice = None,
+    base_url: Text = "",
+    model: Text = "",
     wait_mode: WaitMode = "poll",
     force: bool = False,
     use_cache: bool = True,
     wait_for_lock: bool = False,
     canary_only: bool = False,
-    runner: Literal["threads", "dask"] | None = None,
-    job: str | None = None,
+    runner: RunnerChoice = None,
+    job: Text = "",
 ) -> dict[str, Any]:
     """Enrich the rows of a job file's dataset through the Batch API; returns the manifest.
 
     Args:
         config_path: Job YAML file, relative to the repository root, e.g. configs/movies.yaml.
         output: Output directory (local path or s3:// URI); default: the job file's.
-        limit: Only the first N rows; default: all.
+        limit: Only the first N rows; 0 or empty: all.
         provider: local, openai, azure, anthropic or gemini; default: openai when OPENAI_API_KEY
             is set, else local.
         base_url: Batch API base URL, e.g. a running `enrichflow serve`; default: the job file's.
@@ -130,6 +152,8 @@ def enrich(
             runner.address, or a LocalCluster of worker processes); default: the job's.
         job: The job itself instead of a job file: its YAML text (the Python API's jobs).
     """
+    config_path, output, limit, base_url, model, job = map(
+        given, (config_path, output, limit, base_url, model, job))
     resolved = resolve_job(config_path, output, limit, provider, base_url, model, runner, job)
     if wait_mode == "suspend":
         check_can_suspend(resolved)
@@ -276,7 +300,7 @@ def check_with_canary(job: Job, location: Location, prepared: Prepared,
 
 def job_from_parameters(parameters: dict[str, Any]) -> Job:
     """The job of an `enrich` flow run, from its parameters (hooks, resume-ready)."""
-    return resolve_job(**{name: parameters.get(name) for name in JOB_PARAMETERS})
+    return resolve_job(**{name: given(parameters.get(name)) for name in JOB_PARAMETERS})
 
 
 def resume_command(config_path: str | None, output: str, limit: int | None,

@@ -26,6 +26,7 @@ from google import genai
 from google.genai.types import HttpOptions
 from prefect import Flow
 from prefect.flows import load_flow_from_entrypoint
+from prefect.utilities.schema_tools import validate
 
 from enrichflow.cli import main
 from localbatch import Simulation
@@ -45,9 +46,18 @@ def test_every_entrypoint_imports_to_a_flow_whose_form_describes_its_parameters(
         flow = load_flow_from_entrypoint(f"{REPO / path}:{name}")
         assert isinstance(flow, Flow), deployment["entrypoint"]
         assert set(deployment.get("parameters", {})) <= set(flow.parameters.properties)
-        # the UI's run form shows these (Prefect reads them from the docstring's Args:)
-        for parameter, schema in flow.parameters.properties.items():
-            assert schema.get("description"), f"{deployment['name']}: {parameter}"
+        schema = flow.parameters.model_dump_for_openapi()
+        for parameter, field in schema["properties"].items():
+            # the UI's run form shows these (Prefect reads them from the docstring's Args:)
+            assert field.get("description"), f"{deployment['name']}: {parameter}"
+            # an anyOf is a toggle of types ("Property is type None"), not an input
+            assert "anyOf" not in field, f"{deployment['name']}: {parameter}"
+        # the form starts from the defaults and the deployment's values, and checks them
+        # as the server does: submitted untouched, they pass
+        untouched = {parameter: field["default"]
+                     for parameter, field in schema["properties"].items() if "default" in field}
+        validate({**untouched, **deployment.get("parameters", {})}, schema,
+                 raise_on_error=True, ignore_required=True)
         assert "schedules" in deployment, "without it `prefect deploy` asks in a terminal"
 
 
