@@ -129,7 +129,8 @@ def worker_of_its_own(env: dict[str, str], queue: str, limit: int
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """Stop a process and what it started (a worker's flow runs): politely, then not."""
+    """Stop a process and its process group: politely, then not. (A worker's flow runs have
+    sessions of their own; a worker stops them itself on SIGTERM.)"""
     for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
         try:
             os.killpg(process.pid, sig)
