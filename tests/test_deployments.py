@@ -218,6 +218,11 @@ class PrefectAPI:
             "deployments": {"id": {"any_": [self.deployment(deployment)["id"]]}},
             "flow_runs": {"state": {"name": {"any_": states}}}}).json()
 
+    def completed_reruns(self, deployment: str, flow_run_id: str) -> list[dict]:
+        """The Completed runs that rerun-crashed started for a crashed run."""
+        return [r for r in self.flow_runs(deployment, ["Completed"])
+                if f"enrichflow-rerun-of:{flow_run_id}" in r["tags"]]
+
     def state(self, flow_run_id: str) -> str:
         return self.http.get(f"/flow_runs/{flow_run_id}").json()["state"]["name"]
 
@@ -661,10 +666,7 @@ def test_a_crashed_run_is_run_again_and_pays_once(prefect_env, start_localbatch,
     os.kill(int(engine[0]), signal.SIGKILL)
     eventually(lambda: api.state(run) == "Crashed", 120)
 
-    def rerun_completed():
-        return [r for r in api.flow_runs("enrich/movies", ["Completed"])
-                if f"enrichflow-rerun-of:{run}" in r["tags"]]
-    (rerun,) = eventually(rerun_completed, 240)
+    (rerun,) = eventually(lambda: api.completed_reruns("enrich/movies", run), 240)
     assert "enrichflow-rerun:1" in rerun["tags"] and rerun["parameters"]["limit"] == 6
     assert eventually(lambda: "crashed: run again as" in api.logs(run), 30)
     assert [b.id for b in client.batches.list().data] == [batch.id], "paid once"
@@ -697,10 +699,7 @@ def test_a_lost_machine_is_crashed_by_its_missing_heartbeats_and_run_again(
     message = api.http.get(f"/flow_runs/{run}").json()["state"]["message"]
     assert message == "no heartbeat for 90 s: its process or machine was lost"
 
-    def rerun_completed():
-        return [r for r in api.flow_runs("enrich/movies", ["Completed"])
-                if f"enrichflow-rerun-of:{run}" in r["tags"]]
-    (rerun,) = eventually(rerun_completed, 300, every=2)
+    (rerun,) = eventually(lambda: api.completed_reruns("enrich/movies", run), 300, every=2)
     assert [b.id for b in client.batches.list().data] == [batch.id], "one batch: paid once"
     data = pd.read_parquet(out)
     assert len(data) == 6 and (data["_status"] == "ok").all()
