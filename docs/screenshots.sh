@@ -44,6 +44,7 @@ until [ "$(state "$FAILED_RUN")" = FAILED ]; do
   sleep 2
 done
 DEPLOYMENT=$(curl -sf "$PREFECT_API_URL/deployments/name/enrich/movies" | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+FORM=http://127.0.0.1:$PORT/deployments/deployment/$DEPLOYMENT/run
 
 shot() {  # shot NAME PATH: a 1600x1000 screenshot of the UI page at PATH
   chromium --headless=new --no-sandbox --disable-gpu --hide-scrollbars \
@@ -64,8 +65,7 @@ shot rows-artifact "/artifacts/artifact/$(artifact movies-rows)"
 shot summary-artifact "/artifacts/artifact/$(artifact movies-summary)"
 shot canary-artifact "/artifacts/artifact/$(artifact movies-canary)"
 # through DevTools with no click: the page has settled when it is shot
-"$BIN/python" docs/click_and_shoot.py "http://127.0.0.1:$PORT/deployments/deployment/$DEPLOYMENT/run" \
-  docs/run-form.png
+"$BIN/python" docs/click_and_shoot.py "$FORM" docs/run-form.png
 runs() {  # the deployment's runs, but for those its schedule made
   curl -sf -X POST "$PREFECT_API_URL/flow_runs/filter" -H 'content-type: application/json' \
     -d "{\"deployments\": {\"id\": {\"any_\": [\"$DEPLOYMENT\"]}}}" \
@@ -73,8 +73,7 @@ runs() {  # the deployment's runs, but for those its schedule made
 }
 BEFORE=$(runs)
 for attempt in 1 2 3; do  # the UI does not retry when SQLite was busy (503)
-  "$BIN/python" docs/click_and_shoot.py "http://127.0.0.1:$PORT/deployments/deployment/$DEPLOYMENT/run" \
-    docs/run-form-submitted.png Submit
+  "$BIN/python" docs/click_and_shoot.py "$FORM" docs/run-form-submitted.png Submit
   [ "$(runs)" -gt "$BEFORE" ] && break
   [ "$attempt" = 3 ] && { echo "the run form, submitted untouched, made no run" >&2; exit 1; }
 done
