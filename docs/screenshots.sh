@@ -72,7 +72,7 @@ runs() {  # the deployment's runs, but for those its schedule made
     | "$BIN/python" -c 'import json,sys; print(sum("auto-scheduled" not in r["tags"] for r in json.load(sys.stdin)))'
 }
 BEFORE=$(runs)
-for attempt in 1 2 3; do  # the UI does not retry when SQLite was busy (503)
+for attempt in 1 2 3; do  # a submit met "Something went wrong" once; the UI does not retry
   "$BIN/python" docs/click_and_shoot.py "$FORM" docs/run-form-submitted.png Submit
   [ "$(runs)" -gt "$BEFORE" ] && break
   [ "$attempt" = 3 ] && { echo "the run form, submitted untouched, made no run" >&2; exit 1; }
