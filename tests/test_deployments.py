@@ -149,13 +149,20 @@ def _healthy(api: str) -> bool:
         return False
 
 
-class RetryWhenBusy(httpx.HTTPTransport):
+class RetryLikePrefect(httpx.HTTPTransport):
     """Sends a request again while the server answers 503 (SQLite was busy: the scheduler,
-    the runs' logs), as Prefect's own client does."""
+    the runs' logs) or does not answer in time, as Prefect's own client does; on a loaded
+    2-core machine a CI run once saw the server take over 30 s to answer a GET."""
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        for _ in range(30):
-            response = super().handle_request(request)
+        for attempt in range(30):
+            try:
+                response = super().handle_request(request)
+            except (httpx.ReadTimeout, httpx.ConnectTimeout, httpx.PoolTimeout):
+                if attempt >= 4:
+                    raise
+                time.sleep(1)
+                continue
             if response.status_code != 503:
                 break
             response.close()
@@ -166,8 +173,8 @@ class RetryWhenBusy(httpx.HTTPTransport):
 class PrefectAPI:
     def __init__(self, env: dict[str, str]):
         self.env = env
-        self.http = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30,
-                                 transport=RetryWhenBusy())
+        self.http = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=60,
+                                 transport=RetryLikePrefect())
 
     def run_with_cli(self, deployment: str, **parameters) -> str:
         """`prefect deployment run`, as docs/prefect.md says; returns the flow run id."""
