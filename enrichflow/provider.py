@@ -16,16 +16,18 @@ import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
-
-from openai import OpenAI
+from typing import TYPE_CHECKING, Any
 
 from enrichflow.config import ProviderConfig
 from enrichflow.errors import ConfigError
-from enrichflow.providers import BatchAPI
-from enrichflow.providers.openai_batches import OpenAIBatches
 from enrichflow.storage import Location
 from localbatch.simulation import AZURE_V1_PATH
+
+if TYPE_CHECKING:  # the SDKs (and the adapters, Prefect) are imported by `open_client`:
+    # seconds that a complete job's or a status's answer does without
+    from openai import OpenAI
+
+    from enrichflow.providers import BatchAPI
 
 LOCAL_API_KEY_ENV = "LOCALBATCH_API_KEY"
 AZURE_KEY_ENV, AZURE_ENDPOINT_ENV = "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT"
@@ -114,6 +116,8 @@ def open_client(provider: ProviderConfig, output: Location,
             gemini_batches.client(_api_key(provider, GEMINI_KEY_ENV), provider.base_url),
             provider.base_url)
         return
+    from enrichflow.providers.openai_batches import OpenAIBatches
+
     with _openai_client(provider, kind, output, share_running) as client:
         yield OpenAIBatches(client, kind)
 
@@ -121,6 +125,8 @@ def open_client(provider: ProviderConfig, output: Location,
 @contextmanager
 def _openai_client(provider: ProviderConfig, kind: str, output: Location,
                    share_running: bool) -> Iterator[OpenAI]:
+    from openai import OpenAI
+
     if kind == "openai":
         yield OpenAI(api_key=_api_key(provider, "OPENAI_API_KEY"), base_url=provider.base_url)
     elif kind == "azure":

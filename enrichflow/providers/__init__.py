@@ -15,12 +15,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-from openai.types import Batch
 
 from enrichflow.errors import ConfigError
+
+if TYPE_CHECKING:  # the openai SDK takes half a second to import: not for `status`
+    from openai.types import Batch
 
 SLACK_SECONDS = 300  # clock differences between us and the provider
 JOB_ERRORS = (401, 403, 404)  # a wrong key or address: an error of the job, not of a row
