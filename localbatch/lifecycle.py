@@ -7,7 +7,6 @@ A worker thread calls `tick()` repeatedly; each call moves every unfinished batc
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -15,6 +14,8 @@ from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from localbatch.engines import BATCH_ENDPOINTS, Engine, error_body
 from localbatch.errors import APIError, not_found
@@ -214,7 +215,7 @@ class Lifecycle:
         tokens = 0
         for number, line in enumerate(lines, start=1):
             try:
-                request = json.loads(line)
+                request = orjson.loads(line)
             except ValueError:
                 errors.append(_batch_error(
                     "invalid_json_line", "This line is not parseable as valid JSON.", line=number))
@@ -302,7 +303,7 @@ class Lifecycle:
         if count <= 0:
             self.store.save_batch(batch, work)
             return
-        requests = [json.loads(line) for line in lines[start:start + count]]
+        requests = [orjson.loads(line) for line in lines[start:start + count]]
         failing = [self.dice.roll(self.sim.request_failure_rate) for _ in requests]
         to_run = [(r["url"], r["body"]) for r, fail in zip(requests, failing, strict=True)
                   if not fail]
@@ -344,7 +345,7 @@ class Lifecycle:
             work["credit"] += elapsed * self.sim.tokens_per_second
             allowed = 0
             for line in lines[work["next_line"]:work["next_line"] + count]:
-                request = json.loads(line)
+                request = orjson.loads(line)
                 cost = prompt_tokens(request["url"], request["body"])
                 if cost > work["credit"]:
                     break
@@ -356,7 +357,7 @@ class Lifecycle:
     def _finish(self, batch: dict, work: dict, status: str, message: str, code: str) -> None:
         """Turn a batch terminal: the unrun requests get `code`, the files are published."""
         lines = self._input_lines(batch) if batch["in_progress_at"] else []
-        unrun = [json.loads(line) for line in lines[work["next_line"]:]] if code else []
+        unrun = [orjson.loads(line) for line in lines[work["next_line"]:]] if code else []
         if unrun:
             work["err_bytes"] += self._append(batch["id"], "err", [
                 {"id": new_id("batch_req_", 16), "custom_id": r["custom_id"], "response": None,
@@ -383,8 +384,7 @@ class Lifecycle:
     def _append(self, batch_id: str, kind: str, records: list[dict]) -> int:
         if not records:
             return 0
-        data = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) + "\n"
-                       for r in records).encode()
+        data = b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
         with self._work_file(batch_id, kind).open("ab") as handle:
             handle.write(data)
         return len(data)
