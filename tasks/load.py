@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv
@@ -316,10 +317,30 @@ def _misfit_column(exc: pa.ArrowInvalid, schema: pa.Schema | None) -> str | None
     return schema.field(int(found.group(1))).name
 
 
-def check_unique_keys(keys: pa.ChunkedArray, dataset: DatasetConfig) -> None:
-    """Ids must be unique over the whole dataset (row numbers are)."""
+def key_hashes(keys: pa.Array) -> pa.Array:
+    """64-bit hashes of rows' keys: what the uniqueness check keeps of a row over the
+    whole table (8 bytes, not the key's text: 10 million titles would take ~350 MB)."""
+    import pandas as pd  # its hash_array hashes text in C; pyarrow has no such kernel
+
+    return pa.array(pd.util.hash_array(keys.to_numpy(zero_copy_only=False),
+                                       categorize=False), pa.uint64())
+
+
+def check_unique_keys(hashes: pa.ChunkedArray, source: Source) -> None:
+    """Ids must be unique over the whole dataset (row numbers are). Their `key_hashes`
+    are compared; the rows whose hashes repeat are read again and their ids compared
+    (two ids of one hash are not a repeat)."""
+    dataset = source.dataset
     if dataset.id_column is None:
         return
+    ordered = np.sort(hashes.to_numpy())
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if not len(repeated):
+        return
+    suspects = pa.array(repeated, pa.uint64())
+    keys = pa.chunked_array([batch.column(KEY).filter(
+        pc.is_in(key_hashes(batch.column(KEY)), value_set=suspects))
+        for batch in source.batches()], pa.string())
     counts = pc.value_counts(keys)
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     if len(repeated):

@@ -33,7 +33,14 @@ from enrichflow.tasks.estimate import (
     request_tokens,
     usd,
 )
-from enrichflow.tasks.load import KEY, ROW, Source, TypesWidened, check_unique_keys
+from enrichflow.tasks.load import (
+    KEY,
+    ROW,
+    Source,
+    TypesWidened,
+    check_unique_keys,
+    key_hashes,
+)
 from enrichflow.tasks.plan import BYTES, TOKENS, Shard, check_rows_fit, line_bytes, plan_shards
 from enrichflow.tasks.render import render_requests
 from enrichflow.tasks.runner import Calls, in_turn
@@ -49,7 +56,8 @@ PIECE_ROWS = 100_000  # rows a scan task reads, at least (whole files)
 class Scanned:
     """What the scan of rows [start, stop) found: a few numbers per row."""
 
-    keys: pa.Array
+    rows: int
+    key_hashes: pa.Array  # of the rows' ids (`key_hashes`), for the uniqueness check
     to_send: pa.Table  # TO_SEND
     unsent: pa.Table  # UNSENT
     reused: int
@@ -130,8 +138,8 @@ def prepare_job(job: Job, use_cache: bool = True, force: bool = False,
         except TypesWidened as exc:  # the column is text from now on: rows are scanned alike
             if str(exc) not in source.text_columns:  # widened in another process
                 source.text_columns.append(str(exc))
-    check_unique_keys(pa.chunked_array([p.keys for p in pieces], pa.string()), job.dataset)
-    rows = sum(len(p.keys) for p in pieces)
+    check_unique_keys(pa.chunked_array([p.key_hashes for p in pieces], pa.uint64()), source)
+    rows = sum(p.rows for p in pieces)
     reused = sum(p.reused for p in pieces)
     to_send = pa.concat_tables([p.to_send for p in pieces]).combine_chunks()
     unsent = pa.concat_tables([p.unsent for p in pieces]).combine_chunks()
@@ -157,12 +165,14 @@ def scan_rows(job: Job, source: Source, tag: str, cache: AnswerCache | None,
               plan_limit: int | None, start: int = 0, stop: int | None = None) -> Scanned:
     """One pass over rows [start, stop): their keys, their requests to send (tokens and
     bytes), the rows not sent, how many were answered before."""
-    keys, to_send, unsent, reused = [], [], [], 0
+    rows, hashes, to_send, unsent, reused = 0, [], [], [], 0
     for batch in source.batches(start, stop):
         table = pa.Table.from_batches([batch])
-        if not keys and start == 0:
+        if not rows and start == 0:
             check_answer_columns(table, job.request)
-        keys.append(batch.column(KEY))
+        rows += batch.num_rows
+        if job.dataset.id_column:  # row numbers are unique as they are
+            hashes.append(key_hashes(batch.column(KEY)))
         rendered = render_requests(table, job.request, tag, job.dataset.path,
                                    job.storage_options)
         requests = rendered.requests
@@ -177,7 +187,7 @@ def scan_rows(job: Job, source: Source, tag: str, cache: AnswerCache | None,
         check_rows_fit(requests, job.limits.max_bytes_per_shard, plan_limit)
         to_send.append(requests.select(TO_SEND.names))
         unsent.append(rendered.unsent.cast(UNSENT))
-    return Scanned(pa.chunked_array(keys, pa.string()).combine_chunks(),
+    return Scanned(rows, pa.chunked_array(hashes, pa.uint64()).combine_chunks(),
                    pa.concat_tables(to_send) if to_send else TO_SEND.empty_table(),
                    pa.concat_tables(unsent) if unsent else UNSENT.empty_table(), reused)
 

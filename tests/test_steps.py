@@ -16,7 +16,7 @@ from enrichflow.providers.openai_batches import OpenAIBatches
 from enrichflow.tasks import answers, load, wait
 from enrichflow.tasks.answers import answer_reader, read_answers
 from enrichflow.tasks.estimate import Price, chat_prompt_tokens, request_tokens
-from enrichflow.tasks.load import KEY, ROW, RowReader, Source, check_unique_keys
+from enrichflow.tasks.load import KEY, ROW, RowReader, Source, check_unique_keys, key_hashes
 from enrichflow.tasks.merge import attempt_results_schema, merge_part
 from enrichflow.tasks.plan import BYTES, TOKENS, check_rows_fit, jsonl, line_bytes, plan_shards
 from enrichflow.tasks.prepare import prepare_job
@@ -36,8 +36,9 @@ def table(**columns) -> pa.Table:
 
 def load_rows(dataset: DatasetConfig) -> pa.Table:
     """The whole dataset, checked as a run checks it."""
-    rows = read_all(Source.open(dataset))
-    check_unique_keys(rows[KEY], dataset)
+    source = Source.open(dataset)
+    rows = read_all(source)
+    check_unique_keys(pa.chunked_array([key_hashes(rows[KEY].combine_chunks())]), source)
     return rows
 
 
