@@ -140,15 +140,18 @@ def test_bad_input_fails_before_anything_is_uploaded(prefect_api, start_localbat
 def test_no_more_shards_than_max_shards_in_flight_run_at_once(prefect_api, start_localbatch,
                                                               tmp_path):
     """Against a server with no token limit too: the first shards are collected while
-    the later ones wait to be sent, and every row is written once."""
+    the later ones wait to be sent, every row is written once, and the files at the
+    provider are those of the shards in flight (an input and an output each), removed as
+    their shards are collected: bounded by the cap, not by the count of shards."""
     server = start_localbatch(Simulation(requests_per_second=20, chunk_size=2))
     path = job_file(tmp_path, generated_movies(60), **{"limits.max_requests_per_shard": 10,
                                                       "limits.max_shards_in_flight": 2})
-    most, done = [0], threading.Event()
+    most, most_files, done = [0], [0], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             most[0] = max(most[0], len(server.store.active_batch_ids()))
+            most_files[0] = max(most_files[0], len(list(server.store.files_dir.iterdir())))
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample)
@@ -159,6 +162,7 @@ def test_no_more_shards_than_max_shards_in_flight_run_at_once(prefect_api, start
         done.set()
         sampler.join()
     assert most[0] == 2
+    assert 2 <= most_files[0] <= 2 * 2, most_files[0]  # 6 shards: 12 files if kept
     assert len(sdk_client(server.base_url).batches.list().data) == 6
     data = pd.read_parquet(tmp_path / "out")
     assert len(data) == 60 and data["Series_Title"].is_unique
