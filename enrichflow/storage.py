@@ -208,8 +208,10 @@ class Location:
             self.fs.mv(staged, self.path(name))
 
     def list(self, pattern: str) -> list[str]:
-        """Names of the files at the top of the location that match a glob `pattern`."""
+        """Names of the files that match a glob `pattern` (in one folder), as they are now:
+        not from s3fs's cache of listings, which another process's writes do not clear."""
         with self._errors("list", pattern):
+            self.fs.invalidate_cache(self.path(pattern).rsplit("/", 1)[0])
             return sorted(path.rsplit("/", 1)[-1] for path in self.fs.glob(self.path(pattern)))
 
     def remove(self, name: str) -> None:

@@ -5,6 +5,11 @@ says `creating` before the batch is created and holds the batch id after. A re-r
 reads it and re-attaches to what exists instead of paying for it again. Collected
 results are kept beside it, so a resumed run never needs an expired output file.
 
+A collected shard's record is final: it moves out of `run.json` into a small file beside
+the shard's results (`_state/results/attempt-A-shard-S.json`). `run.json` holds the
+shards not collected yet (about `limits.max_shards_in_flight`), so that writing it costs
+the same at the first shard of a run and at the thousandth; `RunState.load` reads both.
+
 A cancel request (`enrichflow cancel`, or the run cancelled in Prefect) is kept beside it
 too, naming the run it is for: it holds while that run suspends, resumes or is restarted
 by Prefect (the same flow run), until the run ends. Starting the job again (another flow
@@ -74,6 +79,11 @@ class ShardRecord:
         return f"{RESULTS_DIR}/attempt-{self.attempt}-shard-{self.shard}.parquet"
 
     @property
+    def record_name(self) -> str:
+        """Its final record, once collected (`RunState.mark_collected`)."""
+        return self.results_name.removesuffix(".parquet") + ".json"
+
+    @property
     def requests_name(self) -> str:
         """Its rows and their `custom_id`s (written as it goes up, read to collect it)."""
         return f"{RESULTS_DIR}/attempt-{self.attempt}-shard-{self.shard}-requests.parquet"
@@ -113,7 +123,11 @@ class RunState:
         saved = location.read_json(STATE_FILE)  # raises StorageError naming the file
         if saved is None:
             return None
-        shards = [ShardRecord(**s) for s in saved.pop("shards")]
+        records = {(r.attempt, r.shard): r for r in (ShardRecord(**s) for s in saved.pop("shards"))}
+        for name in location.list(f"{RESULTS_DIR}/*.json"):  # collected: their final records
+            collected = ShardRecord(**location.read_json(f"{RESULTS_DIR}/{name}"))
+            records[collected.attempt, collected.shard] = collected  # over a kill's leftover
+        shards = sorted(records.values(), key=lambda r: (r.attempt, r.shard))
         return cls(**saved, shards=shards, location=location)
 
     @classmethod
@@ -260,8 +274,13 @@ class RunState:
 
     def mark_collected(self, record: ShardRecord, rows: tuple[int, int]) -> None:
         """Journal a shard's results, written (to `record.results_name`) for its `rows`,
-        the first and the last."""
-        self.update(record, status="collected", first_row=rows[0], last_row=rows[1])
+        the first and the last: its final record goes beside them, then `run.json` drops
+        it (a kill between the two leaves both, and `load` takes the final one)."""
+        with self._lock:
+            self._check_lease()
+            record.status, record.first_row, record.last_row = "collected", rows[0], rows[1]
+            self.location.write_json(record.record_name, asdict(record))
+            self.save()
 
     def save_canary(self, results: pa.Table, batch_id: str | None) -> None:
         """Journal the canary's results (it passed, or the job was cancelled meanwhile) as
@@ -334,10 +353,14 @@ class RunState:
             self.save()
 
     def save(self) -> None:
+        """Write `run.json`: the run and its shards not collected."""
         with self._lock:
-            if self.lease is not None:
-                self.lease.check()  # a run that lost its lease journals (and sends) no more
+            self._check_lease()
             data = {k: v for k, v in vars(self).items()
                     if k not in ("location", "lease", "_lock", "shards")}
-            data["shards"] = [asdict(s) for s in self.shards]
+            data["shards"] = [asdict(s) for s in self.shards if s.status != "collected"]
             self.location.write_json(STATE_FILE, data)
+
+    def _check_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.check()  # a run that lost its lease journals (and sends) no more

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import yaml
 from openai import OpenAI
 
 from enrichflow.config import set_field
+from enrichflow.storage import Location
 from localbatch import LocalBatchServer, Simulation
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -228,6 +230,21 @@ def make_conditional_puts_atomic() -> None:
 def conditional_put_in_flight(s3_endpoint) -> threading.Lock:
     """Held, it is another writer's conditional put in flight on the S3 endpoint."""
     return CONDITIONAL_PUT_IN_FLIGHT
+
+
+@pytest.fixture(params=["local", "s3"])
+def location(request, tmp_path) -> Location:
+    """An output location on local disk, then one in a bucket of its own on S3."""
+    if request.param == "local":
+        return Location(str(tmp_path / "out"))
+    return request.getfixturevalue("s3_location")
+
+
+@pytest.fixture
+def s3_location(s3, s3_endpoint) -> Location:
+    bucket = f"out-{uuid.uuid4().hex[:8]}"
+    s3.mkdir(bucket)
+    return Location(f"s3://{bucket}/out", {"endpoint_url": s3_endpoint})
 
 
 @pytest.fixture

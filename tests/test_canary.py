@@ -19,6 +19,8 @@ from conftest import REPO, generated_movies, job_file, python_job, sdk_client, s
 from enrichflow.cli import main
 from enrichflow.errors import CanaryFailedError
 from enrichflow.flows.enrich import enrich
+from enrichflow.storage import Location
+from enrichflow.tasks.state import RunState, ShardRecord
 from localbatch import HttpFault, Simulation
 
 # The mock answers the summary with words of the request: never one that fits this.
@@ -192,9 +194,10 @@ def test_a_cancel_while_the_canary_batch_waits_cancels_it_and_sends_nothing_more
     assert (data["_error"].iloc[5:] == "cancelled before it was sent").all()
 
 
-def read_journal(tmp_path: Path) -> dict:
-    path = tmp_path / "out" / "_state" / "run.json"
-    return json.loads(path.read_text()) if path.exists() else {"shards": []}
+def journaled_shards(tmp_path: Path) -> list[ShardRecord]:
+    """The shards of the run's journal, as a resumed run reads them."""
+    state = RunState.load(Location(str(tmp_path / "out")))
+    return state.shards if state else []
 
 
 def test_a_canary_batch_is_journaled_before_its_files_are_deleted(
@@ -208,7 +211,7 @@ def test_a_canary_batch_is_journaled_before_its_files_are_deleted(
     client = sdk_client(server.base_url)
     path, run = run_to_its_canary_batch(server, tmp_path, prefect_api)
     deadline = time.monotonic() + 120
-    while not any(s["shard"] == -1 for s in read_journal(tmp_path)["shards"]):
+    while not any(s.canary for s in journaled_shards(tmp_path)):
         assert run.poll() is None and time.monotonic() < deadline, "canary never journaled"
         time.sleep(0.1)
     (canary,) = client.batches.list().data

@@ -29,6 +29,8 @@ from prefect.flows import load_flow_from_entrypoint
 from prefect.utilities.schema_tools import validate
 
 from enrichflow.cli import main
+from enrichflow.storage import Location
+from enrichflow.tasks.state import RunState
 from localbatch import Simulation
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -482,7 +484,6 @@ def test_a_suspended_run_collects_each_shard_and_holds_a_cancel(prefect_env, sta
     run = api.run_with_cli("enrich/movies", config_path=job, limit=8, base_url=server.base_url,
                            wait_mode="suspend")
     api.wait_for(run, {"Suspended"})
-    journal = out / "_state" / "run.json"
 
     def batch_of_shard(shard: str):
         return next(b for b in client.batches.list() if b.metadata["shard"] == shard)
@@ -491,8 +492,8 @@ def test_a_suspended_run_collects_each_shard_and_holds_a_cancel(prefect_env, sta
     api.wait_for(api.run_with_cli("resume-ready/resume-ready"), {"Completed"})
 
     def suspended_again_with_shard_1_collected():
-        shards = json.loads(journal.read_text())["shards"]
-        return api.state(run) == "Suspended" and shards[1]["status"] == "collected"
+        shards = {s.shard: s for s in RunState.load(Location(str(out))).shards}
+        return api.state(run) == "Suspended" and shards[1].status == "collected"
     eventually(suspended_again_with_shard_1_collected)
     moved = f"attempt 1, shard 1: batch {batch_of_shard('1').id} is completed; collected 1 ok"
     assert eventually(lambda: moved in api.logs(run), 30)

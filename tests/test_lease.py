@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -16,20 +15,6 @@ from enrichflow.errors import LeaseError, StorageError
 from enrichflow.storage import Location
 from enrichflow.tasks import lease as lease_module
 from enrichflow.tasks.lease import LEASE_FILE, STALE_SECONDS, Lease
-
-
-@pytest.fixture(params=["local", "s3"])
-def location(request, tmp_path) -> Location:
-    if request.param == "local":
-        return Location(str(tmp_path / "out"))
-    return request.getfixturevalue("s3_location")
-
-
-@pytest.fixture
-def s3_location(s3, s3_endpoint) -> Location:
-    bucket = f"lease-{uuid.uuid4().hex[:8]}"
-    s3.mkdir(bucket)
-    return Location(f"s3://{bucket}/out", {"endpoint_url": s3_endpoint})
 
 
 def a_dead_pid() -> int:

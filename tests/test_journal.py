@@ -1,0 +1,46 @@
+"""The run journal on local disk and on a real S3 endpoint (moto server): what it costs to
+write as a run goes on, and what a resumed run reads back."""
+
+from __future__ import annotations
+
+from enrichflow.storage import Location
+from enrichflow.tasks.state import STATE_FILE, RunState
+
+
+def journal_bytes(location: Location) -> int:
+    with location.open(STATE_FILE) as handle:
+        return len(handle.read())
+
+
+def started(state: RunState, shard: int):
+    record = state.record(1, shard, rows=10, size=1_000, sha256=f"{shard:064x}", tokens=100)
+    state.update(record, status="submitted", file_id=f"file-{shard}", batch_id=f"batch-{shard}")
+    return record
+
+
+def test_a_journal_write_costs_the_same_at_the_first_shard_and_the_hundredth(location):
+    state, _ = RunState.open(location, "job", "config", "data", {"kind": "local"}, force=False)
+    sizes = []
+    for shard in range(100):
+        record = started(state, shard)
+        sizes.append(journal_bytes(location))  # one shard in flight
+        state.mark_collected(record, (shard * 10, shard * 10 + 9))
+    # one shard's record is ~400 bytes; the last in flight differ by their numbers' digits
+    assert max(sizes) - min(sizes) < 10, "run.json grows with the shards collected"
+
+    again = RunState.load(location)
+    assert [(r.shard, r.status, r.first_row) for r in again.shards] == [
+        (shard, "collected", shard * 10) for shard in range(100)]
+
+
+def test_a_kill_between_a_final_record_and_the_journal_leaves_the_shard_collected(location):
+    state, _ = RunState.open(location, "job", "config", "data", {"kind": "local"}, force=False)
+    record = started(state, 0)
+    before = location.read_json(STATE_FILE)  # shard 0 submitted
+    state.mark_collected(record, (0, 9))
+    location.write_json(STATE_FILE, before)  # as a kill left it: the final record written,
+    # run.json not yet
+
+    (again,) = RunState.load(location).shards
+    assert (again.status, again.first_row, again.last_row) == ("collected", 0, 9)
+    assert RunState.load(location).awaited() == [], "not waited for, not collected again"
