@@ -14,6 +14,9 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
 .PHONY: install demo test lint bench third-party automations clean
 
+# bench/e2e_scale.py's table sizes; `make bench SCALE_ROWS=1000000,10000000` for 10M rows
+SCALE_ROWS ?= 100000,1000000
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -37,7 +40,7 @@ bench: install
 	$(BIN)/python bench/localbatch_throughput.py
 	$(BIN)/python bench/render_throughput.py
 	$(BIN)/python bench/collect_throughput.py
-	$(BIN)/python bench/e2e_scale.py
+	$(BIN)/python bench/e2e_scale.py --rows $(SCALE_ROWS)
 	$(BIN)/python bench/runner_scale.py
 	$(BIN)/python bench/python_api.py
 	$(BIN)/python bench/startup.py

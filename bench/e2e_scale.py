@@ -1,15 +1,19 @@
-"""The movies job end to end at scale: wall time, rows per second and peak memory.
+"""The movies job end to end at scale: wall time, rows per second, peak memory and disk.
 
 Generates movies tables (data/make_movies.py) and runs the real `enrichflow run` on each,
 against the embedded mock server, Prefect start-up included, as a user would; every row
 is sent (`--force --no-cache`: a second run in the same folder reuses nothing). Each run's
-peak RSS is its process's (and its children's) maximum resident set. Checks that every
-row is in the output exactly once and `ok`, then prints the figures of each size and the
-ratios of the largest to the smallest (goals at 1,000,000 rows: at most 8 minutes, and
-at most 1.5x the memory of 100,000 rows, under 1.5 GB).
+peak RSS is that of its largest process (the run, which holds the embedded server, or
+Prefect's); its peak disk is the most the embedded server's files took at once. Checks
+that every row is in the output exactly once and `ok`, then prints the figures of each
+size and the ratios of the largest to the smallest (goals at 10,000,000 rows: at most
+20 minutes, 1.5 GB in every process, 1.2x the memory of 1,000,000 rows, 3 GB of files).
 
     .venv/bin/python bench/e2e_scale.py [--rows 100000,1000000] [--work DIR] \
         [--provider local|azure|anthropic|gemini]
+
+`make bench` runs the default sizes; `make bench SCALE_ROWS=1000000,10000000` the ten
+million rows (half an hour or more, 3 GB of CSV in the work folder).
 
 With `--provider azure`, `anthropic` or `gemini` the job talks to that dialect of a localbatch
 server of its own (`enrichflow serve`, started here; its memory is not the run's).
@@ -54,8 +58,9 @@ DIALECTS = {"azure": (["--provider", "azure"], "AZURE_OPENAI_API_KEY", "/openai/
 
 
 def run_job(rows: int, work: Path, provider: list[str],
-            env: dict[str, str] | None) -> tuple[float, float]:
-    """(seconds, peak MiB) of one run of the movies job over `rows` generated movies."""
+            env: dict[str, str] | None) -> tuple[float, float, float]:
+    """(seconds, peak MiB, peak MiB of the embedded server's files) of one run of the
+    movies job over `rows` generated movies."""
     data = work / f"movies-{rows}.csv"
     if not data.exists():
         make_movies([str(rows), str(data)])
@@ -65,16 +70,21 @@ def run_job(rows: int, work: Path, provider: list[str],
     path = work / f"movies-{rows}.yaml"
     path.write_text(yaml.safe_dump(job))
     log = work / f"run-{rows}.log"
+    files = work / f"out-{rows}" / "_state" / "localbatch" / "files"
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", MEASURED, str(log),
-                           str(Path(sys.executable).with_name("enrichflow")), "run", str(path),
-                           "--force", "--no-cache", *provider], capture_output=True, text=True,
-                          cwd=REPO, env=env)
+    run = subprocess.Popen([sys.executable, "-c", MEASURED, str(log),
+                            str(Path(sys.executable).with_name("enrichflow")), "run",
+                            str(path), "--force", "--no-cache", *provider],
+                           stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    disk = 0
+    while run.poll() is None:
+        disk = max(disk, sum(f.stat().st_size for f in files.glob("*") if f.exists()))
+        time.sleep(1)
     seconds = time.perf_counter() - started
-    if done.returncode != 0:
+    if run.returncode != 0:
         sys.exit(f"the run of {rows:,} rows failed; see {log}")
     check_output(work / f"out-{rows}", rows)
-    return seconds, int(done.stdout.split()[-1]) / 1024
+    return seconds, int(run.stdout.read().split()[-1]) / 1024, disk / 2**20
 
 
 def check_output(output: Path, rows: int) -> None:
@@ -133,14 +143,14 @@ def measure(sizes: list[int], work: Path, provider: list[str],
             env: dict[str, str] | None) -> None:
     figures = {}
     for rows in sizes:
-        seconds, peak = run_job(rows, work, provider, env)
+        seconds, peak, disk = run_job(rows, work, provider, env)
         figures[rows] = seconds, peak
         print(f"{rows:>10,} rows: {seconds:7.1f} s wall, {rows / seconds:9,.0f} rows/s, "
-              f"peak RSS {peak:7,.0f} MiB", flush=True)
+              f"peak RSS {peak:7,.0f} MiB, peak files {disk:7,.0f} MiB", flush=True)
     if len(sizes) > 1:
         small, large = figures[sizes[0]], figures[sizes[-1]]
         print(f"{sizes[-1]:,} / {sizes[0]:,} rows: time {large[0] / small[0]:.1f}x, "
-              f"memory {large[1] / small[1]:.2f}x (goal at most 1.5x)")
+              f"memory {large[1] / small[1]:.2f}x (goal at most 1.2x from 1M to 10M)")
 
 
 if __name__ == "__main__":
