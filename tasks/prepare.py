@@ -163,8 +163,8 @@ def prepare_job(job: Job, use_cache: bool = True, force: bool = False,
 
 def scan_rows(job: Job, source: Source, tag: str, cache: AnswerCache | None,
               plan_limit: int | None, start: int = 0, stop: int | None = None) -> Scanned:
-    """One pass over rows [start, stop): their keys, their requests to send (tokens and
-    bytes), the rows not sent, how many were answered before."""
+    """One pass over rows [start, stop): their ids' hashes, their requests to send (tokens
+    and bytes), the rows not sent, how many were answered before."""
     rows, hashes, to_send, unsent, reused = 0, [], [], [], 0
     for batch in source.batches(start, stop):
         table = pa.Table.from_batches([batch])
