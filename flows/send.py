@@ -79,8 +79,7 @@ def run_attempts(client: BatchAPI, state: RunState, prepared: Prepared, job: Job
                 log.warning("the job was cancelled: %s rows are not sent again",
                             f"{pending.num_rows:,}")
                 break
-            sending = pending if attempt > 1 else pending.filter(  # the canary's are answered
-                pc.invert(pc.is_in(pending[ROW], value_set=state.canary_rows())))
+            sending = pending if attempt > 1 else without_rows(pending, state.canary_rows())
             shards = plan_shards(sending, limits.max_requests_per_shard, limits.max_bytes_per_shard,
                                  state.plan_limit(attempt, budget.plan_limit))
             log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{sending.num_rows:,}",
@@ -93,6 +92,16 @@ def run_attempts(client: BatchAPI, state: RunState, prepared: Prepared, job: Job
             log.info("attempt %d: %s ok, %s failed, %s worth another attempt", attempt, f"{ok:,}",
                      f"{outcome.num_rows - ok:,}", f"{retry.num_rows:,}")
             pending = pending.filter(pc.is_in(pending[ROW], value_set=retry[ROW]))
+
+
+def without_rows(requests: pa.Table, rows: pa.Array) -> pa.Table:
+    """`requests` less those of `rows` (the canary's, answered already). The canary
+    answers the first requests, which are then cut off without a copy: a copy of the
+    requests of ten million rows is 240 MB more for the whole of the sending."""
+    head = requests[ROW].slice(0, len(rows))
+    if len(head) == len(rows) and pc.all(pc.is_in(head, value_set=rows)).as_py():
+        return requests.slice(len(rows))
+    return requests.filter(pc.invert(pc.is_in(requests[ROW], value_set=rows)))
 
 
 class ShardLines:

@@ -11,6 +11,7 @@ from jsonschema import Draft202012Validator
 
 from enrichflow.config import DatasetConfig, RequestConfig, ResponseFormat, load_job
 from enrichflow.errors import InputError
+from enrichflow.flows.send import without_rows
 from enrichflow.providers import openai_batches
 from enrichflow.providers.openai_batches import OpenAIBatches
 from enrichflow.tasks import answers, load, wait
@@ -323,6 +324,18 @@ def test_a_row_larger_than_the_byte_limit_is_named():
     with pytest.raises(InputError, match="row '1' renders to 120 prompt tokens, more than "
                                          "the enqueued-token budget"):
         check_rows_fit(rendered, 10**6, 100)
+
+
+def test_the_canarys_first_rows_are_cut_off_without_a_copy_others_are_filtered_out():
+    requests = pa.table({ROW: pa.array(range(10, 20), pa.int64()),
+                         TOKENS: pa.array(range(10), pa.int64())})
+    cut = without_rows(requests, pa.array([11, 10], pa.int64()))  # the canary's: the first
+    assert cut[ROW].to_pylist() == list(range(12, 20))
+    assert cut[TOKENS].chunk(0).buffers()[1].address == \
+        requests[TOKENS].chunk(0).buffers()[1].address, "a slice of the same memory"
+    assert without_rows(requests, pa.array([12, 15], pa.int64()))[ROW].to_pylist() == [
+        10, 11, 13, 14, 16, 17, 18, 19]
+    assert without_rows(requests, pa.array([], pa.int64())).num_rows == 10
 
 
 # answers --------------------------------------------------------------------------------
