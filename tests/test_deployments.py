@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import anthropic
@@ -196,10 +197,18 @@ class PrefectAPI:
         created.raise_for_status()
         return created.json()["id"]
 
-    def state_names(self, flow_run_id: str) -> list[str]:
+    def states(self, flow_run_id: str) -> list[dict]:
         """The states the run went through, oldest first."""
         states = self.http.get("/flow_run_states/", params={"flow_run_id": flow_run_id})
-        return [s["name"] for s in sorted(states.json(), key=lambda s: s["timestamp"])]
+        return sorted(states.json(), key=lambda s: s["timestamp"])
+
+    def state_names(self, flow_run_id: str) -> list[str]:
+        return [s["name"] for s in self.states(flow_run_id)]
+
+    def entered(self, flow_run_id: str, name: str) -> datetime:
+        """When the run first entered the state `name`."""
+        return next(datetime.fromisoformat(s["timestamp"]) for s in self.states(flow_run_id)
+                    if s["name"] == name)
 
     def deployment(self, name: str) -> dict:
         return self.http.get(f"/deployments/name/{name}").json()
@@ -738,8 +747,10 @@ def test_two_runs_of_one_output_at_once_the_second_waits_then_finds_it_complete(
         beside = api.run_on_queue("enrich/furniture", "pair", limit=3,
                                   output=str(tmp_path / "furniture"), base_url=fast.base_url)
         api.wait_for(beside, {"Completed"})
-        assert api.state(first) == "Running", "the furniture run ran beside it"
         assert api.wait_for(second, {"Completed"}, timeout=300)
+        # however loaded the machine: the furniture run started before the first ended
+        assert api.entered(beside, "Running") < api.entered(first, "Completed"), \
+            "the furniture run ran beside the first"
         # its process sends its last logs as it ends: while its worker still runs
         assert eventually(lambda: "is already complete" in api.logs(second), 60)
     assert "AwaitingConcurrencySlot" in api.state_names(second)
