@@ -4,7 +4,7 @@ write as a run goes on, and what a resumed run reads back."""
 from __future__ import annotations
 
 from enrichflow.storage import Location
-from enrichflow.tasks.state import STATE_FILE, RunState
+from enrichflow.tasks.state import STATE_FILE, RunState, ShardRecord
 
 
 def journal_bytes(location: Location) -> int:
@@ -12,7 +12,8 @@ def journal_bytes(location: Location) -> int:
         return len(handle.read())
 
 
-def started(state: RunState, shard: int):
+def started(state: RunState, shard: int) -> ShardRecord:
+    """A shard journaled as a run journals it up to its batch."""
     record = state.record(1, shard, rows=10, size=1_000, sha256=f"{shard:064x}", tokens=100)
     state.update(record, status="submitted", file_id=f"file-{shard}", batch_id=f"batch-{shard}")
     return record
