@@ -32,6 +32,18 @@ TERMINAL = {"completed", "failed", "expired", "cancelled"}
 REPO = Path(__file__).resolve().parent.parent
 
 
+ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))  # the CLI, as a user types it
+
+
+def eventually(check, timeout: float = 120, every: float = 1):
+    """The first true value of check(), within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{check.__name__} did not happen in {timeout}s"
+        time.sleep(every)
+    return value
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -10,20 +10,18 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import anthropic
 import pandas as pd
 import pytest
-from conftest import generated_movies, job_file, start_job, wait_for_batches
+from conftest import ENRICHFLOW, generated_movies, job_file, start_job, wait_for_batches
 from pydantic import BaseModel
 
 import enrichflow
 from localbatch import HttpFault, Simulation
 
-ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 KEY = "sk-ant-test"
 MODEL = "claude-haiku-4-5"
 CREATE = "/v1/messages/batches"

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import openai
 import pandas as pd
 import pytest
 from conftest import (
+    ENRICHFLOW,
     chat_line,
     generated_movies,
     job_file,
@@ -25,7 +24,6 @@ from conftest import (
 import enrichflow
 from localbatch import Simulation
 
-ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 KEY = "azure-test-key"
 
 

@@ -6,11 +6,10 @@ import json
 import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 from conftest import (
+    ENRICHFLOW,
     REPO,
     generated_movies,
     job_file,
@@ -22,8 +21,6 @@ from conftest import (
 
 from enrichflow.cli import main
 from localbatch import Simulation
-
-ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 
 
 def cli(*args: str, prefect_api: str) -> tuple[int, str, str]:

@@ -11,13 +11,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import generated_movies, job_file, start_job, wait_for_batches
+from conftest import ENRICHFLOW, generated_movies, job_file, start_job, wait_for_batches
 from google import genai
 from google.genai import errors, types
 from pydantic import BaseModel
@@ -25,7 +24,6 @@ from pydantic import BaseModel
 import enrichflow
 from localbatch import HttpFault, Simulation
 
-ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 KEY = "gemini-test-key"
 MODEL = "gemini-2.5-flash"
 CREATE = "/gemini/v1/models"  # POST .../models/MODEL:batchGenerateContent

@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import (
+    ENRICHFLOW,
     generated_movies,
     job_file,
     python_job,
@@ -27,8 +26,6 @@ from enrichflow.errors import ConfigError, InputError, StorageError
 from enrichflow.flows.enrich import enrich
 from enrichflow.tasks.load import Source
 from localbatch import Simulation
-
-ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 
 
 @pytest.fixture

@@ -22,7 +22,15 @@ import pandas as pd
 import psutil
 import pyarrow as pa
 import pytest
-from conftest import free_port, generated_movies, job_file, sdk_client, start_job, wait_for_batches
+from conftest import (
+    ENRICHFLOW,
+    free_port,
+    generated_movies,
+    job_file,
+    sdk_client,
+    start_job,
+    wait_for_batches,
+)
 
 from enrichflow.flows.enrich import enrich
 from enrichflow.storage import Location
@@ -30,7 +38,6 @@ from enrichflow.tasks import prepare
 from enrichflow.tasks.cache import CACHED, DEFAULT_FILE, HASH, AnswerCache
 from localbatch import HttpFault, Simulation
 
-ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 DASK = str(Path(sys.executable).with_name("dask"))
 ANSWER_COLUMNS = ["Series_Title", "Overview", "categories", "summary", "_status", "_error",
                   "_attempts", "_custom_id", "_prompt_tokens", "_completion_tokens"]
