@@ -46,6 +46,15 @@ def on_a_prefect_server() -> AbstractContextManager[Any]:
     return temporary_settings(updates={PREFECT_API_URL: own_server_url()})
 
 
+def on_a_shared_server() -> bool:
+    """Whether runs here go to a Prefect server that other processes' runs use too (one
+    that PREFECT_API_URL names), not to this process's own or a temporary one."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    return bool(url) and (_server is None or url != _server.url)
+
+
 def start_own_server() -> None:
     """Start this process's own Prefect server, unless PREFECT_API_URL names one or it
     runs already, without waiting for it: it starts while the caller goes on (the

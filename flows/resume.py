@@ -33,6 +33,7 @@ from enrichflow.flows.enrich import job_from_parameters
 from enrichflow.provider import open_client
 from enrichflow.storage import Location
 from enrichflow.tasks import as_task
+from enrichflow.tasks.ledger import renew_leases
 from enrichflow.tasks.state import RunState
 from enrichflow.tasks.submit import awaited_batches
 from enrichflow.tasks.wait import TERMINAL, look_at_batches
@@ -68,6 +69,14 @@ def reasons_to_resume(parameters: dict) -> list[str]:
 
 
 reasons_to_resume_task = as_task(reasons_to_resume, "check suspended run")
+
+
+def keep_tokens(parameters: dict) -> int:
+    """Renew the token leases of a suspended run's running batches (`tasks.ledger`): it
+    holds its share of the organisation's queue across its suspension; how many."""
+    job = job_from_parameters(parameters)
+    state = RunState.load(Location(job.output, job.storage_options))
+    return renew_leases(state) if state else 0
 
 
 def suspended_runs(flow_name: str = "enrich") -> list[FlowRun]:
@@ -133,8 +142,8 @@ def resume_ready(flow_name: str = "enrich") -> list[str]:
             resumed.append(str(run.id))
             log.info("resumed %s (%s): %s", run.name, run.id, "; ".join(reasons))
         else:
-            log.info("%s (%s) keeps waiting: none of its running batches is finished",
-                     run.name, run.id)
+            log.info("%s (%s) keeps waiting: none of its running batches is finished (%d "
+                     "token lease(s) renewed)", run.name, run.id, keep_tokens(run.parameters))
     if still_reported != reported:
         Variable.set(UNREACHABLE, still_reported, overwrite=True)
     log.info("%d suspended run(s), %d resumed, %d could not be looked at", len(suspended),

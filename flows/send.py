@@ -31,11 +31,12 @@ from prefect.futures import PrefectFuture
 
 from enrichflow.config import Job, LimitsConfig
 from enrichflow.errors import InputError
-from enrichflow.provider import as_reached
+from enrichflow.provider import as_reached, provider_kind
 from enrichflow.providers import BatchAPI
 from enrichflow.tasks.budget import TokenBudget
 from enrichflow.tasks.collect import collect_shard_task
 from enrichflow.tasks.events import emit
+from enrichflow.tasks.ledger import open_token_budget
 from enrichflow.tasks.load import KEY, ROW, RowReader
 from enrichflow.tasks.plan import BYTES, TOKENS, Shard, jsonl, plan_shards
 from enrichflow.tasks.prepare import Prepared
@@ -50,6 +51,7 @@ from enrichflow.tasks.submit import (
     upload_shard_task,
 )
 from enrichflow.tasks.wait import (
+    REPORT_SECONDS,
     TERMINAL,
     check_age,
     look_at_batches_task,
@@ -67,9 +69,11 @@ def run_attempts(client: BatchAPI, state: RunState, prepared: Prepared, job: Job
     """Send the rows, then again the ones worth retrying; their results are journaled."""
     log = get_run_logger()
     limits = job.limits
-    budget = TokenBudget(state.token_limit or prepared.token_budget)
+    budget = open_token_budget(provider_kind(job.provider), client.base_url, job.request.model,
+                               state.token_limit or prepared.token_budget,
+                               limits.enqueued_token_budget, state)
     progress = start_progress(job.name)
-    with closing(RowReader(prepared.source)) as reader:
+    with closing(RowReader(prepared.source)) as reader, closing(budget):
         lines = ShardLines(prepared, job, reader)
         pending = prepared.to_send
         for attempt in range(1, limits.max_attempts + 1):
@@ -161,7 +165,8 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
                shards: list[Shard], budget: TokenBudget, job: Job, wait_mode: WaitMode,
                progress: UUID, lines: ShardLines, runner: Runner) -> None:
     """Run one attempt's shards, starting each only when it fits the enqueued-token
-    budget and fewer than `max_shards_in_flight` run, and collect (and journal) each as
+    budget (on a Prefect server, the organisation's: room that other runs give back is
+    looked for at each poll) and fewer than `max_shards_in_flight` run, and collect (and journal) each as
     soon as its batch is finished: the collects are tasks on the job's runner, each
     writing its shard's results. A shard
     refused for `token_limit_exceeded` is cut into smaller shards under the limit the
@@ -184,18 +189,24 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
             queue = deque(run for run in queue if run.record.batch_id)  # re-attach to these
         starting = []
         while (queue and len(running) + len(starting) < limits.max_shards_in_flight
-               and budget.fits(queue[0].shard.tokens)):
+               and budget.take(queue[0].record)):
             starting.append(queue.popleft())
-            budget.take(starting[-1].shard.tokens)
+        # no room in a shared budget now: room that other runs give back is looked for again
+        waiting_for_tokens = budget.shared and bool(queue) and \
+            len(running) + len(starting) < limits.max_shards_in_flight
         start_shards(client, state, starting, lines, job)
         running.update({run.record.batch_id: run for run in starting})
         if not running:
+            if waiting_for_tokens:
+                time.sleep(limits.poll_interval_max)
             continue
         if wait_mode == "suspend":
             batches = look_at_batches_task(client, list(running))
         else:
-            batches = wait_for_batches_task(client, list(running), limits.poll_interval_min,
-                                            limits.poll_interval_max, limits.max_wait_hours)
+            batches = wait_for_batches_task(
+                client, list(running), limits.poll_interval_min, limits.poll_interval_max,
+                limits.max_wait_hours,
+                limits.poll_interval_max if waiting_for_tokens else REPORT_SECONDS)
         for batch in batches:
             counts = batch.request_counts
             state.update(running[batch.id].record, batch_status=client.state_name(batch.status),
@@ -210,7 +221,7 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
             run = running.pop(batch.id)
             emit(f"batch.{batch.status}", job.name, state.location.uri, batch=batch.id,
                  shard=run.record.name, request_counts=run.record.request_counts)
-            budget.release(run.shard.tokens)
+            budget.release(run.record)
             refusal = _token_limit_refusal(batch)
             if refusal:
                 again = _after_refusal(state, attempt, pending, run, batch, refusal, budget,

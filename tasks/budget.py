@@ -5,17 +5,27 @@ an organisation-wide limit, and fails a batch that would pass it at validation. 
 shards are planned and started only while they fit under the limit less a margin (the
 provider counts a request's tokens a little differently, and more, than our estimate),
 and a `token_limit_exceeded` teaches the budget the real limit, which the error names.
+This budget is the run's own; runs on one Prefect server share theirs
+(`enrichflow.tasks.ledger`).
 """
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from enrichflow.tasks.state import ShardRecord
 
 _LIMIT = re.compile(r"Limit: ([\d,]+) enqueued tokens")
 MARGIN = 0.1
 
 
 class TokenBudget:
+    """The prompt tokens that this run's unfinished batches hold."""
+
+    shared = False  # other runs' batches hold (and give back) tokens of it too
+
     def __init__(self, limit: int | None):
         self.limit = limit
         self.in_flight = 0
@@ -25,16 +35,20 @@ class TokenBudget:
         """The estimated prompt tokens that shards in flight may hold together."""
         return None if self.limit is None else int(self.limit * (1 - MARGIN))
 
-    def fits(self, tokens: int) -> bool:
-        """Whether a shard of `tokens` may start now (alone, it always may)."""
-        return self.plan_limit is None or self.in_flight == 0 or \
-            self.in_flight + tokens <= self.plan_limit
+    def take(self, record: ShardRecord) -> bool:
+        """Hold the shard's tokens if they fit now (alone, a shard always fits)."""
+        fits = self.plan_limit is None or self.in_flight == 0 or \
+            self.in_flight + record.tokens <= self.plan_limit
+        if fits:
+            self.in_flight += record.tokens
+        return fits
 
-    def take(self, tokens: int) -> None:
-        self.in_flight += tokens
+    def release(self, record: ShardRecord) -> None:
+        """Give back the tokens of a shard whose batch ended."""
+        self.in_flight -= record.tokens
 
-    def release(self, tokens: int) -> None:
-        self.in_flight -= tokens
+    def close(self) -> None:
+        """The run stops sending (its batches may run on)."""
 
     def learn(self, message: str) -> int | None:
         """Adopt the limit named in a `token_limit_exceeded` message; returns it."""

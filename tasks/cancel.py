@@ -1,11 +1,13 @@
 """Cancel a job: its run sends nothing more, and its unfinished batches are cancelled.
 
 Answers that finished before the cancel stay billed; the run collects and keeps them.
+The batches' enqueued tokens go back to the organisation's ledger (`tasks.ledger`).
 Used by `enrichflow cancel` and by the flow when its Prefect run is cancelled.
 """
 
 from __future__ import annotations
 
+from enrichflow.local_prefect import on_a_shared_server
 from enrichflow.provider import open_journaled_client
 from enrichflow.storage import Location
 from enrichflow.tasks.state import RunState
@@ -30,4 +32,8 @@ def cancel_run(location: Location, flow_run_id: str | None = None
             if batch.status not in TERMINAL and batch.status != "cancelling" \
                     and client.cancel(batch.id):  # not finished between the look and now
                 cancelled.append(f"batch {batch.id} ({name})")
+    if on_a_shared_server():  # their tokens go back to the organisation's queue at once
+        from enrichflow.tasks.ledger import release_leases
+
+        release_leases(state.awaited())
     return state, cancelled

@@ -61,6 +61,7 @@ class ShardRecord:
     parent: int | None = None  # a piece of a split shard: the shard it was cut from
     creating_at: float | None = None  # when its batch was asked for (re-attach looks after)
     tokens: int = 0  # its estimated prompt tokens (what an interrupted run says it costs)
+    tokens_lease: str | None = None  # the Prefect lease holding them (`tasks.ledger`)
     first_row: int | None = None  # collected: the dataset rows its results are of, from...
     last_row: int | None = None  # ...to (both included)
 

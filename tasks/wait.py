@@ -32,8 +32,9 @@ def look_at_batches(client: BatchAPI, batch_ids: list[str]) -> list[Batch]:
 
 
 def wait_for_batches(client: BatchAPI, batch_ids: list[str], poll_min: float, poll_max: float,
-                     max_wait_hours: float) -> list[Batch]:
-    """The batches as soon as one of them is finished, or after REPORT_SECONDS: the flow
+                     max_wait_hours: float, report_seconds: float = REPORT_SECONDS
+                     ) -> list[Batch]:
+    """The batches as soon as one of them is finished, or after `report_seconds`: the flow
     journals their request counts, collects the finished ones and calls again. Polls
     every `poll_min` seconds while the batches move, backing off to `poll_max` while
     they do not; a batch that runs longer than `max_wait_hours` is given up with an error
@@ -67,7 +68,7 @@ def wait_for_batches(client: BatchAPI, batch_ids: list[str], poll_min: float, po
                                for b in batches))
             logged = now
         last_statuses, last_done = statuses, done
-        if any(b.status in TERMINAL for b in batches) or now - started >= REPORT_SECONDS:
+        if any(b.status in TERMINAL for b in batches) or now - started >= report_seconds:
             return batches
         check_age(batches, max_wait_hours)
         delay = poll_min if moved else min(delay * 2, poll_max)

@@ -22,7 +22,7 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
-from conftest import REPO, free_port, job_file, sdk_client
+from conftest import ENRICHFLOW, REPO, eventually, free_port, job_file, sdk_client
 from google import genai
 from google.genai.types import HttpOptions
 from prefect import Flow
@@ -31,11 +31,11 @@ from prefect.utilities.schema_tools import validate
 
 from enrichflow.cli import main
 from enrichflow.storage import Location
+from enrichflow.tasks.ledger import limit_name
 from enrichflow.tasks.state import RunState
 from localbatch import Simulation
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-ENRICHFLOW = str(Path(sys.executable).with_name("enrichflow"))
 ANTHROPIC_KEY = "sk-ant-test"  # the worker's, for the runs on Anthropic
 GEMINI_KEY = "gemini-test"  # and on Gemini
 
@@ -265,14 +265,6 @@ class PrefectAPI:
             "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}).json()
         return "\n".join(entry["message"] for entry in logs)
 
-
-def eventually(check, timeout: float = 120, every: float = 1):
-    """The first true value of check(), within timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{check.__name__} did not happen in {timeout}s"
-        time.sleep(every)
-    return value
 
 
 def test_deploy_registers_the_schedules_and_the_real_directory(prefect_env):
@@ -666,6 +658,70 @@ def test_a_suspended_run_past_max_wait_hours_ends_saying_its_batch_runs_on(
            "go on at the provider: run the job again later to collect them" in message
     assert sdk_client(server.base_url).batches.retrieve(batch.id).status == "in_progress"
     assert json.loads((tmp_path / "out" / "_state" / "run.json").read_text())["shards"]
+
+
+def test_a_killed_run_s_tokens_come_back_without_a_person(prefect_env, start_localbatch,
+                                                        tmp_path):
+    """A run killed while its batch holds the organisation's whole token limit: another
+    run waits for room instead of being refused, and gets it when the killed run's lease
+    expires (no process renews it), which Prefect's repossessor gives back by itself."""
+    limit = 500  # 3 movies are about 270 tokens: room for one run's shard, not two
+    server = start_localbatch(Simulation(enqueued_token_limits={"gpt-4o-mini": limit},
+                                         requests_per_second=0.15))  # 3 requests: 20 s
+    ledger = limit_name("local", server.base_url, "gpt-4o-mini")
+    env = {**prefect_env, "ENRICHFLOW_TOKEN_LEASE_SECONDS": "60"}
+    paths = []
+    for name in ("killed", "next"):
+        (tmp_path / name).mkdir()
+        paths.append(job_file(tmp_path / name, **{"limits.enqueued_token_budget": limit,
+                                                   "limits.poll_interval_max": 1}))
+    killed = subprocess.Popen([ENRICHFLOW, "run", str(paths[0]), "--limit", "3", "--base-url",
+                               server.base_url], env=env, cwd=REPO, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    eventually(lambda: _held(prefect_env, ledger) > 0, 120, 0.5)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    following = subprocess.run([ENRICHFLOW, "run", str(paths[1]), "--limit", "3", "--base-url",
+                                server.base_url], env=env, cwd=REPO, capture_output=True,
+                               text=True, timeout=300)
+    assert following.returncode == 0, following.stdout + following.stderr
+    print(f"the next run ended {time.monotonic() - killed_at:.0f} s after the kill")
+    assert "waits for room" in following.stdout + following.stderr
+    batches = sdk_client(server.base_url).batches.list().data
+    assert [b.status for b in batches] == ["completed", "completed"], "none refused"
+    assert _held(prefect_env, ledger) == 0
+
+
+def test_a_suspended_run_keeps_its_tokens_until_its_batch_is_collected(
+        prefect_env, start_localbatch, tmp_path):
+    """The suspended run has no process to renew its token lease: resume-ready does, at
+    each pass that leaves it waiting; the tokens go back when the resumed run collects."""
+    api = PrefectAPI(prefect_env)
+    server = start_localbatch(Simulation(requests_per_second=0.05))
+    ledger = limit_name("local", server.base_url, "gpt-4o-mini")
+    path = job_file(tmp_path, **{"limits.enqueued_token_budget": 100_000})
+    with api.schedules_paused("resume-ready/resume-ready"):
+        run = api.run_with_cli("enrich/movies", config_path=str(path), limit=6,
+                               base_url=server.base_url, wait_mode="suspend")
+        api.wait_for(run, {"Suspended"})
+        held = _held(prefect_env, ledger)
+        assert held > 0
+        renewer = api.run_with_cli("resume-ready/resume-ready")
+        assert api.wait_for(renewer, {"Completed"}) == "Completed"
+        assert eventually(lambda: "1 token lease(s) renewed" in api.logs(renewer), 30)
+        assert _held(prefect_env, ledger) == held
+        (batch,) = sdk_client(server.base_url).batches.list().data
+        eventually(lambda: sdk_client(server.base_url).batches.retrieve(batch.id).status
+                   == "completed", 120)
+        api.wait_for(api.run_with_cli("resume-ready/resume-ready"), {"Completed"})
+        api.wait_for(run, {"Completed"})
+    assert _held(prefect_env, ledger) == 0
+
+
+def _held(env: dict[str, str], ledger: str) -> int:
+    """The tokens held in the organisation's ledger `ledger` (0 before it exists)."""
+    found = httpx.get(f"{env['PREFECT_API_URL']}/v2/concurrency_limits/{ledger}", timeout=60)
+    return found.json()["active_slots"] if found.status_code == 200 else 0
 
 
 def test_a_crashed_run_is_run_again_and_pays_once(prefect_env, start_localbatch, tmp_path):

@@ -1,0 +1,87 @@
+"""The organisation's enqueued-token ledger (`enrichflow.tasks.ledger`): runs on one Prefect
+server share the provider's limit through a global concurrency limit, as users run them
+(the CLI, each job in its own process)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pandas as pd
+from conftest import ENRICHFLOW, eventually, generated_movies, job_file, sdk_client, start_job
+from prefect.client.orchestration import get_client
+
+from enrichflow.config import load_job
+from enrichflow.tasks.ledger import limit_name
+from enrichflow.tasks.prepare import prepare_job
+from localbatch import Simulation
+
+
+def held(name: str) -> tuple[int, int]:
+    """(tokens held, the limit) of the ledger `name` on the test's Prefect server."""
+    with get_client(sync_client=True) as prefect:
+        limit = prefect.read_global_concurrency_limit_by_name(name)
+    return limit.active_slots, limit.limit
+
+
+def refused(base_url: str) -> list[str]:
+    return [b.id for b in sdk_client(base_url).batches.list(limit=100)
+            if b.status == "failed" and b.errors.data[0].code == "token_limit_exceeded"]
+
+
+def test_two_runs_at_once_share_the_token_limit_and_none_is_refused(
+        prefect_api, start_localbatch, tmp_path):
+    """Two jobs of 6 shards each under a limit that holds two shards: each run alone
+    would plan two at a time (four together, refused); sharing the ledger, they hold
+    two together, and every row is answered once with no batch refused."""
+    rows = generated_movies(120)
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+    per_shard = prepare_job(load_job(job_file(tmp_path, rows, **{
+        "limits.max_requests_per_shard": 20}))).shards[0].tokens
+    limit = int(per_shard * 2.5)
+    jobs = [job_file(tmp_path / name, rows, **{"limits.max_requests_per_shard": 20,
+                                                "limits.poll_interval_max": 0.2,
+                                                "limits.enqueued_token_budget": limit})
+            for name in ("first", "second")]
+    server = start_localbatch(Simulation(enqueued_token_limits={"gpt-4o-mini": limit},
+                                         requests_per_second=40))
+    runs = [start_job([ENRICHFLOW, "run", str(path), "--base-url", server.base_url],
+                      prefect_api, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for path in jobs]
+    outputs = [run.communicate(timeout=300)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+
+    assert refused(server.base_url) == []
+    for path in jobs:
+        data = pd.read_parquet(path.parent / "out")
+        assert len(data) == 120 and (data["_status"] == "ok").all()
+    completed = [b for b in sdk_client(server.base_url).batches.list(limit=100)
+                 if b.status == "completed"]
+    assert sum(b.request_counts.completed for b in completed) == 240
+    name = limit_name("local", server.base_url, "gpt-4o-mini")
+    assert held(name) == (0, limit), "every token given back"
+    assert all("shared with every run on this Prefect server" in out for out in outputs)
+    assert any("waits for room" in out for out in outputs)
+
+
+def test_a_cancelled_run_gives_its_tokens_back(prefect_api, start_localbatch, tmp_path):
+    server = start_localbatch(Simulation(requests_per_second=0.05))
+    path = job_file(tmp_path, generated_movies(6), **{"limits.enqueued_token_budget": 100_000})
+    name = limit_name("local", server.base_url, "gpt-4o-mini")
+    run = start_job([ENRICHFLOW, "run", str(path), "--base-url", server.base_url], prefect_api)
+    try:
+        eventually(lambda: held(name)[0] > 0 if _exists(name) else False, 120, 0.5)
+        tokens, limit = held(name)
+        assert limit == 100_000, "the job's budget sets the ledger's limit"
+        cancel = start_job([ENRICHFLOW, "cancel", str(tmp_path / "out")], prefect_api,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert cancel.wait(120) == 0, cancel.stdout.read()
+        assert held(name)[0] == 0, f"{tokens} tokens given back at the cancel"
+        run.wait(120)
+    finally:
+        run.kill()
+
+
+def _exists(name: str) -> bool:
+    with get_client(sync_client=True) as prefect:
+        return any(limit.name == name for limit in prefect.read_global_concurrency_limits(100))
