@@ -166,15 +166,14 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
                progress: UUID, lines: ShardLines, runner: Runner) -> None:
     """Run one attempt's shards, starting each only when it fits the enqueued-token
     budget (on a Prefect server, the organisation's: room that other runs give back is
-    looked for at each poll) and fewer than `max_shards_in_flight` run, and collect (and journal) each as
-    soon as its batch is finished: the collects are tasks on the job's runner, each
-    writing its shard's results. A shard
-    refused for `token_limit_exceeded` is cut into smaller shards under the limit the
-    refusal named (or, refused alone, into halves), or waits for running batches and
-    goes again; a refusal is never one of its rows' attempts. In `suspend` mode the run,
-    rather than waiting, suspends itself until the resume-ready deployment finds a batch
-    of it finished. After a cancel, no shard is started: their rows have no result, which
-    the output shows as cancelled."""
+    looked for at each poll) and fewer than `max_shards_in_flight` run, and collect (and
+    journal) each as soon as its batch is finished: the collects are tasks on the job's
+    runner, each writing its shard's results. A shard refused for `token_limit_exceeded`
+    is cut into smaller shards under the limit the refusal named (or, refused alone, into
+    halves), or waits for running batches and goes again; a refusal is never one of its
+    rows' attempts. In `suspend` mode the run, rather than waiting, suspends itself until
+    the resume-ready deployment finds a batch of it finished. After a cancel, no shard is
+    started: their rows have no result, which the output shows as cancelled."""
     log = get_run_logger()
     limits = job.limits
     queue: deque[ShardRun] = deque()
