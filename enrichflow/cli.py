@@ -183,11 +183,30 @@ def _status(args: argparse.Namespace) -> int:
     from enrichflow.storage import Location
     from enrichflow.tasks.status import run_status
 
+    if args.output is None:
+        return _committed()
     status = run_status(Location(args.output))
     if status is None:
         print(f"{args.output}: no enrichflow output or run state here", file=sys.stderr)
         return 1
     print(status.text())
+    return 0
+
+
+def _committed() -> int:
+    """`enrichflow status` alone: what the organisation's runs hold in the providers'
+    queues, from the ledgers of the Prefect server PREFECT_API_URL names."""
+    from enrichflow.local_prefect import on_a_shared_server
+
+    if not on_a_shared_server():
+        print("error: no Prefect server is named by PREFECT_API_URL, so no ledger of what "
+              "runs hold in the providers' queues; give an output (`enrichflow status "
+              "OUTPUT`) or set PREFECT_API_URL", file=sys.stderr)
+        return 2
+    from enrichflow.tasks.ledger import committed
+
+    lines = committed()
+    print("\n".join(lines) if lines else "no run holds enqueued tokens on this Prefect server")
     return 0
 
 
@@ -300,8 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--model", help="the model (overrides the job's request.model)")
     preview.set_defaults(handler=_preview)
 
-    status = commands.add_parser("status", help="what a job's output and run state say")
-    status.add_argument("output", help="the job's output directory URI")
+    status = commands.add_parser("status", help="what a job's output and run state say; "
+                                                "alone, what all runs hold in the queues")
+    status.add_argument("output", nargs="?", help="the job's output directory URI; without "
+                        "it, the enqueued tokens that runs hold, per provider and model")
     status.set_defaults(handler=_status)
 
     cancel = commands.add_parser("cancel", help="cancel a job's unfinished batches")

@@ -35,14 +35,18 @@ from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
 
 from enrichflow.local_prefect import on_a_shared_server
 from enrichflow.tasks.budget import MARGIN, TokenBudget
+from enrichflow.tasks.estimate import price_for, usd
 
 if TYPE_CHECKING:
+    from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
+
     from enrichflow.tasks.state import RunState, ShardRecord
 
 # Prefect allows 60 s to a day; resume-ready renews a suspended run's leases every pass
 # (5 minutes), so a lease outlives two missed passes.
 LEASE_SECONDS = float(os.environ.get("ENRICHFLOW_TOKEN_LEASE_SECONDS", 900))
 LOCKED, GONE, TOO_MANY_SLOTS = 423, 410, 422
+PREFIX = "enqueued-tokens "  # of the ledgers' names
 logger = logging.getLogger(__name__)  # the keeper's thread is outside the run's context
 
 
@@ -64,7 +68,22 @@ def open_token_budget(kind: str, base_url: str, model: str, limit: int | None,
 def limit_name(kind: str, base_url: str, model: str) -> str:
     """The ledger of a provider account and model: `enqueued-tokens openai
     api.openai.com gpt-4o-mini` (the base URL's host stands for the account)."""
-    return f"enqueued-tokens {kind} {urlsplit(base_url).netloc or base_url} {model}"
+    return f"{PREFIX}{kind} {urlsplit(base_url).netloc or base_url} {model}"
+
+
+def committed() -> list[str]:
+    """What the organisation has in its providers' queues, a line per ledger: the
+    tokens held of the limit, and what their prompts cost at batch prices."""
+    lines = []
+    for ledger in _ledgers():
+        tokens = int(ledger.active_slots * (1 - MARGIN))  # what the shards estimated
+        price = price_for(ledger.name.rsplit(" ", 1)[-1], None)
+        cost = f", their prompts {usd(price.batch_cost(tokens, 0))} at batch prices" \
+            if price else ""
+        lines.append(f"{ledger.name.removeprefix(PREFIX)}: {tokens:,} prompt tokens in "
+                     f"unfinished batches, of a limit of {ledger.limit:,} "
+                     f"({ledger.active_slots / ledger.limit:.0%} held){cost}")
+    return lines
 
 
 def slots_of(tokens: int) -> int:
@@ -176,6 +195,17 @@ class SharedTokenBudget(TokenBudget):
                         f"{now.active_slots:,}", f"{now.limit:,}", self.name)
                 self.waiting = True
                 return None
+
+
+def _ledgers() -> list[GlobalConcurrencyLimitResponse]:
+    """The ledgers on the Prefect server: its global concurrency limits named so."""
+    found, page = [], 200
+    with get_client(sync_client=True) as prefect:
+        while True:
+            limits = prefect.read_global_concurrency_limits(page, len(found))
+            found += limits
+            if len(limits) < page:
+                return [limit for limit in found if limit.name.startswith(PREFIX)]
 
 
 def renew_lease(lease: str) -> bool:

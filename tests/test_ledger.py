@@ -73,6 +73,12 @@ def test_a_cancelled_run_gives_its_tokens_back(prefect_api, start_localbatch, tm
         eventually(lambda: held(name)[0] > 0 if _exists(name) else False, 120, 0.5)
         tokens, limit = held(name)
         assert limit == 100_000, "the job's budget sets the ledger's limit"
+        status = start_job([ENRICHFLOW, "status"], prefect_api, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+        said = status.communicate(timeout=120)[0]
+        assert f"local 127.0.0.1:{server.port} gpt-4o-mini: {int(tokens * 0.9):,} prompt " \
+               "tokens in unfinished batches, of a limit of 100,000" in said, said
+        assert "at batch prices" in said
         cancel = start_job([ENRICHFLOW, "cancel", str(tmp_path / "out")], prefect_api,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert cancel.wait(120) == 0, cancel.stdout.read()
