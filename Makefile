@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python bench/runner_scale.py
 	$(BIN)/python bench/python_api.py
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/shared_budget.py
 
 # the automations of automations.yaml, on the Prefect server PREFECT_API_URL points at
 automations: install
