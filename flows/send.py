@@ -31,12 +31,12 @@ from prefect.futures import PrefectFuture
 
 from enrichflow.config import Job, LimitsConfig
 from enrichflow.errors import InputError
-from enrichflow.provider import as_reached, provider_kind
+from enrichflow.provider import as_reached
 from enrichflow.providers import BatchAPI
 from enrichflow.tasks.budget import TokenBudget
 from enrichflow.tasks.collect import collect_shard_task
 from enrichflow.tasks.events import emit
-from enrichflow.tasks.ledger import open_token_budget
+from enrichflow.tasks.ledger import ledger_of, open_token_budget
 from enrichflow.tasks.load import KEY, ROW, RowReader
 from enrichflow.tasks.plan import BYTES, TOKENS, Shard, jsonl, plan_shards
 from enrichflow.tasks.prepare import Prepared
@@ -69,8 +69,8 @@ def run_attempts(client: BatchAPI, state: RunState, prepared: Prepared, job: Job
     """Send the rows, then again the ones worth retrying; their results are journaled."""
     log = get_run_logger()
     limits = job.limits
-    budget = open_token_budget(provider_kind(job.provider), client.base_url, job.request.model,
-                               state.token_limit or prepared.token_budget,
+    ledger = ledger_of(job.provider, job.request.model, str(client.base_url))
+    budget = open_token_budget(ledger, state.token_limit or prepared.token_budget,
                                limits.enqueued_token_budget, state)
     progress = start_progress(job.name)
     with closing(RowReader(prepared.source)) as reader, closing(budget):
@@ -220,7 +220,7 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
             run = running.pop(batch.id)
             emit(f"batch.{batch.status}", job.name, state.location.uri, batch=batch.id,
                  shard=run.record.name, request_counts=run.record.request_counts)
-            budget.release(run.record)
+            budget.release(run.record, batch)
             refusal = _token_limit_refusal(batch)
             if refusal:
                 again = _after_refusal(state, attempt, pending, run, batch, refusal, budget,

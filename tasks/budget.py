@@ -15,6 +15,8 @@ import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from openai.types import Batch
+
     from enrichflow.tasks.state import ShardRecord
 
 _LIMIT = re.compile(r"Limit: ([\d,]+) enqueued tokens")
@@ -43,8 +45,8 @@ class TokenBudget:
             self.in_flight += record.tokens
         return fits
 
-    def release(self, record: ShardRecord) -> None:
-        """Give back the tokens of a shard whose batch ended."""
+    def release(self, record: ShardRecord, batch: Batch) -> None:
+        """Give back the tokens of a shard whose `batch` ended."""
         self.in_flight -= record.tokens
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ from PIL import Image
 import enrichflow
 from enrichflow.config import PriceOverride, RequestConfig
 from enrichflow.errors import InputError
+from enrichflow.tasks.budget import MARGIN
 from enrichflow.tasks.load import KEY
 from enrichflow.tasks.render import LINE, USER_TEXT
 
@@ -251,6 +252,11 @@ class Estimate:
     sync_canary: int = 0  # of the requests, those a synchronous canary answers
     measured_output: tuple[float, int] | None = None  # output tokens a request, as the
     # canary's answers averaged, and how many answers
+    token_limit: int | None = None  # the enqueued-token limit the shards are planned under
+    queue: tuple[int, int] | None = None  # (tokens held, limit) of the organisation's
+    # ledger now, on a shared Prefect server
+    turnaround: tuple[float, int] | None = None  # the median seconds a batch of this
+    # account and model took, and of how many batches
 
     def likely(self) -> float | None:
         """The cost at batch prices with the output the canary measured."""
@@ -286,7 +292,7 @@ class Estimate:
                    if self.already_sent else []),
                  ("requests to send", f"{self.requests:,}"), ("shards", f"{self.shards:,}"),
                  ("input tokens", f"{self.input_tokens:,}" + _approximation(self.model)),
-                 ("output token ceiling", ceiling)]
+                 ("output token ceiling", ceiling), *self.forecast()]
         if self.price is None:
             pairs.append(("cost", f"unknown: no price for {self.model}; set `price` in the "
                                   "job file"))
@@ -299,6 +305,29 @@ class Estimate:
                   ("same requests at synchronous prices", _money(self.sync_range())),
                   ("prices from", self.price.source)]
         return pairs
+
+    def forecast(self) -> list[tuple[str, str]]:
+        """Waves at the enqueued-token limit, what the queue holds now, and when the
+        job is likely done, from the turnaround of earlier batches."""
+        if self.token_limit is None or not self.requests:
+            return []
+        held = self.queue[0] if self.queue else 0
+        waves = math.ceil((self.input_tokens / (1 - MARGIN) + held) / self.token_limit)
+        queue = (f"{int(held * (1 - MARGIN)):,} tokens of unfinished batches, of a limit of "
+                 f"{self.queue[1]:,}" if self.queue else
+                 "unknown: no Prefect server (PREFECT_API_URL) keeps the organisation's ledger")
+        if self.turnaround:
+            seconds, batches = self.turnaround
+            likely = (f"in about {_duration(waves * seconds)}: {waves} wave(s) of "
+                      f"{_duration(seconds)}, the median of the last {batches} batch(es) of "
+                      "this account and model")
+        else:
+            likely = (f"unknown: no batch of this account and model has ended on this Prefect "
+                      f"server yet; a batch may take up to 24 h, so at worst "
+                      f"{_duration(waves * 24 * 3600)}")
+        return [("waves at the enqueued-token limit", f"{waves} ({self.token_limit:,} tokens "
+                 f"a wave, less the {MARGIN:.0%} margin)"), ("in the queue now", queue),
+                ("likely done", likely)]
 
     def likely_text(self) -> str:
         likely = self.likely()
@@ -328,6 +357,13 @@ class Estimate:
 
     def __str__(self) -> str:
         return self.text()
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return f"{seconds:.0f} s"
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
 
 
 def _money(span: tuple[float, float | None]) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 import threading
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -31,15 +32,19 @@ from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitUpdate,
 )
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
+from prefect.variables import Variable
 
 from enrichflow.local_prefect import on_a_shared_server
+from enrichflow.provider import azure_base_url, provider_kind
 from enrichflow.tasks.budget import MARGIN, TokenBudget
 from enrichflow.tasks.estimate import price_for, usd
 
 if TYPE_CHECKING:
+    from openai.types import Batch
     from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
 
+    from enrichflow.config import ProviderConfig
     from enrichflow.tasks.state import RunState, ShardRecord
 
 # Prefect allows 60 s to a day; resume-ready renews a suspended run's leases every pass
@@ -47,11 +52,15 @@ if TYPE_CHECKING:
 LEASE_SECONDS = float(os.environ.get("ENRICHFLOW_TOKEN_LEASE_SECONDS", 900))
 LOCKED, GONE, TOO_MANY_SLOTS = 423, 410, 422
 PREFIX = "enqueued-tokens "  # of the ledgers' names
+TURNAROUND = "enrichflow_batch_turnaround"  # Prefect variable: ledger -> batches' seconds
+KEPT_TURNAROUNDS = 20
+DEFAULT_HOSTS = {"openai": "api.openai.com", "anthropic": "api.anthropic.com",
+                 "gemini": "generativelanguage.googleapis.com"}
 logger = logging.getLogger(__name__)  # the keeper's thread is outside the run's context
 
 
-def open_token_budget(kind: str, base_url: str, model: str, limit: int | None,
-                      chosen: int | None, state: RunState) -> TokenBudget:
+def open_token_budget(name: str, limit: int | None, chosen: int | None, state: RunState
+                      ) -> TokenBudget:
     """The run's enqueued-token budget: the organisation's ledger on a shared Prefect
     server; else the run's own, which does not count the runs beside it (and says so)."""
     if limit is None:
@@ -62,13 +71,53 @@ def open_token_budget(kind: str, base_url: str, model: str, limit: int | None,
             "runs beside it (no Prefect server is named by PREFECT_API_URL: on one, runs "
             "share the limit)", f"{limit:,}")
         return TokenBudget(limit)
-    return SharedTokenBudget.open(limit_name(kind, base_url, model), limit, chosen, state)
+    return SharedTokenBudget.open(name, limit, chosen, state)
 
 
 def limit_name(kind: str, base_url: str, model: str) -> str:
     """The ledger of a provider account and model: `enqueued-tokens openai
     api.openai.com gpt-4o-mini` (the base URL's host stands for the account)."""
     return f"{PREFIX}{kind} {urlsplit(base_url).netloc or base_url} {model}"
+
+
+def ledger_of(provider: ProviderConfig, model: str, reached: str | None = None) -> str:
+    """The ledger of a job's provider and model; `reached`: the URL its client reached
+    (that of a local server embedded in the run, which the job does not name)."""
+    kind = provider_kind(provider)
+    url = azure_base_url(provider) if kind == "azure" else provider.base_url
+    return limit_name(kind, url or (reached if kind == "local" else None)
+                      or DEFAULT_HOSTS.get(kind, kind), model)
+
+
+def queue_now(name: str, default: int) -> tuple[int, int] | None:
+    """(tokens held, the limit) of the ledger `name`, which a run creates with `default`
+    tokens; None without a shared Prefect server."""
+    if not on_a_shared_server():
+        return None
+    with get_client(sync_client=True) as prefect:
+        try:
+            ledger = prefect.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            return 0, default
+    return ledger.active_slots, ledger.limit
+
+
+def record_turnaround(name: str, seconds: float) -> None:
+    """Keep how long a batch of the ledger `name` took, from its creation to its end,
+    for the forecasts of later runs (a Prefect variable, on a shared server)."""
+    if not on_a_shared_server():
+        return
+    kept = Variable.get(TURNAROUND, default={})
+    kept[name] = [*kept.get(name, [])[1 - KEPT_TURNAROUNDS:], round(seconds)]
+    Variable.set(TURNAROUND, kept, overwrite=True)
+
+
+def turnaround(name: str) -> tuple[float, int] | None:
+    """The median seconds a batch of the ledger `name` took, and of how many batches."""
+    if not on_a_shared_server():
+        return None
+    kept = Variable.get(TURNAROUND, default={}).get(name)
+    return (statistics.median(kept), len(kept)) if kept else None
 
 
 def committed() -> list[str]:
@@ -145,11 +194,14 @@ class SharedTokenBudget(TokenBudget):
         self.waiting = False
         return True
 
-    def release(self, record: ShardRecord) -> None:
+    def release(self, record: ShardRecord, batch: Batch) -> None:
+        """Give the tokens back; a completed batch's turnaround is kept for forecasts."""
         if record.tokens_lease:
             self.keeper.drop(record.tokens_lease)
             release_leases([record])
             record.tokens_lease = None  # journaled with the shard's next change
+        if batch.status == "completed" and batch.completed_at:
+            record_turnaround(self.name, batch.completed_at - batch.created_at)
 
     def learn(self, message: str) -> int | None:
         """A refusal's limit is the organisation's: the ledger takes it too."""

@@ -12,6 +12,7 @@ without Prefect.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 
 from enrichflow.config import Job
 from enrichflow.errors import CostLimitError
+from enrichflow.local_prefect import on_a_shared_server
 from enrichflow.provider import provider_kind
 from enrichflow.storage import Location
 from enrichflow.tasks import as_task
@@ -156,9 +158,21 @@ def prepare_job(job: Job, use_cache: bool = True, force: bool = False,
         requests=to_send.num_rows, shards=len(shards),
         input_tokens=int(pc.sum(to_send[TOKENS]).as_py() or 0),
         output_ceiling=None if ceiling is None else ceiling * to_send.num_rows, price=price,
-        measured_output=unfinished and unfinished.canary_output(), sync_canary=sync_canary)
+        measured_output=unfinished and unfinished.canary_output(), sync_canary=sync_canary,
+        token_limit=budget, **queue_forecast(job, budget))
     return Prepared(source, fingerprint, job_key, rows, to_send, unsent, reused, cache, shards,
                     budget, price, estimate, unfinished, passed)
+
+
+def queue_forecast(job: Job, budget: int | None) -> dict[str, Any]:
+    """What the organisation's ledger knows for the estimate's forecast: the queue now
+    and the batches' turnaround (on a shared Prefect server; nothing otherwise)."""
+    if budget is None or not on_a_shared_server():
+        return {}
+    from enrichflow.tasks import ledger
+
+    name = ledger.ledger_of(job.provider, job.request.model)
+    return {"queue": ledger.queue_now(name, budget), "turnaround": ledger.turnaround(name)}
 
 
 def scan_rows(job: Job, source: Source, tag: str, cache: AnswerCache | None,

@@ -4,6 +4,7 @@ server share the provider's limit through a global concurrency limit, as users r
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pandas as pd
@@ -39,14 +40,15 @@ def test_two_runs_at_once_share_the_token_limit_and_none_is_refused(
     per_shard = prepare_job(load_job(job_file(tmp_path, rows, **{
         "limits.max_requests_per_shard": 20}))).shards[0].tokens
     limit = int(per_shard * 2.5)
-    jobs = [job_file(tmp_path / name, rows, **{"limits.max_requests_per_shard": 20,
-                                                "limits.poll_interval_max": 0.2,
-                                                "limits.enqueued_token_budget": limit})
-            for name in ("first", "second")]
     server = start_localbatch(Simulation(enqueued_token_limits={"gpt-4o-mini": limit},
                                          requests_per_second=40))
-    runs = [start_job([ENRICHFLOW, "run", str(path), "--base-url", server.base_url],
-                      prefect_api, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    jobs = [job_file(tmp_path / name, rows, **{"limits.max_requests_per_shard": 20,
+                                                "limits.poll_interval_max": 0.2,
+                                                "limits.enqueued_token_budget": limit,
+                                                "provider.base_url": server.base_url})
+            for name in ("first", "second")]
+    runs = [start_job([ENRICHFLOW, "run", str(path)], prefect_api, stdout=subprocess.PIPE,
+                      stderr=subprocess.STDOUT, text=True)
             for path in jobs]
     outputs = [run.communicate(timeout=300)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs
@@ -62,6 +64,20 @@ def test_two_runs_at_once_share_the_token_limit_and_none_is_refused(
     assert held(name) == (0, limit), "every token given back"
     assert all("shared with every run on this Prefect server" in out for out in outputs)
     assert any("waits for room" in out for out in outputs)
+
+    # the next job's estimate: its waves at the limit, the queue now, and the turnaround
+    # of the batches these runs saw
+    estimate = start_job([ENRICHFLOW, "estimate", str(jobs[0]), "--no-cache"], prefect_api,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    said = estimate.communicate(timeout=120)[0]
+    assert estimate.returncode == 0, said
+    waves = -(-prepare_job(load_job(jobs[0]), use_cache=False).estimate.input_tokens * 10
+              // (9 * limit))
+    assert re.search(rf"waves at the enqueued-token limit: +{waves} \({limit:,} tokens a wave",
+                     said), said
+    assert re.search(rf"in the queue now: +0 tokens of unfinished batches, of a limit of "
+                     rf"{limit:,}\n", said), said
+    assert re.search(r"likely done: +in about .*, the median of the last 12 batch\(es\)", said)
 
 
 def test_a_cancelled_run_gives_its_tokens_back(prefect_api, start_localbatch, tmp_path):
