@@ -194,6 +194,8 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
         waiting_for_tokens = budget.shared and bool(queue) and \
             len(running) + len(starting) < limits.max_shards_in_flight
         start_shards(client, state, starting, lines, job)
+        if waiting_for_tokens:  # the next shard goes up meanwhile: room, when it comes,
+            upload_shards(client, state, [queue[0]], lines)  # needs only its batch created
         running.update({run.record.batch_id: run for run in starting})
         if not running:
             if waiting_for_tokens:
@@ -271,8 +273,26 @@ def start_shards(client: BatchAPI, state: RunState, starting: list[ShardRun],
             if found:
                 log.info("%s: found batch %s created before a crash", record.name, found.id)
                 state.update(record, batch_id=found.id, status="submitted")
-    uploads: deque[tuple[ShardRun, PrefectFuture]] = deque()
+    upload_shards(client, state, starting, lines)
+    creates: deque[tuple[ShardRun, PrefectFuture]] = deque()
     for run in starting:
+        record = run.record
+        if not record.batch_id:
+            if creates and not client.tags_batches:  # one unjournaled batch at a time
+                _created(state, job, *creates.popleft())
+            state.update(record, status="creating", creating_at=time.time())
+            creates.append((run, create_batch_task.submit(
+                client, record.file_id, job.request.endpoint, state.intent(record))))
+    while creates:
+        _created(state, job, *creates.popleft())
+
+
+def upload_shards(client: BatchAPI, state: RunState, runs: list[ShardRun],
+                  lines: ShardLines) -> None:
+    """Render and upload the input file of each shard of `runs` that has none yet,
+    `UPLOADS_AT_ONCE` at a time, journaled before and after."""
+    uploads: deque[tuple[ShardRun, PrefectFuture]] = deque()
+    for run in runs:
         record = run.record
         if not record.batch_id and not record.file_id:
             if len(uploads) == UPLOADS_AT_ONCE:
@@ -285,17 +305,6 @@ def start_shards(client: BatchAPI, state: RunState, starting: list[ShardRun],
                 client, state.upload_name(record), jsonl(requests), orphans_since)))
     while uploads:
         _uploaded(state, *uploads.popleft())
-    creates: deque[tuple[ShardRun, PrefectFuture]] = deque()
-    for run in starting:
-        record = run.record
-        if not record.batch_id:
-            if creates and not client.tags_batches:  # one unjournaled batch at a time
-                _created(state, job, *creates.popleft())
-            state.update(record, status="creating", creating_at=time.time())
-            creates.append((run, create_batch_task.submit(
-                client, record.file_id, job.request.endpoint, state.intent(record))))
-    while creates:
-        _created(state, job, *creates.popleft())
 
 
 def _created(state: RunState, job: Job, run: ShardRun, created: PrefectFuture) -> None:
