@@ -14,7 +14,7 @@ prompt tokens of unfinished batches, over the limit times the span from the firs
 created to the last one finished), wall time; every row is checked to be in its output
 once and `ok`. Goal for shared: 0 refused and utilisation at least 0.85.
 
-    .venv/bin/python bench/shared_budget.py [--jobs 1,2,4] [--rows 600]
+    .venv/bin/python bench/shared_budget.py [--jobs 1,2,4] [--rows 800]
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def check_outputs(jobs: list[Path], rows: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", default="1,2,4", help="counts of concurrent jobs")
-    parser.add_argument("--rows", type=int, default=600, help="rows per job")
+    parser.add_argument("--rows", type=int, default=800,
+                        help="rows per job (8 shards: two full waves of 4)")
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="shared-budget-"))
