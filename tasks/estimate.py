@@ -311,22 +311,23 @@ class Estimate:
         job is likely done, from the turnaround of earlier batches."""
         if self.token_limit is None or not self.requests:
             return []
-        held = self.queue[0] if self.queue else 0
-        waves = math.ceil((self.input_tokens / (1 - MARGIN) + held) / self.token_limit)
+        held, limit = self.queue or (0, self.token_limit)  # the ledger's limit, if any
+        waves = math.ceil((self.input_tokens / (1 - MARGIN) + held) / limit)
         queue = (f"{int(held * (1 - MARGIN)):,} tokens of unfinished batches, of a limit of "
-                 f"{self.queue[1]:,}" if self.queue else
+                 f"{limit:,}" if self.queue else
                  "unknown: no Prefect server (PREFECT_API_URL) keeps the organisation's ledger")
+        worst = f"a batch may take up to 24 h, so at worst {_duration(waves * 24 * 3600)}"
         if self.turnaround:
             seconds, batches = self.turnaround
             likely = (f"in about {_duration(waves * seconds)}: {waves} wave(s) of "
                       f"{_duration(seconds)}, the median of the last {batches} batch(es) of "
                       "this account and model")
+        elif self.queue:
+            likely = f"unknown: no batch of this account and model has ended yet; {worst}"
         else:
-            likely = (f"unknown: no batch of this account and model has ended on this Prefect "
-                      f"server yet; a batch may take up to 24 h, so at worst "
-                      f"{_duration(waves * 24 * 3600)}")
-        return [("waves at the enqueued-token limit", f"{waves} ({self.token_limit:,} tokens "
-                 f"a wave, less the {MARGIN:.0%} margin)"), ("in the queue now", queue),
+            likely = f"unknown: no Prefect server keeps the batches' turnaround; {worst}"
+        return [("waves at the enqueued-token limit", f"{waves} ({limit:,} tokens a wave, "
+                 f"less the {MARGIN:.0%} margin)"), ("in the queue now", queue),
                 ("likely done", likely)]
 
     def likely_text(self) -> str:
