@@ -89,11 +89,9 @@ def ledger_of(provider: ProviderConfig, model: str, reached: str | None = None) 
                       or DEFAULT_HOSTS.get(kind, kind), model)
 
 
-def queue_now(name: str, default: int) -> tuple[int, int] | None:
+def queue_now(name: str, default: int) -> tuple[int, int]:
     """(tokens held, the limit) of the ledger `name`, which a run creates with `default`
-    tokens; None without a shared Prefect server."""
-    if not on_a_shared_server():
-        return None
+    tokens."""
     with get_client(sync_client=True) as prefect:
         try:
             ledger = prefect.read_global_concurrency_limit_by_name(name)
@@ -104,9 +102,7 @@ def queue_now(name: str, default: int) -> tuple[int, int] | None:
 
 def record_turnaround(name: str, seconds: float) -> None:
     """Keep how long a batch of the ledger `name` took, from its creation to its end,
-    for the forecasts of later runs (a Prefect variable, on a shared server)."""
-    if not on_a_shared_server():
-        return
+    for the forecasts of later runs (a Prefect variable)."""
     kept = Variable.get(TURNAROUND, default={})
     kept[name] = [*kept.get(name, [])[1 - KEPT_TURNAROUNDS:], round(seconds)]
     Variable.set(TURNAROUND, kept, overwrite=True)
@@ -114,8 +110,6 @@ def record_turnaround(name: str, seconds: float) -> None:
 
 def turnaround(name: str) -> tuple[float, int] | None:
     """The median seconds a batch of the ledger `name` took, and of how many batches."""
-    if not on_a_shared_server():
-        return None
     kept = Variable.get(TURNAROUND, default={}).get(name)
     return (statistics.median(kept), len(kept)) if kept else None
 
