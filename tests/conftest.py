@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pandas as pd
 
 # Prefect sets its console logging up on this import: here, on the session's stderr (set
@@ -42,6 +43,16 @@ def eventually(check, timeout: float = 120, every: float = 1):
         assert time.monotonic() < deadline, f"{check.__name__} did not happen in {timeout}s"
         time.sleep(every)
     return value
+
+
+def ledger_tokens(api_url: str, name: str) -> tuple[int, int | None]:
+    """(tokens held, the limit) of the enqueued-token ledger `name` on the Prefect server
+    at `api_url`; (0, None) before any run made it."""
+    found = httpx.get(f"{api_url}/v2/concurrency_limits/{name}", timeout=60)
+    if found.status_code == 404:
+        return 0, None
+    found.raise_for_status()
+    return found.json()["active_slots"], found.json()["limit"]
 
 
 def free_port() -> int:

@@ -22,7 +22,15 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
-from conftest import ENRICHFLOW, REPO, eventually, free_port, job_file, sdk_client
+from conftest import (
+    ENRICHFLOW,
+    REPO,
+    eventually,
+    free_port,
+    job_file,
+    ledger_tokens,
+    sdk_client,
+)
 from google import genai
 from google.genai.types import HttpOptions
 from prefect import Flow
@@ -669,6 +677,7 @@ def test_a_killed_run_s_tokens_come_back_without_a_person(prefect_env, start_loc
     server = start_localbatch(Simulation(enqueued_token_limits={"gpt-4o-mini": limit},
                                          requests_per_second=0.15))  # 3 requests: 20 s
     ledger = limit_name("local", server.base_url, "gpt-4o-mini")
+    prefect_url = prefect_env["PREFECT_API_URL"]
     env = {**prefect_env, "ENRICHFLOW_TOKEN_LEASE_SECONDS": "60"}
     paths = []
     for name in ("killed", "next"):
@@ -678,7 +687,7 @@ def test_a_killed_run_s_tokens_come_back_without_a_person(prefect_env, start_loc
     killed = subprocess.Popen([ENRICHFLOW, "run", str(paths[0]), "--limit", "3", "--base-url",
                                server.base_url], env=env, cwd=REPO, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    eventually(lambda: _held(prefect_env, ledger) > 0, 120, 0.5)
+    eventually(lambda: ledger_tokens(prefect_url, ledger)[0] > 0, 120, 0.5)
     os.killpg(killed.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     following = subprocess.run([ENRICHFLOW, "run", str(paths[1]), "--limit", "3", "--base-url",
@@ -689,7 +698,7 @@ def test_a_killed_run_s_tokens_come_back_without_a_person(prefect_env, start_loc
     assert "waits for room" in following.stdout + following.stderr
     batches = sdk_client(server.base_url).batches.list().data
     assert [b.status for b in batches] == ["completed", "completed"], "none refused"
-    assert _held(prefect_env, ledger) == 0
+    assert ledger_tokens(prefect_url, ledger)[0] == 0
 
 
 def test_a_suspended_run_keeps_its_tokens_until_its_batch_is_collected(
@@ -699,29 +708,25 @@ def test_a_suspended_run_keeps_its_tokens_until_its_batch_is_collected(
     api = PrefectAPI(prefect_env)
     server = start_localbatch(Simulation(requests_per_second=0.05))
     ledger = limit_name("local", server.base_url, "gpt-4o-mini")
+    prefect_url = prefect_env["PREFECT_API_URL"]
     path = job_file(tmp_path, **{"limits.enqueued_token_budget": 100_000})
     with api.schedules_paused("resume-ready/resume-ready"):
         run = api.run_with_cli("enrich/movies", config_path=str(path), limit=6,
                                base_url=server.base_url, wait_mode="suspend")
         api.wait_for(run, {"Suspended"})
-        held = _held(prefect_env, ledger)
+        held = ledger_tokens(prefect_url, ledger)[0]
         assert held > 0
         renewer = api.run_with_cli("resume-ready/resume-ready")
         assert api.wait_for(renewer, {"Completed"}) == "Completed"
         assert eventually(lambda: "1 token lease(s) renewed" in api.logs(renewer), 30)
-        assert _held(prefect_env, ledger) == held
+        assert ledger_tokens(prefect_url, ledger)[0] == held
         (batch,) = sdk_client(server.base_url).batches.list().data
         eventually(lambda: sdk_client(server.base_url).batches.retrieve(batch.id).status
                    == "completed", 120)
         api.wait_for(api.run_with_cli("resume-ready/resume-ready"), {"Completed"})
         api.wait_for(run, {"Completed"})
-    assert _held(prefect_env, ledger) == 0
+    assert ledger_tokens(prefect_url, ledger)[0] == 0
 
-
-def _held(env: dict[str, str], ledger: str) -> int:
-    """The tokens held in the organisation's ledger `ledger` (0 before it exists)."""
-    found = httpx.get(f"{env['PREFECT_API_URL']}/v2/concurrency_limits/{ledger}", timeout=60)
-    return found.json()["active_slots"] if found.status_code == 200 else 0
 
 
 def test_a_crashed_run_is_run_again_and_pays_once(prefect_env, start_localbatch, tmp_path):

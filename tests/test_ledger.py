@@ -8,20 +8,20 @@ import re
 import subprocess
 
 import pandas as pd
-from conftest import ENRICHFLOW, eventually, generated_movies, job_file, sdk_client, start_job
-from prefect.client.orchestration import get_client
+from conftest import (
+    ENRICHFLOW,
+    eventually,
+    generated_movies,
+    job_file,
+    ledger_tokens,
+    sdk_client,
+    start_job,
+)
 
 from enrichflow.config import load_job
 from enrichflow.tasks.ledger import limit_name
 from enrichflow.tasks.prepare import prepare_job
 from localbatch import Simulation
-
-
-def held(name: str) -> tuple[int, int]:
-    """(tokens held, the limit) of the ledger `name` on the test's Prefect server."""
-    with get_client(sync_client=True) as prefect:
-        limit = prefect.read_global_concurrency_limit_by_name(name)
-    return limit.active_slots, limit.limit
 
 
 def refused(base_url: str) -> list[str]:
@@ -61,7 +61,7 @@ def test_two_runs_at_once_share_the_token_limit_and_none_is_refused(
                  if b.status == "completed"]
     assert sum(b.request_counts.completed for b in completed) == 240
     name = limit_name("local", server.base_url, "gpt-4o-mini")
-    assert held(name) == (0, limit), "every token given back"
+    assert ledger_tokens(prefect_api, name) == (0, limit), "every token given back"
     assert all("shared with every run on this Prefect server" in out for out in outputs)
     assert any("waits for room" in out for out in outputs)
 
@@ -87,8 +87,8 @@ def test_a_cancelled_run_gives_its_tokens_back(prefect_api, start_localbatch, tm
     name = limit_name("local", server.base_url, "gpt-4o-mini")
     run = start_job([ENRICHFLOW, "run", str(path), "--base-url", server.base_url], prefect_api)
     try:
-        eventually(lambda: held(name)[0] > 0 if _exists(name) else False, 120, 0.5)
-        tokens, limit = held(name)
+        eventually(lambda: ledger_tokens(prefect_api, name)[0] > 0, 120, 0.5)
+        tokens, limit = ledger_tokens(prefect_api, name)
         assert limit == 100_000, "the job's budget sets the ledger's limit"
         status = start_job([ENRICHFLOW, "status"], prefect_api, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
@@ -99,12 +99,8 @@ def test_a_cancelled_run_gives_its_tokens_back(prefect_api, start_localbatch, tm
         cancel = start_job([ENRICHFLOW, "cancel", str(tmp_path / "out")], prefect_api,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert cancel.wait(120) == 0, cancel.stdout.read()
-        assert held(name)[0] == 0, f"{tokens} tokens given back at the cancel"
+        assert ledger_tokens(prefect_api, name)[0] == 0, f"{tokens} tokens given back at the cancel"
         run.wait(120)
     finally:
         run.kill()
 
-
-def _exists(name: str) -> bool:
-    with get_client(sync_client=True) as prefect:
-        return any(limit.name == name for limit in prefect.read_global_concurrency_limits(100))
