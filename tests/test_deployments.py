@@ -687,7 +687,10 @@ def test_a_killed_run_s_tokens_come_back_without_a_person(prefect_env, start_loc
     killed = subprocess.Popen([ENRICHFLOW, "run", str(paths[0]), "--limit", "3", "--base-url",
                                server.base_url], env=env, cwd=REPO, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    eventually(lambda: ledger_tokens(prefect_url, ledger)[0] > 0, 120, 0.5)
+    client = sdk_client(server.base_url)
+    # the shard takes its tokens before it creates its batch: kill once the batch holds them
+    eventually(lambda: client.batches.list().data, 120, 0.5)
+    assert ledger_tokens(prefect_url, ledger)[0] > 0
     os.killpg(killed.pid, signal.SIGKILL)
     killed_at = time.monotonic()
     following = subprocess.run([ENRICHFLOW, "run", str(paths[1]), "--limit", "3", "--base-url",
@@ -696,7 +699,7 @@ def test_a_killed_run_s_tokens_come_back_without_a_person(prefect_env, start_loc
     assert following.returncode == 0, following.stdout + following.stderr
     print(f"the next run ended {time.monotonic() - killed_at:.0f} s after the kill")
     assert "waits for room" in following.stdout + following.stderr
-    batches = sdk_client(server.base_url).batches.list().data
+    batches = client.batches.list().data
     assert [b.status for b in batches] == ["completed", "completed"], "none refused"
     assert ledger_tokens(prefect_url, ledger)[0] == 0
 
