@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from enrichflow.provider import answered_by, cost_text
     from enrichflow.tasks.answers import EMBEDDING_COLUMN, answer_columns
-    from enrichflow.tasks.estimate import usd
+    from enrichflow.tasks.estimate import estimate_error_text, usd
     from enrichflow.tasks.write import part_name
 
     if not manifest:
@@ -93,6 +93,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"tokens:   {manifest['tokens']['prompt']:,} prompt, "
           f"{manifest['tokens']['completion']:,} completion; cost: "
           f"{cost_text(manifest['cost_usd'], manifest['provider'])}")
+    if manifest.get("estimate_error"):  # manifests from before it was recorded
+        print(f"estimate: {estimate_error_text(manifest['estimate_error'])}")
     print(f"answered by: {answered_by(manifest['provider'])}")
     cancelled = manifest.get("cancelled")  # manifests from before cancels were recorded
     if cancelled:

@@ -364,7 +364,8 @@ class Job(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     price: PriceOverride | None = None
     max_cost_usd: float | None = Field(
-        default=None, gt=0, description="Stop before uploading if the estimate may pass this.")
+        default=None, gt=0, description="Stop before uploading if the estimate may pass "
+                                        "this, and stop sending once the bill leaves no room.")
     cache: CacheConfig = Field(default_factory=CacheConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     canary: CanaryConfig | None = Field(

@@ -14,7 +14,8 @@ class StorageError(OSError):
 
 
 class CostLimitError(ValueError):
-    """The job's estimate may pass its `max_cost_usd`; nothing was uploaded."""
+    """The job's estimate may pass its `max_cost_usd` (nothing was uploaded), or what it
+    was billed left no room for the rest (the rows answered are written)."""
 
 
 class ProviderError(RuntimeError):

@@ -43,12 +43,15 @@ from enrichflow.tasks import watch
 from enrichflow.tasks.api import describe_api_error, sdk_errors
 from enrichflow.tasks.canary import CanaryOutcome, delete_canary_files, run_canary_task
 from enrichflow.tasks.cancel import cancel_run
+from enrichflow.tasks.estimate import estimate_error, estimate_error_text
 from enrichflow.tasks.events import emit
 from enrichflow.tasks.lease import Lease
 from enrichflow.tasks.load import KEY
-from enrichflow.tasks.prepare import Prepared, check_cost_cap, prepare_job
+from enrichflow.tasks.merge import NOT_SENT
+from enrichflow.tasks.prepare import Prepared, prepare_job
 from enrichflow.tasks.report import publish_canary, publish_estimate, publish_results
 from enrichflow.tasks.runner import Runner, open_runner
+from enrichflow.tasks.spend import NOT_SENT_FOR_THE_CAP, CostCap
 from enrichflow.tasks.state import RunState
 from enrichflow.tasks.status import already_complete_line, complete_manifest
 from enrichflow.tasks.write import finish_output, start_output
@@ -184,8 +187,9 @@ def run_job(job: Job, location: Location, shard_runner: Runner, wait_mode: WaitM
         if done:
             log.info(already_complete_line(job, location))
             return done
+        cap = CostCap.of(job, prepared.price)
         try:
-            check_cost_cap(prepared.estimate, job.max_cost_usd)
+            cap.check(prepared.estimate_left(), prepared.unfinished)
         except CostLimitError as exc:
             emit("cost-cap.reached", job.name, location.uri, message=str(exc))
             raise
@@ -215,21 +219,28 @@ def run_job(job: Job, location: Location, shard_runner: Runner, wait_mode: WaitM
             if canary_only:
                 return {"canary": outcome.summary(canary)}
         manifest, written = send_and_write(job, location, prepared, state, shard_runner,
-                                           wait_mode)
+                                           wait_mode, cap)
+    if manifest["cost_cap_reached"]:
+        emit("cost-cap.reached", job.name, location.uri, message=manifest["cost_cap_reached"])
+        raise CostLimitError(f"{manifest['cost_cap_reached']}; the rows answered are written "
+                             f"to {location.uri}, the others are failed as not sent: raise "
+                             "max_cost_usd and run the job again to send them")
     check_failed_share(manifest, written.first_error, job.limits.max_failed_share)
     return manifest
 
 
 def send_and_write(job: Job, location: Location, prepared: Prepared, state: RunState,
-                   shard_runner: Runner, wait_mode: WaitMode) -> tuple[dict[str, Any], Written]:
-    """Send what is left to send, merge every answer into the rows, write the output and
-    its manifest; (the manifest, what was written)."""
+                   shard_runner: Runner, wait_mode: WaitMode,
+                   cap: CostCap) -> tuple[dict[str, Any], Written]:
+    """Send what is left to send (within the cost cap), merge every answer into the
+    rows, write the output and its manifest; (the manifest, what was written)."""
     log = get_run_logger()
     with open_client(job.provider, location) as client:
-        run_attempts(client, state, prepared, job, shard_runner, wait_mode)
+        cap_reached = run_attempts(client, state, prepared, job, shard_runner, wait_mode, cap)
     start_output(location)
-    written = write_parts(job, location, prepared, state)
-    manifest = build_manifest(job, state, prepared, written, location)
+    written = write_parts(job, location, prepared, state,
+                          NOT_SENT_FOR_THE_CAP if cap_reached else NOT_SENT)
+    manifest = build_manifest(job, state, prepared, written, location, cap_reached)
     finish_output(location, written.parts, manifest)
     state.finish()
     if job.cleanup:
@@ -243,6 +254,8 @@ def send_and_write(job: Job, location: Location, prepared: Prepared, state: RunS
              cost_text(manifest["cost_usd"], manifest["provider"]),
              "; the job was cancelled: run it again to send the rest" if manifest["cancelled"]
              else "")
+    if manifest["estimate_error"]:
+        log.info("estimate against the bill: %s", estimate_error_text(manifest["estimate_error"]))
     return manifest, written
 
 
@@ -363,7 +376,7 @@ def report_prepared(job: Job, prepared: Prepared) -> None:
 
 
 def build_manifest(job: Job, state: RunState, prepared: Prepared, written: Written,
-                   location: Location) -> dict[str, Any]:
+                   location: Location, cost_cap_reached: str | None = None) -> dict[str, Any]:
     return {
         "job": job.name,
         "job_key": state.job_key,
@@ -380,11 +393,14 @@ def build_manifest(job: Job, state: RunState, prepared: Prepared, written: Writt
         "rows_reused": prepared.reused,
         "parts": written.parts,
         "cancelled": state.cancel_requested(),
+        "cost_cap_reached": cost_cap_reached,
         "attempts": max((s.attempt for s in state.shards), default=0),
         "tokens": {"prompt": written.prompt_tokens, "completion": written.completion_tokens},
         "cost_usd": written.cost_usd if prepared.price else None,
         "price": asdict(prepared.price) if prepared.price else None,
         "estimate": dict(prepared.estimate.lines()),
+        "estimate_error": estimate_error(prepared.estimate, written.prompt_tokens,
+                                         written.cost_usd if prepared.price else None),
         "started_at": _iso(state.started_at),
         "finished_at": _iso(datetime.now(UTC).timestamp()),
         "shards": [asdict(s) for s in state.shards],

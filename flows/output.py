@@ -19,7 +19,13 @@ from enrichflow.config import Job
 from enrichflow.storage import Location
 from enrichflow.tasks.cache import HASH, request_hashes
 from enrichflow.tasks.load import ROW, RowReader
-from enrichflow.tasks.merge import MERGED, attempt_results_schema, merge_part_task, reused_results
+from enrichflow.tasks.merge import (
+    MERGED,
+    NOT_SENT,
+    attempt_results_schema,
+    merge_part_task,
+    reused_results,
+)
 from enrichflow.tasks.prepare import Prepared
 from enrichflow.tasks.render import render_requests
 from enrichflow.tasks.report import TABLE_ROWS
@@ -56,9 +62,10 @@ class Written:
                                                    schema=part.schema)
 
 
-def write_parts(job: Job, location: Location, prepared: Prepared,
-                state: RunState) -> Written:
-    """Merge and write every part; the new answers are kept in the cache."""
+def write_parts(job: Job, location: Location, prepared: Prepared, state: RunState,
+                not_sent: str = NOT_SENT) -> Written:
+    """Merge and write every part; the new answers are kept in the cache. A row sent
+    without a result was not sent after all: `not_sent` says why."""
     written = Written()
     schema = attempt_results_schema(job.request)
     # the answers' text is read only to keep new answers in the cache
@@ -74,7 +81,7 @@ def write_parts(job: Job, location: Location, prepared: Prepared,
             if prepared.cache is not None:
                 results = _with_cache(job, prepared, table, results, unsent).select(MERGED)
             part = merge_part_task(table, prepared.tag, results, unsent,
-                                   job.request, prepared.price)
+                                   job.request, prepared.price, not_sent)
             write_part(location, index, part)
             written.add(part)
     if prepared.cache is not None:

@@ -43,6 +43,7 @@ from enrichflow.tasks.prepare import Prepared
 from enrichflow.tasks.render import CUSTOM_ID, custom_ids, render_requests
 from enrichflow.tasks.report import start_progress
 from enrichflow.tasks.runner import Runner
+from enrichflow.tasks.spend import CostCap
 from enrichflow.tasks.state import RunState, ShardRecord
 from enrichflow.tasks.submit import (
     clean_up_task,
@@ -65,8 +66,9 @@ SUSPEND_MARGIN_SECONDS = 3600  # resume-ready resumes a run past max_wait_hours 
 
 
 def run_attempts(client: BatchAPI, state: RunState, prepared: Prepared, job: Job,
-                 runner: Runner, wait_mode: WaitMode = "poll") -> None:
-    """Send the rows, then again the ones worth retrying; their results are journaled."""
+                 runner: Runner, wait_mode: WaitMode, cap: CostCap) -> str | None:
+    """Send the rows, then again the ones worth retrying; their results are journaled.
+    Why the cost cap stopped the sending, if it did."""
     log = get_run_logger()
     limits = job.limits
     ledger = ledger_of(job.provider, job.request.model, str(client.base_url))
@@ -88,14 +90,17 @@ def run_attempts(client: BatchAPI, state: RunState, prepared: Prepared, job: Job
                                  state.plan_limit(attempt, budget.plan_limit))
             log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{sending.num_rows:,}",
                      len(shards))
-            run_shards(client, state, attempt, sending, shards, budget, job, wait_mode, progress,
-                       lines, runner)
+            cap_reached = run_shards(client, state, attempt, sending, shards, budget, cap, job,
+                                     wait_mode, progress, lines, runner)
+            if cap_reached:
+                return cap_reached
             outcome = state.attempt_outcome(attempt)
             retry = outcome.filter(pc.and_(pc.invert(outcome["_ok"]), outcome["_retryable"]))
             ok = pc.sum(outcome["_ok"]).as_py() or 0
             log.info("attempt %d: %s ok, %s failed, %s worth another attempt", attempt, f"{ok:,}",
                      f"{outcome.num_rows - ok:,}", f"{retry.num_rows:,}")
             pending = pending.filter(pc.is_in(pending[ROW], value_set=retry[ROW]))
+    return None
 
 
 def without_rows(requests: pa.Table, rows: pa.Array) -> pa.Table:
@@ -162,18 +167,22 @@ class ShardRun:
 
 
 def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Table,
-               shards: list[Shard], budget: TokenBudget, job: Job, wait_mode: WaitMode,
-               progress: UUID, lines: ShardLines, runner: Runner) -> None:
-    """Run one attempt's shards, starting each only when it fits the enqueued-token
-    budget (on a Prefect server, the organisation's: room that other runs give back is
-    looked for at each poll) and fewer than `max_shards_in_flight` run, and collect (and
+               shards: list[Shard], budget: TokenBudget, cap: CostCap, job: Job,
+               wait_mode: WaitMode, progress: UUID, lines: ShardLines,
+               runner: Runner) -> str | None:
+    """Run one attempt's shards, starting each only when it fits the cost cap, the
+    enqueued-token budget (on a Prefect server, the organisation's: room that other runs
+    give back is looked for at each poll) and fewer than `max_shards_in_flight` run, and
+    collect (and
     journal) each as soon as its batch is finished: the collects are tasks on the job's
     runner, each writing its shard's results. A shard refused for `token_limit_exceeded`
     is cut into smaller shards under the limit the refusal named (or, refused alone, into
     halves), or waits for running batches and goes again; a refusal is never one of its
     rows' attempts. In `suspend` mode the run, rather than waiting, suspends itself until
     the resume-ready deployment finds a batch of it finished. After a cancel, no shard is
-    started: their rows have no result, which the output shows as cancelled."""
+    started: their rows have no result, which the output shows as cancelled. When the
+    next shard does not fit the cost cap with nothing in flight, none is started: why is
+    returned."""
     log = get_run_logger()
     limits = job.limits
     queue: deque[ShardRun] = deque()
@@ -186,12 +195,20 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
             log.warning("the job was cancelled: %d shard(s) of attempt %d are not sent",
                         len(unsent), attempt)
             queue = deque(run for run in queue if run.record.batch_id)  # re-attach to these
-        starting = []
+        starting: list[ShardRun] = []
         while (queue and len(running) + len(starting) < limits.max_shards_in_flight
+               and cap.allows(state, queue[0].record, [run.record for run in starting])
                and budget.take(queue[0].record)):
             starting.append(queue.popleft())
+        capped = bool(queue) and not cap.allows(state, queue[0].record,
+                                                [run.record for run in starting])
+        if capped and not running and not starting:  # what is paid leaves no room for it
+            reason = cap.reached(state, queue[0].record)
+            log.warning("%s; %d shard(s) of attempt %d are not sent", reason, len(queue),
+                        attempt)
+            return reason
         # no room in a shared budget now: room that other runs give back is looked for again
-        waiting_for_tokens = budget.shared and bool(queue) and \
+        waiting_for_tokens = budget.shared and bool(queue) and not capped and \
             len(running) + len(starting) < limits.max_shards_in_flight
         start_shards(client, state, starting, lines, job)
         if waiting_for_tokens:  # the next shard goes up meanwhile: room, when it comes,
@@ -232,6 +249,7 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
                     continue
             to_collect.append((run, batch))
         collect_shards(client, state, to_collect, job, lines, runner)
+    return None
 
 
 def collect_shards(client: BatchAPI, state: RunState, finished: list[tuple[ShardRun, Batch]],
@@ -245,7 +263,7 @@ def collect_shards(client: BatchAPI, state: RunState, finished: list[tuple[Shard
         {"provider": provider, "location": state.location, "batch": batch,
          "record": run.record, "request": job.request} for run, batch in finished])
     for (run, batch), shard in zip(finished, collected, strict=True):
-        state.mark_collected(run.record, shard.rows)
+        state.mark_collected(run.record, shard.written)
         log.info("%s: batch %s is %s; collected %s ok, %s failed", run.record.name,
                  batch.id, batch.status, f"{shard.ok:,}", f"{shard.failed:,}")
         if shard.foreign:

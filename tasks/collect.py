@@ -34,7 +34,7 @@ from enrichflow.tasks.answers import answer_type, read_answers
 from enrichflow.tasks.api import RETRIES
 from enrichflow.tasks.load import ROW
 from enrichflow.tasks.render import CUSTOM_ID
-from enrichflow.tasks.state import ShardRecord, write_results
+from enrichflow.tasks.state import ShardRecord, WrittenResults, write_results
 
 RESULT_FIELDS = [
     (ROW, pa.int64()), ("_custom_id", pa.string()), ("_batch_id", pa.string()),
@@ -90,7 +90,7 @@ class CollectedShard:
 
     ok: int
     failed: int
-    rows: tuple[int, int]  # the first and the last row of its results
+    written: WrittenResults
     foreign: bool = False  # its batch held none of its requests: not ours to clean up
 
 

@@ -360,6 +360,50 @@ class Estimate:
         return self.text()
 
 
+def estimate_error(estimate: Estimate, prompt_tokens: int,
+                   cost_usd: float | None) -> dict[str, Any] | None:
+    """How far a run's estimate was from what its requests were billed (all attempts,
+    the canary's included): for the manifest, and for whoever sets the next cap."""
+    if not estimate.requests:
+        return None
+    error: dict[str, Any] = {"prompt_tokens": {
+        "estimated": estimate.input_tokens, "billed": prompt_tokens,
+        "error": _relative(prompt_tokens, estimate.input_tokens)}}
+    span = estimate.batch_range()
+    if span is not None and cost_usd is not None:
+        likely = estimate.likely()
+        error["cost_usd"] = {"low": span[0], "high": span[1], "likely": likely,
+                             "billed": cost_usd,
+                             "error_vs_likely": None if likely is None
+                             else _relative(cost_usd, likely)}
+    return error
+
+
+def estimate_error_text(error: dict[str, Any]) -> str:
+    """`estimate_error` in words."""
+    tokens = error["prompt_tokens"]
+    words = f"{tokens['billed']:,} prompt tokens billed: " + (
+        f"{_off(tokens['error'])} the estimated {tokens['estimated']:,}"
+        if tokens["error"] is not None else "none were estimated")
+    cost = error.get("cost_usd")
+    if cost:
+        low, high, billed = cost["low"], cost["high"], cost["billed"]
+        where = ("below" if billed < low else
+                 "above" if high is not None and billed > high else "within")
+        words += f"; cost {usd(billed)}: {where} the estimated {_money((low, high))}"
+        if cost["error_vs_likely"] is not None:
+            words += f", {_off(cost['error_vs_likely'])} the likely {usd(cost['likely'])}"
+    return words
+
+
+def _relative(actual: float, estimated: float) -> float | None:
+    return (actual - estimated) / estimated if estimated else None
+
+
+def _off(error: float) -> str:
+    return f"{abs(error):.1%} " + ("above" if error > 0 else "below" if error < 0 else "off")
+
+
 def _duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     if minutes < 1:
@@ -369,7 +413,9 @@ def _duration(seconds: float) -> str:
 
 def _money(span: tuple[float, float | None]) -> str:
     low, high = span
-    return f"{usd(low)} to {usd(high)}" if high is not None else f"{usd(low)} and up"
+    if high is None:
+        return f"{usd(low)} and up"
+    return f"{usd(low)} to {usd(high)}" if high != low else usd(low)
 
 
 def usd(amount: float) -> str:

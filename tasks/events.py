@@ -8,7 +8,8 @@ them to the flow run, its flow and deployment too; the UI's Event Feed shows the
   `cancelled` (batch, shard, request counts);
 - `enrichflow.canary.failed`: the canary stops the job before its batches (rows, failed,
   first error);
-- `enrichflow.cost-cap.reached`: the estimate passes `max_cost_usd`, nothing is sent
+- `enrichflow.cost-cap.reached`: the estimate passes `max_cost_usd`, nothing is sent; or
+  what a run paid leaves no room under it for the next batch, the rest is not sent
   (the message);
 - `enrichflow.run.finished`: the output is written (run, rows by status, cost, cancelled).
 

@@ -50,12 +50,14 @@ def reused_results(reused: pa.Table, request: RequestConfig) -> pa.Table:
 
 
 def merge_part(table: pa.Table, job_tag: str, results: pa.Table, unsent: pa.Table,
-               request: RequestConfig, price: Price | None = None) -> pa.Table:
+               request: RequestConfig, price: Price | None = None,
+               not_sent: str = NOT_SENT) -> pa.Table:
     """The part's rows (`table`, with `_key` and `_row`) with their `results` (all
     attempts and reused answers, `attempt_results_schema` or just its MERGED columns)
     and the rows render did not send (`unsent`: `_row`, `_status`, `_error`). A row sent
-    without a result is one a cancel kept from being sent. `_cost_usd` is at batch
-    prices (a synchronous canary's rows at synchronous ones), null if unknown."""
+    without a result is one a cancel or the cost cap kept from being sent (`not_sent`
+    says which). `_cost_usd` is at batch prices (a synchronous canary's rows at
+    synchronous ones), null if unknown."""
     count, first = table.num_rows, (table[ROW][0].as_py() if table.num_rows else 0)
     ordered = results.sort_by([(ROW, "ascending"), (ATTEMPT, "ascending")])
     rows = ordered[ROW].to_numpy()
@@ -85,7 +87,7 @@ def merge_part(table: pa.Table, job_tag: str, results: pa.Table, unsent: pa.Tabl
     meta = {
         "_status": pc.if_else(ok, "ok", pc.coalesce(unsent["_status"], "failed")),
         "_error": pc.if_else(sent, pc.if_else(ok, no_text, pc.coalesce(final["_error"],
-                                                                        NOT_SENT)),
+                                                                        not_sent)),
                              unsent["_error"]),
         "_attempts": pc.if_else(reused, 0, pc.fill_null(attempts, 0)),
         "_reused": reused,

@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from enrichflow.config import Job
-from enrichflow.errors import CostLimitError
 from enrichflow.local_prefect import on_a_shared_server
 from enrichflow.provider import provider_kind
 from enrichflow.storage import Location
@@ -33,7 +32,6 @@ from enrichflow.tasks.estimate import (
     default_token_budget,
     price_for,
     request_tokens,
-    usd,
 )
 from enrichflow.tasks.load import (
     KEY,
@@ -221,26 +219,6 @@ def unfinished_batches(state: RunState) -> list[str]:
     of an earlier run reused for free."""
     return [state.sync_canary_batch,
             *(record.batch_id for record in state.shards if record.batch_id)]
-
-
-def check_cost_cap(estimate: Estimate, max_cost_usd: float | None) -> None:
-    """Refuse, before anything is uploaded, a job that may cost more than its cap. The
-    message is one line; the figures behind it are the estimate the run logged just
-    before (and `enrichflow estimate` prints)."""
-    if max_cost_usd is None or estimate.requests == 0:
-        return
-    span = estimate.batch_range()
-    if span is None:
-        raise CostLimitError(f"max_cost_usd is set but the price of {estimate.model} is "
-                             "unknown; set `price` in the job file")
-    if span[1] is None:
-        raise CostLimitError("max_cost_usd is set but the output has no ceiling; set "
-                             "request.max_tokens so the cost is bounded")
-    if span[1] > max_cost_usd:
-        raise CostLimitError(f"this job may cost up to {usd(span[1])} ({estimate.requests:,} "
-                             f"requests), more than max_cost_usd {usd(max_cost_usd)}; nothing "
-                             "was uploaded. Lower dataset.limit or max_tokens, or raise the "
-                             "cap (enrichflow estimate shows the figures)")
 
 
 scan_rows_task = as_task(scan_rows, "scan rows")

@@ -33,7 +33,7 @@ from enrichflow.provider import answered_by, cost_text
 from enrichflow.tasks import watch
 from enrichflow.tasks.answers import answer_columns
 from enrichflow.tasks.canary import CanaryOutcome
-from enrichflow.tasks.estimate import Estimate
+from enrichflow.tasks.estimate import Estimate, estimate_error_text
 from enrichflow.tasks.load import KEY
 
 TABLE_ROWS = 20
@@ -96,7 +96,11 @@ def publish_results(manifest: dict[str, Any], first: pa.Table, job: Job) -> None
     rows = "\n".join(f"| {status} | {count:,} |"
                      for status, count in manifest["rows_by_status"].items())
     title = f"{name}: {manifest['rows']:,} rows enriched"
-    summary = f"""# {title}{' (the job was cancelled)' if manifest['cancelled'] else ''}
+    error = manifest["estimate_error"]
+    estimated = f"- estimate against the bill: {estimate_error_text(error)}\n" if error else ""
+    stopped = (" (the job was cancelled)" if manifest["cancelled"] else
+               " (stopped at max_cost_usd)" if manifest["cost_cap_reached"] else "")
+    summary = f"""# {title}{stopped}
 
 | status | rows |
 | --- | --- |
@@ -106,7 +110,7 @@ def publish_results(manifest: dict[str, Any], first: pa.Table, job: Job) -> None
 - attempts: {manifest['attempts']}, batches: {sum(1 for s in manifest['shards'] if s['batch_id'])}
 - tokens: {manifest['tokens']['prompt']:,} prompt, {manifest['tokens']['completion']:,} completion
 - cost at batch prices: {cost_text(manifest['cost_usd'], manifest['provider'])}
-- model: {manifest['model']}, answered by {answered_by(manifest['provider'])}
+{estimated}- model: {manifest['model']}, answered by {answered_by(manifest['provider'])}
 - from {started} to {finished}
 - output: `{shown(manifest['output'])}`
 """

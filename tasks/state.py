@@ -64,6 +64,8 @@ class ShardRecord:
     tokens_lease: str | None = None  # the Prefect lease holding them (`tasks.ledger`)
     first_row: int | None = None  # collected: the dataset rows its results are of, from...
     last_row: int | None = None  # ...to (both included)
+    prompt_tokens: int = 0  # collected: the tokens its results were billed (usage), what
+    completion_tokens: int = 0  # the run has paid (`tasks.spend`)
 
     @property
     def canary(self) -> bool:
@@ -90,13 +92,25 @@ class ShardRecord:
         return f"{RESULTS_DIR}/attempt-{self.attempt}-shard-{self.shard}-requests.parquet"
 
 
+@dataclass(frozen=True)
+class WrittenResults:
+    """What the journal keeps of a shard's written results."""
+
+    first_row: int
+    last_row: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
 def write_results(location: Location, record: ShardRecord, results: pa.Table
-                  ) -> tuple[int, int]:
-    """Write a shard's results where its journal entry says; (its first row, its last)."""
+                  ) -> WrittenResults:
+    """Write a shard's results where its journal entry says."""
     attempt = pa.array([record.attempt] * results.num_rows, pa.int64())
     location.write_parquet(record.results_name, results.append_column(ATTEMPT, attempt))
     span = pc.min_max(results[ROW]).as_py()
-    return span["min"], span["max"]
+    return WrittenResults(span["min"], span["max"],
+                          pc.sum(results["_prompt_tokens"]).as_py() or 0,
+                          pc.sum(results["_completion_tokens"]).as_py() or 0)
 
 
 @dataclass
@@ -273,13 +287,15 @@ class RunState:
     def save_results(self, record: ShardRecord, results: pa.Table) -> None:
         self.mark_collected(record, write_results(self.location, record, results))
 
-    def mark_collected(self, record: ShardRecord, rows: tuple[int, int]) -> None:
-        """Journal a shard's results, written (to `record.results_name`) for its `rows`,
-        the first and the last: its final record goes beside them, then `run.json` drops
-        it (a kill between the two leaves both, and `load` takes the final one)."""
+    def mark_collected(self, record: ShardRecord, written: WrittenResults) -> None:
+        """Journal a shard's results, `written` to `record.results_name`: its final record
+        goes beside them, then `run.json` drops it (a kill between the two leaves both,
+        and `load` takes the final one)."""
         with self._lock:
             self._check_lease()
-            record.status, record.first_row, record.last_row = "collected", rows[0], rows[1]
+            record.status = "collected"
+            for name, value in asdict(written).items():
+                setattr(record, name, value)
             self.location.write_json(record.record_name, asdict(record))
             self.save()
 

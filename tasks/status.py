@@ -46,10 +46,12 @@ class Status:
 def complete_manifest(location: Location, job_key: str,
                       manifest: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The manifest at `location` (`manifest`, if already read) when the output is
-    complete for `job_key` (not cancelled: the rest of a cancelled run is still to send);
+    complete for `job_key` (not cancelled or stopped at the cost cap: the rest of such a
+    run is still to send);
     its run's journal is ended too, if a kill after the manifest left it open."""
     done = manifest or read_manifest(location)
-    if not done or done.get("job_key") != job_key or done.get("cancelled"):
+    if not done or done.get("job_key") != job_key or done.get("cancelled") \
+            or done.get("cost_cap_reached"):
         return None
     RunState.finish_run(location, done["run_id"])
     return done

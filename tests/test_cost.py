@@ -20,9 +20,16 @@ from enrichflow.errors import CostLimitError
 from enrichflow.flows.enrich import enrich
 from enrichflow.storage import Location
 from enrichflow.tasks.cache import CACHED, DEFAULT_FILE, HASH, AnswerCache
-from enrichflow.tasks.estimate import chat_prompt_tokens, image_tokens, price_for, price_table
+from enrichflow.tasks.estimate import (
+    Estimate,
+    chat_prompt_tokens,
+    image_tokens,
+    price_for,
+    price_table,
+)
 from enrichflow.tasks.prepare import prepare_job
-from enrichflow.tasks.state import RunState
+from enrichflow.tasks.spend import NOT_SENT_FOR_THE_CAP, CostCap
+from enrichflow.tasks.state import RunState, ShardRecord
 from localbatch import Simulation
 
 # Hand count: 3 to prime the reply, then per message 3 + its role + its content, with
@@ -130,6 +137,62 @@ def test_the_cap_stops_a_run_before_any_upload(prefect_api, start_localbatch, tm
         enrich(str(path), base_url=server.base_url)
     client = sdk_client(server.base_url)
     assert client.files.list().data == [] and client.batches.list().data == []
+
+
+def test_a_run_billed_more_than_its_estimate_stops_sending_at_the_cap(
+        prefect_api, start_localbatch, tmp_path):
+    """The local server counts a token for every 4 characters, where OpenAI's tokenizer
+    reads ' information' as one token: the prompts are billed ~1.5 times the estimate, as
+    with a provider whose tokenizer is not OpenAI's. Once what is paid leaves no room for
+    the next shard, none is sent; the rows answered are written; a higher cap sends the
+    rest, reusing those answered."""
+    server = start_localbatch()
+    rows = generated_movies(12).assign(Overview=" ".join(["information"] * 60))
+    path = job_file(tmp_path, rows, price={"input": 100.0, "output": 0.0},
+                    **{"limits.max_requests_per_shard": 2, "limits.max_shards_in_flight": 1})
+    estimate = prepare_job(load_job(path)).estimate
+    cap = estimate.batch_range()[1] * 1.5
+    path = job_file(tmp_path, rows, price={"input": 100.0, "output": 0.0}, max_cost_usd=cap,
+                    **{"limits.max_requests_per_shard": 2, "limits.max_shards_in_flight": 1})
+    with pytest.raises(CostLimitError, match=r"max_cost_usd \$.* reached: \$.* paid, the next "
+                                             r"shard \(2 rows\) may cost up to .*; the rows "
+                                             r"answered are written"):
+        enrich(str(path), base_url=server.base_url)
+
+    data = pd.read_parquet(tmp_path / "out")
+    sent = data["_status"] == "ok"
+    assert 0 < sent.sum() < 12 and sent.sum() % 2 == 0, data["_status"].tolist()
+    assert (data.loc[~sent, "_error"] == NOT_SENT_FOR_THE_CAP).all()
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["cost_cap_reached"].startswith("max_cost_usd")
+    assert manifest["estimate_error"]["prompt_tokens"]["error"] > 0.4
+    batches = len(sdk_client(server.base_url).batches.list().data)
+    assert batches == sent.sum() // 2
+
+    again = job_file(tmp_path, rows, price={"input": 100.0, "output": 0.0}, max_cost_usd=cap * 3,
+                     **{"limits.max_requests_per_shard": 2, "limits.max_shards_in_flight": 1})
+    rest = enrich(str(again), base_url=server.base_url)
+    assert rest["rows_by_status"] == {"ok": 12} and rest["rows_reused"] == sent.sum()
+    assert rest["cost_cap_reached"] is None
+
+
+def test_a_resumed_run_s_cap_counts_what_it_paid_and_has_in_flight():
+    price = price_for("gpt-4o-mini", PriceOverride(input=1_000_000, output=1_000_000))
+    cap = CostCap(limit=10.0, price=price, output_ceiling=1)  # $0.5 a token at batch prices
+    paid = ShardRecord(1, 0, 2, 0, "", batch_id="b0", status="collected", prompt_tokens=6,
+                       completion_tokens=2)  # $4
+    flying = ShardRecord(1, 1, 2, 0, "", batch_id="b1", status="submitted", tokens=4)  # $3
+    state = RunState("job", "config", "data", shards=[paid, flying])
+    assert (cap.paid(state), cap.in_flight(state)) == (4.0, 3.0)
+    following = ShardRecord(1, 2, 2, 0, "", tokens=5)
+    assert not cap.allows(state, following), "$4 paid + $3 in flight + $3.5 > $10"
+    assert cap.allows(state, flying), "a batch created already is watched on"
+    left = Estimate(model="gpt-4o-mini", rows=6, not_sent=0, reused=0, requests=2, shards=1,
+                    input_tokens=5, output_ceiling=2, price=price)
+    with pytest.raises(CostLimitError, match=r"may cost up to \$10\.5000 \(\$7\.0000 paid or "
+                                             r"in flight for the run this one resumes"):
+        cap.check(left, state)
+    cap.check(left, None)  # $3.5 alone fits
 
 
 def test_a_rerun_pays_only_for_new_or_changed_requests(prefect_api, start_localbatch, tmp_path):

@@ -4,7 +4,7 @@ write as a run goes on, and what a resumed run reads back."""
 from __future__ import annotations
 
 from enrichflow.storage import Location
-from enrichflow.tasks.state import STATE_FILE, RunState, ShardRecord
+from enrichflow.tasks.state import STATE_FILE, RunState, ShardRecord, WrittenResults
 
 
 def journal_bytes(location: Location) -> int:
@@ -25,7 +25,7 @@ def test_a_journal_write_costs_the_same_at_the_first_shard_and_the_hundredth(loc
     for shard in range(100):
         record = started(state, shard)
         sizes.append(journal_bytes(location))  # one shard in flight
-        state.mark_collected(record, (shard * 10, shard * 10 + 9))
+        state.mark_collected(record, WrittenResults(shard * 10, shard * 10 + 9, 0, 0))
     # one shard's record is ~400 bytes; the last in flight differ by their numbers' digits
     assert max(sizes) - min(sizes) < 10, "run.json grows with the shards collected"
 
@@ -38,7 +38,7 @@ def test_a_kill_between_a_final_record_and_the_journal_leaves_the_shard_collecte
     state, _ = RunState.open(location, "job", "config", "data", {"kind": "local"}, force=False)
     record = started(state, 0)
     before = location.read_json(STATE_FILE)  # shard 0 submitted
-    state.mark_collected(record, (0, 9))
+    state.mark_collected(record, WrittenResults(0, 9, 0, 0))
     location.write_json(STATE_FILE, before)  # as a kill left it: the final record written,
     # run.json not yet
 
