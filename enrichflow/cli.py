@@ -205,9 +205,9 @@ def _committed() -> int:
               "runs hold in the providers' queues; give an output (`enrichflow status "
               "OUTPUT`) or set PREFECT_API_URL", file=sys.stderr)
         return 2
-    from enrichflow.tasks.ledger import committed
+    from enrichflow.tasks.ledger import committed_lines
 
-    lines = committed()
+    lines = committed_lines()
     print("\n".join(lines) if lines else "no run holds enqueued tokens on this Prefect server")
     return 0
 

@@ -39,6 +39,7 @@ from enrichflow.local_prefect import on_a_shared_server
 from enrichflow.provider import azure_base_url, provider_kind
 from enrichflow.tasks.budget import MARGIN, TokenBudget
 from enrichflow.tasks.estimate import price_for, usd
+from enrichflow.tasks.report import publish_committed
 
 if TYPE_CHECKING:
     from openai.types import Batch
@@ -114,19 +115,29 @@ def turnaround(name: str) -> tuple[float, int] | None:
     return (statistics.median(kept), len(kept)) if kept else None
 
 
-def committed() -> list[str]:
-    """What the organisation has in its providers' queues, a line per ledger: the
+def committed() -> list[dict[str, str]]:
+    """What the organisation has in its providers' queues, a row per ledger: the
     tokens held of the limit, and what their prompts cost at batch prices."""
-    lines = []
+    rows = []
     for ledger in _ledgers():
         tokens = int(ledger.active_slots * (1 - MARGIN))  # what the shards estimated
         price = price_for(ledger.name.rsplit(" ", 1)[-1], None)
-        cost = f", their prompts {usd(price.batch_cost(tokens, 0))} at batch prices" \
-            if price else ""
-        lines.append(f"{ledger.name.removeprefix(PREFIX)}: {tokens:,} prompt tokens in "
-                     f"unfinished batches, of a limit of {ledger.limit:,} "
-                     f"({ledger.active_slots / ledger.limit:.0%} held){cost}")
-    return lines
+        rows.append({"ledger": ledger.name.removeprefix(PREFIX),
+                     "prompt tokens in unfinished batches": f"{tokens:,}",
+                     "limit": f"{ledger.limit:,}",
+                     "held": f"{ledger.active_slots / ledger.limit:.0%}",
+                     "their prompts at batch prices":
+                         usd(price.batch_cost(tokens, 0)) if price else "unknown"})
+    return rows
+
+
+def committed_lines() -> list[str]:
+    """`committed` as `enrichflow status` says it, a line per ledger."""
+    return [f"{row['ledger']}: {row['prompt tokens in unfinished batches']} prompt tokens in "
+            f"unfinished batches, of a limit of {row['limit']} ({row['held']} held)" +
+            (f", their prompts {cost} at batch prices"
+             if (cost := row["their prompts at batch prices"]) != "unknown" else "")
+            for row in committed()]
 
 
 def slots_of(tokens: int) -> int:
@@ -185,6 +196,7 @@ class SharedTokenBudget(TokenBudget):
             self.keeper.hold(lease)
         if record.tokens_lease != lease:
             self.state.update(record, tokens_lease=lease)
+            publish_committed(committed())
         self.waiting = False
         return True
 
@@ -194,6 +206,7 @@ class SharedTokenBudget(TokenBudget):
             self.keeper.drop(record.tokens_lease)
             release_leases([record])
             record.tokens_lease = None  # journaled with the shard's next change
+            publish_committed(committed())
         if batch.status == "completed" and batch.completed_at:
             record_turnaround(self.name, batch.completed_at - batch.created_at)
 

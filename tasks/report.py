@@ -121,6 +121,15 @@ def publish_results(manifest: dict[str, Any], first: pa.Table, job: Job) -> None
     publish_output(name, manifest["output"], job.storage_options)
 
 
+def publish_committed(ledgers: list[dict[str, str]]) -> None:
+    """What every run on this Prefect server has in its providers' queues
+    (`ledger.committed`), one artifact whose versions follow the takes and releases."""
+    create_table_artifact(ledgers, key="enrichflow-enqueued-tokens",
+                          description="Prompt tokens in unfinished batches and their cost at "
+                                      "batch prices, per provider account and model, for "
+                                      "every run on this Prefect server")
+
+
 def first_rows(first: pa.Table, job: Job) -> list[dict[str, Any]]:
     """The output's first rows led by what a reader looks for: the key, the status and
     error, the cost (before a long answer pushes them off the screen), the answer; the

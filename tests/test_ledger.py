@@ -4,9 +4,11 @@ server share the provider's limit through a global concurrency limit, as users r
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
+import httpx
 import pandas as pd
 from conftest import (
     ENRICHFLOW,
@@ -96,11 +98,24 @@ def test_a_cancelled_run_gives_its_tokens_back(prefect_api, start_localbatch, tm
         assert f"local 127.0.0.1:{server.port} gpt-4o-mini: {int(tokens * 0.9):,} prompt " \
                "tokens in unfinished batches, of a limit of 100,000" in said, said
         assert "at batch prices" in said
+        row = committed_artifact(prefect_api, name)
+        assert row["prompt tokens in unfinished batches"] == f"{int(tokens * 0.9):,}", row
         cancel = start_job([ENRICHFLOW, "cancel", str(tmp_path / "out")], prefect_api,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert cancel.wait(120) == 0, cancel.stdout.read()
         assert ledger_tokens(prefect_api, name)[0] == 0, f"{tokens} tokens given back at the cancel"
         run.wait(120)
+        row = committed_artifact(prefect_api, name)
+        assert row["prompt tokens in unfinished batches"] == "0", "the artifact follows"
     finally:
         run.kill()
+
+
+def committed_artifact(prefect_api: str, name: str) -> dict[str, str]:
+    """The ledger `name`'s row in the latest version of the organisation's artifact."""
+    found = httpx.post(f"{prefect_api}/artifacts/filter", timeout=60, json={
+        "artifacts": {"key": {"any_": ["enrichflow-enqueued-tokens"]}},
+        "sort": "CREATED_DESC", "limit": 1}).json()
+    rows = json.loads(found[0]["data"])
+    return next(row for row in rows if f"enqueued-tokens {row['ledger']}" == name)
 
