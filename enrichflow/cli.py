@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from enrichflow.provider import answered_by, cost_text
     from enrichflow.tasks.answers import EMBEDDING_COLUMN, answer_columns
-    from enrichflow.tasks.estimate import estimate_error_text, usd
+    from enrichflow.tasks.estimate import deadline_text, estimate_error_text, usd
     from enrichflow.tasks.write import part_name
 
     if not manifest:
@@ -95,6 +95,8 @@ def _run(args: argparse.Namespace) -> int:
           f"{cost_text(manifest['cost_usd'], manifest['provider'])}")
     if manifest.get("estimate_error"):  # manifests from before it was recorded
         print(f"estimate: {estimate_error_text(manifest['estimate_error'])}")
+    if manifest.get("deadline"):
+        print(f"deadline: {deadline_text(manifest['deadline'])}")
     print(f"answered by: {answered_by(manifest['provider'])}")
     cancelled = manifest.get("cancelled")  # manifests from before cancels were recorded
     if cancelled:

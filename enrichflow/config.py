@@ -19,7 +19,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from enrichflow.errors import ConfigError
 from localbatch.engines import EMBEDDING_DIMENSIONS, FIXED_DIMENSIONS
@@ -305,6 +313,10 @@ class LimitsConfig(_Strict):
         default=None, gt=0, description="Prompt tokens in unfinished batches at most; default: "
                                         "against OpenAI, its tier-1 limit for known models; "
                                         "against other servers, none.")
+    deadline_lead_seconds: float = Field(
+        default=3600, gt=0, description="With a deadline: this long before it (or before a "
+                                        "batch's 24-hour window ends), the rows not answered "
+                                        "yet go through the synchronous API.")
 
     @model_validator(mode="after")
     def _ordered(self) -> LimitsConfig:
@@ -363,6 +375,12 @@ class Job(_Strict):
     provider: ProviderConfig = Field(default_factory=ProviderConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     price: PriceOverride | None = None
+    deadline: AwareDatetime | None = Field(
+        default=None, description="When the rows are needed, with its time zone "
+                                  "(2026-12-04T07:00:00Z). Batches unfinished "
+                                  "limits.deadline_lead_seconds before it are cancelled and "
+                                  "their unanswered rows answered through the synchronous API "
+                                  "(flex where the model offers it). Off when absent.")
     max_cost_usd: float | None = Field(
         default=None, gt=0, description="Stop before uploading if the estimate may pass "
                                         "this, and stop sending once the bill leaves no room.")

@@ -347,7 +347,12 @@ def check_failed_share(manifest: dict[str, Any], first_error: str | None,
 
 
 def check_can_suspend(job: Job) -> None:
-    """A suspended run has no process: its batches must live on a server that stays up."""
+    """A suspended run has no process: its batches must live on a server that stays up,
+    and nothing would act on a deadline while it is suspended."""
+    if job.deadline is not None:
+        raise ConfigError("wait_mode suspend cannot keep a deadline (a suspended run has no "
+                          "process to act when it nears): use wait_mode poll, or remove "
+                          "`deadline` from the job")
     if provider_kind(job.provider) == "local" and not job.provider.base_url:
         raise ConfigError("wait_mode suspend needs a Batch API that outlives the run: "
                           "OpenAI, or a running `enrichflow serve` given as base_url; the "
@@ -401,6 +406,9 @@ def build_manifest(job: Job, state: RunState, prepared: Prepared, written: Writt
         "estimate": dict(prepared.estimate.lines()),
         "estimate_error": estimate_error(prepared.estimate, written.prompt_tokens,
                                          written.cost_usd if prepared.price else None),
+        "deadline": None if job.deadline is None else {
+            "at": job.deadline.isoformat(timespec="seconds"), "rows_sent_now": written.sent_now,
+            "cost_usd": written.cost_now_usd if prepared.price else None},
         "started_at": _iso(state.started_at),
         "finished_at": _iso(datetime.now(UTC).timestamp()),
         "shards": [asdict(s) for s in state.shards],

@@ -29,7 +29,7 @@ from enrichflow.tasks.merge import (
 from enrichflow.tasks.prepare import Prepared
 from enrichflow.tasks.render import render_requests
 from enrichflow.tasks.report import TABLE_ROWS
-from enrichflow.tasks.state import ATTEMPT, RunState
+from enrichflow.tasks.state import ATTEMPT, FLEX_BATCH, NOW_BATCH, RunState
 from enrichflow.tasks.write import PART_ROWS, write_part
 
 
@@ -43,6 +43,8 @@ class Written:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    sent_now: int = 0  # rows a deadline sent through the synchronous API
+    cost_now_usd: float = 0.0  # what they cost (in `cost_usd` too)
     first_error: str | None = None  # of the first failed row
     first_rows: pa.Table | None = None  # the first TABLE_ROWS rows
 
@@ -54,6 +56,10 @@ class Written:
         self.prompt_tokens += pc.sum(part["_prompt_tokens"]).as_py() or 0
         self.completion_tokens += pc.sum(part["_completion_tokens"]).as_py() or 0
         self.cost_usd += pc.sum(part["_cost_usd"]).as_py() or 0.0
+        now = pc.fill_null(pc.or_(*(pc.starts_with(part["_batch_id"], f"{prefix}-")
+                                    for prefix in (NOW_BATCH, FLEX_BATCH))), False)
+        self.sent_now += pc.sum(now).as_py() or 0
+        self.cost_now_usd += pc.sum(part["_cost_usd"].filter(now)).as_py() or 0.0
         if self.first_error is None:
             failed = part.filter(pc.equal(part["_status"], "failed"))
             self.first_error = failed["_error"][0].as_py() if failed.num_rows else None

@@ -17,7 +17,7 @@ import hashlib
 import time
 from collections import deque
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NoReturn
 from uuid import UUID
 
@@ -31,10 +31,13 @@ from prefect.futures import PrefectFuture
 
 from enrichflow.config import Job, LimitsConfig
 from enrichflow.errors import InputError
-from enrichflow.provider import as_reached
+from enrichflow.provider import as_reached, provider_kind
 from enrichflow.providers import BatchAPI
+from enrichflow.tasks import watch
+from enrichflow.tasks.answer_now import answer_now
 from enrichflow.tasks.budget import TokenBudget
 from enrichflow.tasks.collect import collect_shard_task
+from enrichflow.tasks.estimate import duration, offers_flex
 from enrichflow.tasks.events import emit
 from enrichflow.tasks.ledger import ledger_of, open_token_budget
 from enrichflow.tasks.load import KEY, ROW, RowReader
@@ -44,7 +47,7 @@ from enrichflow.tasks.render import CUSTOM_ID, custom_ids, render_requests
 from enrichflow.tasks.report import start_progress
 from enrichflow.tasks.runner import Runner
 from enrichflow.tasks.spend import CostCap
-from enrichflow.tasks.state import RunState, ShardRecord
+from enrichflow.tasks.state import FLEX_BATCH, NOW_BATCH, RunState, ShardRecord
 from enrichflow.tasks.submit import (
     clean_up_task,
     create_batch_task,
@@ -63,14 +66,25 @@ from enrichflow.tasks.wait import (
 WaitMode = Literal["poll", "suspend"]
 UPLOADS_AT_ONCE = 2  # a shard's lines are held from its render until its upload is done
 SUSPEND_MARGIN_SECONDS = 3600  # resume-ready resumes a run past max_wait_hours before this
+NOW_ROWS = 100  # rows a deadline answers now between two journal writes
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """Why an attempt stopped sending shards before each had its batch."""
+
+    by: Literal["cost cap", "deadline"]
+    why: str
 
 
 def run_attempts(client: BatchAPI, state: RunState, prepared: Prepared, job: Job,
                  runner: Runner, wait_mode: WaitMode, cap: CostCap) -> str | None:
     """Send the rows, then again the ones worth retrying; their results are journaled.
-    Why the cost cap stopped the sending, if it did."""
+    Once the deadline nears, the rows not answered yet are answered now instead. Why the
+    cost cap stopped the sending, if it did."""
     log = get_run_logger()
     limits = job.limits
+    cutoff = deadline_cutoff(job)
     ledger = ledger_of(job.provider, job.request.model, str(client.base_url))
     budget = open_token_budget(ledger, state.token_limit or prepared.token_budget,
                                limits.enqueued_token_budget, state)
@@ -90,10 +104,13 @@ def run_attempts(client: BatchAPI, state: RunState, prepared: Prepared, job: Job
                                  state.plan_limit(attempt, budget.plan_limit))
             log.info("attempt %d: %s rows in %d shard(s)", attempt, f"{sending.num_rows:,}",
                      len(shards))
-            cap_reached = run_shards(client, state, attempt, sending, shards, budget, cap, job,
-                                     wait_mode, progress, lines, runner)
-            if cap_reached:
-                return cap_reached
+            stopped = run_shards(client, state, attempt, sending, shards, budget, cap, job,
+                                 wait_mode, progress, lines, runner, cutoff)
+            if stopped and stopped.by == "cost cap":
+                return stopped.why
+            if stopped:
+                return answer_rows_now(client, state, attempt + 1,
+                                       unanswered(state, attempt, sending), job, lines, cap)
             outcome = state.attempt_outcome(attempt)
             retry = outcome.filter(pc.and_(pc.invert(outcome["_ok"]), outcome["_retryable"]))
             ok = pc.sum(outcome["_ok"]).as_py() or 0
@@ -168,8 +185,8 @@ class ShardRun:
 
 def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Table,
                shards: list[Shard], budget: TokenBudget, cap: CostCap, job: Job,
-               wait_mode: WaitMode, progress: UUID, lines: ShardLines,
-               runner: Runner) -> str | None:
+               wait_mode: WaitMode, progress: UUID, lines: ShardLines, runner: Runner,
+               cutoff: float | None = None) -> Stopped | None:
     """Run one attempt's shards, starting each only when it fits the cost cap, the
     enqueued-token budget (on a Prefect server, the organisation's: room that other runs
     give back is looked for at each poll) and fewer than `max_shards_in_flight` run, and
@@ -181,7 +198,9 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
     rows' attempts. In `suspend` mode the run, rather than waiting, suspends itself until
     the resume-ready deployment finds a batch of it finished. After a cancel, no shard is
     started: their rows have no result, which the output shows as cancelled. When the
-    next shard does not fit the cost cap with nothing in flight, none is started: why is
+    next shard does not fit the cost cap with nothing in flight, none is started. At the
+    deadline's `cutoff` (or a batch's window's), no shard is started and the batches
+    running are cancelled and collected (their answers are kept). Either way, why is
     returned."""
     log = get_run_logger()
     limits = job.limits
@@ -189,7 +208,13 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
     for shard in shards:
         queue.extend(_still_to_run(state, attempt, pending, shard))
     running: dict[str, ShardRun] = {}  # by batch id
+    windows: dict[str, float] = {}  # by batch id: when its window ends, less the lead
+    cut = False
     while queue or running:
+        if cutoff is not None and not cut and \
+                time.time() >= min([cutoff, *windows.values()]):
+            cut = True
+            take_out_of_batches(client, job, queue, running, budget)
         if any(not run.record.batch_id for run in queue) and state.cancel_requested():
             unsent = [run for run in queue if not run.record.batch_id]
             log.warning("the job was cancelled: %d shard(s) of attempt %d are not sent",
@@ -206,7 +231,7 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
             reason = cap.reached(state, queue[0].record)
             log.warning("%s; %d shard(s) of attempt %d are not sent", reason, len(queue),
                         attempt)
-            return reason
+            return Stopped("cost cap", reason)
         # no room in a shared budget now: room that other runs give back is looked for again
         waiting_for_tokens = budget.shared and bool(queue) and not capped and \
             len(running) + len(starting) < limits.max_shards_in_flight
@@ -221,11 +246,16 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
         if wait_mode == "suspend":
             batches = look_at_batches_task(client, list(running))
         else:
+            report = limits.poll_interval_max if waiting_for_tokens else REPORT_SECONDS
+            if cutoff is not None and not cut:  # back in time to act on the deadline
+                report = max(limits.poll_interval_min,
+                             min(report, min([cutoff, *windows.values()]) - time.time()))
             batches = wait_for_batches_task(
                 client, list(running), limits.poll_interval_min, limits.poll_interval_max,
-                limits.max_wait_hours,
-                limits.poll_interval_max if waiting_for_tokens else REPORT_SECONDS)
+                limits.max_wait_hours, report)
         for batch in batches:
+            if batch.expires_at:
+                windows[batch.id] = batch.expires_at - limits.deadline_lead_seconds
             counts = batch.request_counts
             state.update(running[batch.id].record, batch_status=client.state_name(batch.status),
                          request_counts=counts.model_dump() if counts else None)
@@ -237,6 +267,7 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
         to_collect: list[tuple[ShardRun, Batch]] = []
         for batch in finished:
             run = running.pop(batch.id)
+            windows.pop(batch.id, None)
             emit(f"batch.{batch.status}", job.name, state.location.uri, batch=batch.id,
                  shard=run.record.name, request_counts=run.record.request_counts)
             budget.release(run.record, batch)
@@ -249,6 +280,71 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
                     continue
             to_collect.append((run, batch))
         collect_shards(client, state, to_collect, job, lines, runner)
+    return Stopped("deadline", "the deadline nears") if cut else None
+
+
+def deadline_cutoff(job: Job) -> float | None:
+    """When the rows not answered yet go through the synchronous API: the job's deadline
+    less its lead; None without a deadline."""
+    if job.deadline is None:
+        return None
+    return job.deadline.timestamp() - job.limits.deadline_lead_seconds
+
+
+def take_out_of_batches(client: BatchAPI, job: Job, queue: deque[ShardRun],
+                        running: dict[str, ShardRun], budget: TokenBudget) -> None:
+    """At the deadline's cutoff: cancel the batches running (a re-attached one too),
+    whose answers so far are collected as they end, and start no other shard."""
+    for run in [run for run in queue if run.record.batch_id]:
+        budget.take(run.record)  # a batch created already always goes on
+        running[run.record.batch_id] = run
+    unsent = sum(1 for run in queue if not run.record.batch_id)
+    queue.clear()
+    for batch_id in running:
+        client.cancel(batch_id)
+    get_run_logger().warning(
+        "the deadline %s is less than %s away: %d batch(es) cancelled (the answers they "
+        "have are kept), %d shard(s) not sent; the rows not answered go through the "
+        "synchronous API", job.deadline.isoformat(timespec="seconds"),
+        duration(job.limits.deadline_lead_seconds), len(running), unsent)
+
+
+def unanswered(state: RunState, attempt: int, sending: pa.Table) -> pa.Table:
+    """The requests of `sending` without an answer or a final failure in the attempt or
+    in the answers the deadline got (the next attempt, by a run resumed after it)."""
+    outcome = pa.concat_tables([state.attempt_outcome(attempt),
+                                state.attempt_outcome(attempt + 1)])
+    settled = outcome.filter(pc.or_(outcome["_ok"], pc.invert(outcome["_retryable"])))
+    return sending.filter(pc.invert(pc.is_in(sending[ROW], value_set=settled[ROW])))
+
+
+def answer_rows_now(client: BatchAPI, state: RunState, attempt: int, requests: pa.Table,
+                    job: Job, lines: ShardLines, cap: CostCap) -> str | None:
+    """The rows a deadline took out of their batches, answered through the synchronous
+    API: OpenAI's flex tier where the model offers it (at batch prices), else the
+    standard one; NOW_ROWS at a time, each journaled as a shard of `attempt`, within
+    the cost cap. Why the cost cap stopped them, if it did."""
+    if not requests.num_rows:
+        return None
+    log = get_run_logger()
+    flex = provider_kind(job.provider) in ("openai", "local") and offers_flex(job.request.model)
+    tier, prefix = ("flex", FLEX_BATCH) if flex else (None, NOW_BATCH)
+    log.warning("%s row(s) not answered go through the synchronous API, %s",
+                f"{requests.num_rows:,}", "in OpenAI's flex tier at batch prices" if flex
+                else "at synchronous prices")
+    for shard in plan_shards(requests, NOW_ROWS, job.limits.max_bytes_per_shard, None):
+        run = ShardRun.of(state, attempt, requests, replace(shard,
+                                                            index=state.next_shard(attempt)))
+        if not cap.allows(state, run.record, sync=not flex):
+            reason = cap.reached(state, run.record, sync=not flex)
+            log.warning("%s; the rows left are not answered", reason)
+            return reason
+        run.record.batch_id = f"{prefix}-{state.run_id}-{run.record.shard}"
+        results = answer_now(client, lines.requests(run.rows), job.request,
+                             run.record.batch_id, tier)
+        state.save_results(run.record, results)
+        watch.answered(results.num_rows)
+    log.info("%s row(s) answered through the synchronous API", f"{requests.num_rows:,}")
     return None
 
 

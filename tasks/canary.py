@@ -13,11 +13,7 @@ deleted only once its answers are journaled (`delete_canary_files`), as a shard'
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -31,15 +27,15 @@ from enrichflow.provider import open_client
 from enrichflow.providers import BatchAPI, Intent
 from enrichflow.storage import Location
 from enrichflow.tasks import as_task
-from enrichflow.tasks.collect import collect_results, read_result_lines, results_of_lines
+from enrichflow.tasks.answer_now import answer_now
+from enrichflow.tasks.collect import collect_results
 from enrichflow.tasks.load import KEY, ROW, RowReader
 from enrichflow.tasks.plan import jsonl
 from enrichflow.tasks.prepare import Prepared
-from enrichflow.tasks.render import CUSTOM_ID, LINE, render_requests
+from enrichflow.tasks.render import CUSTOM_ID, render_requests
 from enrichflow.tasks.submit import create_batch
 from enrichflow.tasks.wait import TERMINAL, wait_for_batches
 
-SYNC_AT_ONCE = 8
 REPLACED = frozenset({"failed", "expired"})  # a canary batch that another one replaces
 
 
@@ -103,7 +99,7 @@ def run_canary(client: BatchAPI, job: Job, prepared: Prepared, canary: CanaryCon
         requests = render_requests(reader.take(rows), job.request, prepared.tag,
                                    job.dataset.path, job.storage_options).requests
     if canary.mode == "sync":
-        results, batch = _answer_now(client, requests, job, sync_batch_id), None
+        results, batch = answer_now(client, requests, job.request, sync_batch_id), None
     else:
         results, batch = _answer_in_a_batch(client, requests, job, intent, wait)
         if results is None:
@@ -120,28 +116,6 @@ def run_canary(client: BatchAPI, job: Job, prepared: Prepared, canary: CanaryCon
     return CanaryOutcome(rows=results.num_rows, failed=failed, results=results,
                          batch_id=batch and batch.id, cost_usd=cost,
                          seconds=time.monotonic() - started, batch=batch)
-
-
-def _answer_now(client: BatchAPI, requests: pa.Table, job: Job, batch_id: str) -> pa.Table:
-    """Each request through the synchronous API, its answer as a Batch API output line of
-    a batch named `batch_id`."""
-
-    def answer(custom_id: str, line: str) -> dict:
-        status, answer = client.answer_now(job.request.endpoint, json.loads(line)["body"])
-        return {"custom_id": custom_id, "response": {"status_code": status, "body": answer}}
-
-    with ThreadPoolExecutor(SYNC_AT_ONCE) as pool:
-        lines = list(pool.map(answer, requests[CUSTOM_ID].to_pylist(),
-                              requests[LINE].to_pylist()))
-    handle, scratch = tempfile.mkstemp(suffix=".jsonl")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.writelines(json.dumps(line) + "\n" for line in lines)
-        read = read_result_lines(scratch, job.request.endpoint)
-    finally:
-        os.remove(scratch)
-    return results_of_lines(read, batch_id, requests[ROW].combine_chunks(),
-                            requests[CUSTOM_ID].combine_chunks(), job.request)
 
 
 def _answer_in_a_batch(client: BatchAPI, requests: pa.Table, job: Job, intent: Intent,

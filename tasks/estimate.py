@@ -15,8 +15,9 @@ import io
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,6 +95,12 @@ def price_for(model: str, override: PriceOverride | None) -> Price | None:
                      f" ({age} days ago: prices may have changed since; check the provider's "
                      "pricing page, or set `price` in the job file)"
                      if age > PRICES_STALE_DAYS else ""))
+
+
+def offers_flex(model: str) -> bool:
+    """Whether OpenAI's flex tier (synchronous answers at batch prices) serves `model`."""
+    entry = _table_entry(model)
+    return bool(entry and entry.get("flex"))
 
 
 def default_token_budget(model: str) -> int | None:
@@ -257,6 +264,8 @@ class Estimate:
     # ledger now, on a shared Prefect server
     turnaround: tuple[float, int] | None = None  # the median seconds a batch of this
     # account and model took, and of how many batches
+    deadline: datetime | None = None  # the job's
+    deadline_lead: float = 0.0  # seconds before it that the synchronous API takes over
 
     def likely(self) -> float | None:
         """The cost at batch prices with the output the canary measured."""
@@ -307,20 +316,45 @@ class Estimate:
         return pairs
 
     def forecast(self) -> list[tuple[str, str]]:
-        """Waves at the enqueued-token limit, what the queue holds now, and when the
-        job is likely done, from the turnaround of earlier batches."""
-        if self.token_limit is None or not self.requests:
+        """Waves at the enqueued-token limit, what the queue holds now, when the job is
+        likely done, from the turnaround of earlier batches, and whether in time."""
+        if not self.requests:
             return []
+        lines = self._queue_forecast() if self.token_limit is not None else []
+        if self.deadline is not None:
+            lines.append(("deadline", self._deadline_forecast()))
+        return lines
+
+    def _waves(self) -> int:
+        if self.token_limit is None:  # no limit holds shards back
+            return 1
         held, limit = self.queue or (0, self.token_limit)  # the ledger's limit, if any
-        waves = math.ceil((self.input_tokens / (1 - MARGIN) + held) / limit)
+        return math.ceil((self.input_tokens / (1 - MARGIN) + held) / limit)
+
+    def _deadline_forecast(self) -> str:
+        left = self.deadline.timestamp() - self.deadline_lead - time.time()
+        said = (f"{self.deadline.isoformat(timespec='minutes')}: the rows not answered "
+                f"{duration(self.deadline_lead)} before it go through the synchronous API")
+        if left <= 0:
+            return f"{said}, which is now: every row does"
+        if not self.turnaround:
+            return (f"{said}, in {duration(left)}; whether the batches end by then is "
+                    "unknown (no turnaround of this account and model yet)")
+        likely = self._waves() * self.turnaround[0]
+        verdict = "likely in time" if likely <= left else "likely not in time"
+        return f"{said}, in {duration(left)}: {verdict} (done in about {duration(likely)})"
+
+    def _queue_forecast(self) -> list[tuple[str, str]]:
+        held, limit = self.queue or (0, self.token_limit)  # the ledger's limit, if any
+        waves = self._waves()
         queue = (f"{int(held * (1 - MARGIN)):,} tokens of unfinished batches, of a limit of "
                  f"{limit:,}" if self.queue else
                  "unknown: no Prefect server (PREFECT_API_URL) keeps the organisation's ledger")
-        worst = f"a batch may take up to 24 h, so at worst {_duration(waves * 24 * 3600)}"
+        worst = f"a batch may take up to 24 h, so at worst {duration(waves * 24 * 3600)}"
         if self.turnaround:
             seconds, batches = self.turnaround
-            likely = (f"in about {_duration(waves * seconds)}: {waves} wave(s) of "
-                      f"{_duration(seconds)}, the median of the last {batches} batch(es) of "
+            likely = (f"in about {duration(waves * seconds)}: {waves} wave(s) of "
+                      f"{duration(seconds)}, the median of the last {batches} batch(es) of "
                       "this account and model")
         elif self.queue:
             likely = f"unknown: no batch of this account and model has ended yet; {worst}"
@@ -396,6 +430,15 @@ def estimate_error_text(error: dict[str, Any]) -> str:
     return words
 
 
+def deadline_text(deadline: dict[str, Any]) -> str:
+    """A run's manifest `deadline` in words."""
+    if not deadline["rows_sent_now"]:
+        return f"{deadline['at']}: every row went through the batches in time"
+    cost = "unknown" if deadline["cost_usd"] is None else usd(deadline["cost_usd"])
+    return (f"{deadline['at']}: {deadline['rows_sent_now']:,} rows taken out of their "
+            f"batches and sent through the synchronous API, for {cost} (in the cost)")
+
+
 def _relative(actual: float, estimated: float) -> float | None:
     return (actual - estimated) / estimated if estimated else None
 
@@ -404,7 +447,7 @@ def _off(error: float) -> str:
     return f"{abs(error):.1%} " + ("above" if error > 0 else "below" if error < 0 else "off")
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     if minutes < 1:
         return f"{seconds:.0f} s"

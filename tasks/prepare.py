@@ -157,7 +157,8 @@ def prepare_job(job: Job, use_cache: bool = True, force: bool = False,
         input_tokens=int(pc.sum(to_send[TOKENS]).as_py() or 0),
         output_ceiling=None if ceiling is None else ceiling * to_send.num_rows, price=price,
         measured_output=unfinished and unfinished.canary_output(), sync_canary=sync_canary,
-        token_limit=budget, **queue_forecast(job, budget))
+        token_limit=budget, deadline=job.deadline,
+        deadline_lead=job.limits.deadline_lead_seconds, **queue_forecast(job, budget))
     return Prepared(source, fingerprint, job_key, rows, to_send, unsent, reused, cache, shards,
                     budget, price, estimate, unfinished, passed)
 

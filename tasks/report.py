@@ -33,7 +33,7 @@ from enrichflow.provider import answered_by, cost_text
 from enrichflow.tasks import watch
 from enrichflow.tasks.answers import answer_columns
 from enrichflow.tasks.canary import CanaryOutcome
-from enrichflow.tasks.estimate import Estimate, estimate_error_text
+from enrichflow.tasks.estimate import Estimate, deadline_text, estimate_error_text
 from enrichflow.tasks.load import KEY
 
 TABLE_ROWS = 20
@@ -98,6 +98,8 @@ def publish_results(manifest: dict[str, Any], first: pa.Table, job: Job) -> None
     title = f"{name}: {manifest['rows']:,} rows enriched"
     error = manifest["estimate_error"]
     estimated = f"- estimate against the bill: {estimate_error_text(error)}\n" if error else ""
+    if manifest["deadline"]:
+        estimated += f"- deadline: {deadline_text(manifest['deadline'])}\n"
     stopped = (" (the job was cancelled)" if manifest["cancelled"] else
                " (stopped at max_cost_usd)" if manifest["cost_cap_reached"] else "")
     summary = f"""# {title}{stopped}

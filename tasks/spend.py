@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enrichflow.config import Job
 from enrichflow.errors import CostLimitError
 from enrichflow.tasks.estimate import Estimate, Price, usd
-from enrichflow.tasks.state import CANARY_BATCH, RunState, ShardRecord
+from enrichflow.tasks.state import SYNC_PRICED, RunState, ShardRecord
 
 NOT_SENT_FOR_THE_CAP = "not sent: max_cost_usd was reached; raise it and run the job again"
 
@@ -58,19 +58,20 @@ class CostCap:
                 "(enrichflow estimate shows the figures)")
 
     def allows(self, state: RunState, record: ShardRecord,
-               starting: Iterable[ShardRecord] = ()) -> bool:
-        """Whether the batch of `record` may be created beside the batches in flight
-        and those of `starting`; a batch created already is always watched on."""
+               starting: Iterable[ShardRecord] = (), sync: bool = False) -> bool:
+        """Whether the batch of `record` may be created (or, if `sync`, its requests
+        answered now) beside the batches in flight and those of `starting`; a batch
+        created already is always watched on."""
         if self.limit is None or record.batch_id:
             return True
         new = [r for r in starting if not r.batch_id]
-        return self.committed(state, new) + self.at_most(record) <= self.limit
+        return self.committed(state, new) + self.at_most(record, sync) <= self.limit
 
-    def reached(self, state: RunState, record: ShardRecord) -> str:
+    def reached(self, state: RunState, record: ShardRecord, sync: bool = False) -> str:
         """Why `record`'s batch is not created: the figures of the cap."""
         return (f"max_cost_usd {usd(self.limit)} reached: {usd(self.paid(state))} paid, "
                 f"the next shard ({record.rows:,} rows) may cost up to "
-                f"{usd(self.at_most(record))}")
+                f"{usd(self.at_most(record, sync))}")
 
     def committed(self, state: RunState, starting: Iterable[ShardRecord] = ()) -> float:
         return self.paid(state) + self.in_flight(state, starting)
@@ -84,10 +85,13 @@ class CostCap:
         cost: their estimated prompt tokens and the output ceiling of every request."""
         return sum(self.at_most(record) for record in [*state.awaited(), *starting])
 
-    def at_most(self, record: ShardRecord) -> float:
-        return self.price.batch_cost(record.tokens, record.rows * self.output_ceiling)
+    def at_most(self, record: ShardRecord, sync: bool = False) -> float:
+        """The most `record`'s requests may cost: at batch prices, or at synchronous
+        ones if `sync` (a deadline answers them now)."""
+        cost = self.price.sync_cost if sync else self.price.batch_cost
+        return cost(record.tokens, record.rows * self.output_ceiling)
 
     def _billed(self, record: ShardRecord) -> float:
-        sync = record.canary and (record.batch_id or "").startswith(f"{CANARY_BATCH}-")
+        sync = (record.batch_id or "").startswith(SYNC_PRICED)
         cost = self.price.sync_cost if sync else self.price.batch_cost
         return cost(record.prompt_tokens, record.completion_tokens)

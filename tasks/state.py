@@ -41,6 +41,10 @@ RESULTS_DIR = "_state/results"
 CANARY_RESULTS = f"{RESULTS_DIR}/canary.parquet"  # the canary's journaled answers
 CANARY_SHARD = -1  # the canary's results are journaled as this shard of attempt 1
 CANARY_BATCH = "canary"  # a synchronous canary's answers carry `canary-<run id>` as batch
+# rows a deadline took out of their batches carry `now-<run id>-<shard>` as batch, or
+# `flex-...` when OpenAI's flex tier answered them (at batch prices)
+NOW_BATCH, FLEX_BATCH = "now", "flex"
+SYNC_PRICED = (f"{CANARY_BATCH}-", f"{NOW_BATCH}-")  # batch ids of synchronous prices
 
 
 @dataclass

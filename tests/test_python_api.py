@@ -182,7 +182,7 @@ def test_interrupting_the_kernel_says_what_runs_on_and_the_same_cell_collects_it
         kernel.shutdown_kernel(now=True)
 
     batch = client.batches.list().data[0].id
-    assert len(interrupted["error"]) == 1, interrupted["error"]
+    assert len(interrupted["error"]) == 1, "\n".join(interrupted["error"])  # whole, if not
     assert interrupted["error"][0].startswith(
         f"interrupted: 1 batch(es) ({batch}) run on at the local Batch API server at "
         f"{server.base_url} and are billed as they finish; `the same enrichflow.enrich() or "
