@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 # exit codes: 0 done, 1 nothing there (status, cancel, preview), 2 an error (one line),
 # 3 the run was cancelled (its output written, its unanswered rows failed), 130 interrupted
 EXIT_CANCELLED = 3
+DEADLINE_HELP = ("when the rows are needed, with its time zone (2026-12-04T07:00:00Z): those "
+                 "not answered limits.deadline_lead_seconds before it go through the "
+                 "synchronous API (overrides the job's deadline)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -30,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     from enrichflow.tasks.status import already_complete, already_complete_line
 
     job = resolve_job(args.config, args.output, args.limit, args.provider, args.base_url,
-                      args.model, args.runner)
+                      args.model, args.runner, deadline=args.deadline)
     # before Prefect is imported and started: a complete job, or its errors, in seconds
     manifest = None if args.force or args.canary_only else already_complete(job)
     if manifest:
@@ -62,7 +65,8 @@ def _run(args: argparse.Namespace) -> int:
                 closing(bar), logs_above_the_bar():
             manifest = enrich(args.config, output=args.output, limit=args.limit,
                               provider=args.provider, base_url=args.base_url,
-                              model=args.model, force=args.force, use_cache=not args.no_cache,
+                              model=args.model, deadline=args.deadline, force=args.force,
+                              use_cache=not args.no_cache,
                               wait_for_lock=args.wait_for_lock,
                               canary_only=args.canary_only, runner=args.runner)
             bar.finished()
@@ -162,7 +166,8 @@ def _estimate(args: argparse.Namespace) -> int:
     from enrichflow.tasks.estimate import usd
     from enrichflow.tasks.prepare import prepare_job
 
-    job = resolve_job(args.config, args.output, args.limit, model=args.model)
+    job = resolve_job(args.config, args.output, args.limit, model=args.model,
+                      deadline=args.deadline)
     print(prepare_job(job, use_cache=not args.no_cache).estimate_left().text())
     if job.max_cost_usd is not None:
         print(f"max_cost_usd:             {usd(job.max_cost_usd)}")
@@ -292,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: openai when OPENAI_API_KEY is set, else local")
     run.add_argument("--base-url", help="API base URL (a running `enrichflow serve`, ...)")
     run.add_argument("--model", help="the model (overrides the job's request.model)")
+    run.add_argument("--deadline", help=DEADLINE_HELP)
     run.add_argument("--runner", choices=["threads", "dask"],
                      help="where the per-shard work runs (overrides the job's runner.kind)")
     run.add_argument("--force", action="store_true",
@@ -313,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="count every row, even those answered before")
     estimate.add_argument("--model", help="price it for this model (overrides the job's "
                                           "request.model)")
+    estimate.add_argument("--deadline", help=DEADLINE_HELP)
     estimate.set_defaults(handler=_estimate)
 
     preview = commands.add_parser("preview", help="the first requests, as they would be "

@@ -503,11 +503,12 @@ def parse_job(text: str, source: str, **overrides: Any) -> Job:
 def resolve_job(config_path: str | None, output: str | None = None, limit: int | None = None,
                 provider: str | None = None, base_url: str | None = None,
                 model: str | None = None, runner: str | None = None,
-                job: str | None = None) -> Job:
+                job: str | None = None, deadline: str | None = None) -> Job:
     """The job (its file, or `job`, its YAML text) with the run's overrides applied;
     raises ConfigError if invalid."""
     overrides = {"output": output, "dataset.limit": limit, "provider.kind": provider,
-                 "provider.base_url": base_url, "request.model": model, "runner.kind": runner}
+                 "provider.base_url": base_url, "request.model": model, "runner.kind": runner,
+                 "deadline": deadline}
     if (config_path is None) == (job is None):
         raise ConfigError("give the job as config_path (a job file) or as job (its YAML "
                           "text), one of the two")

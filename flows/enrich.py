@@ -57,7 +57,7 @@ from enrichflow.tasks.status import already_complete_line, complete_manifest
 from enrichflow.tasks.write import finish_output, start_output
 
 JOB_PARAMETERS = ("config_path", "output", "limit", "provider", "base_url", "model", "runner",
-                  "job")
+                  "job", "deadline")
 
 # Prefect's run form shows `str | None` as a str/None toggle ("Property is type None") and
 # refuses a null default in a plain input. So the form's optional inputs are plain ones whose
@@ -132,6 +132,7 @@ def enrich(
     canary_only: bool = False,
     runner: RunnerChoice = None,
     job: Text = "",
+    deadline: Text = "",
 ) -> dict[str, Any]:
     """Enrich the rows of a job file's dataset through the Batch API; returns the manifest.
 
@@ -154,15 +155,19 @@ def enrich(
         runner: Where the per-shard work runs: threads (here) or dask (the job's
             runner.address, or a LocalCluster of worker processes); default: the job's.
         job: The job itself instead of a job file: its YAML text (the Python API's jobs).
+        deadline: When the rows are needed, with its time zone, e.g. 2026-12-04T07:00:00Z:
+            the rows not answered limits.deadline_lead_seconds before it go through the
+            synchronous API; default: the job file's.
     """
-    config_path, output, limit, base_url, model, job = map(
-        given, (config_path, output, limit, base_url, model, job))
-    resolved = resolve_job(config_path, output, limit, provider, base_url, model, runner, job)
+    config_path, output, limit, base_url, model, job, deadline = map(
+        given, (config_path, output, limit, base_url, model, job, deadline))
+    resolved = resolve_job(config_path, output, limit, provider, base_url, model, runner, job,
+                           deadline)
     if wait_mode == "suspend":
         check_can_suspend(resolved)
     location = Location(resolved.output, resolved.storage_options)
     resume = resume_command(config_path, location.uri, limit, provider, base_url, model,
-                            runner)
+                            runner, deadline)
     try:
         with open_runner(resolved.runner) as shard_runner:
             return run_job(resolved, location, shard_runner, wait_mode, force, use_cache,
@@ -318,14 +323,15 @@ def job_from_parameters(parameters: dict[str, Any]) -> Job:
 
 def resume_command(config_path: str | None, output: str, limit: int | None,
                    provider: str | None, base_url: str | None, model: str | None,
-                   runner: str | None = None) -> dict[str, str]:
+                   runner: str | None = None, deadline: str | None = None) -> dict[str, str]:
     """The directory and the `enrichflow run` command that resume this run, for `status`;
     a job given as a mapping is resumed by the same Python call."""
     if config_path is None:
         return {"cwd": os.getcwd(), "command": "the same enrichflow.enrich() or "
                                                "enrichflow.run() call in Python"}
     options = {"--output": output, "--limit": limit, "--provider": provider,
-               "--base-url": base_url, "--model": model, "--runner": runner}
+               "--base-url": base_url, "--model": model, "--runner": runner,
+               "--deadline": deadline}
     words = ["enrichflow", "run", config_path]
     for option, value in options.items():
         if value is not None:

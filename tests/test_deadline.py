@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from conftest import generated_movies, job_file, sdk_client
 
+from enrichflow.cli import main
 from enrichflow.config import load_job
 from enrichflow.errors import ConfigError
 from enrichflow.flows.enrich import check_can_suspend, enrich
@@ -44,6 +45,27 @@ def test_at_the_deadline_s_cutoff_the_rows_not_answered_go_through_the_synchrono
                                                               row["_completion_tokens"]))
     assert manifest["deadline"]["rows_sent_now"] == now.sum()
     assert manifest["deadline"]["cost_usd"] == pytest.approx(data.loc[now, "_cost_usd"].sum())
+
+
+def test_a_deadline_given_on_the_command_line_that_is_near_sends_every_row_now(
+        prefect_api, start_localbatch, tmp_path, capsys):
+    """`--deadline` closer than its lead: no batch is created; every row is answered in
+    the standard tier (gpt-4o-mini offers no flex), at synchronous prices."""
+    server = start_localbatch()
+    path = job_file(tmp_path, generated_movies(12))
+    soon = (datetime.now(UTC) + timedelta(minutes=10)).isoformat(timespec="seconds")
+    assert main(["estimate", str(path), "--deadline", soon]) == 0
+    assert "which is now: every row does" in capsys.readouterr().out
+
+    assert main(["run", str(path), "--base-url", server.base_url, "--deadline", soon]) == 0
+    assert "deadline: " + soon.replace("Z", "+00:00") + ": 12 rows taken out of their " \
+        "batches and sent through the synchronous API" in capsys.readouterr().out
+    assert sdk_client(server.base_url).batches.list().data == []
+    data = pd.read_parquet(tmp_path / "out")
+    assert (data["_status"] == "ok").all() and data["_batch_id"].str.startswith("now-").all()
+    price = price_for("gpt-4o-mini", None)
+    assert data["_cost_usd"].sum() == pytest.approx(price.sync_cost(
+        data["_prompt_tokens"].sum(), data["_completion_tokens"].sum()))
 
 
 def test_the_estimate_says_whether_the_batches_likely_end_in_time():
