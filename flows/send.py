@@ -190,12 +190,11 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
     """Run one attempt's shards, starting each only when it fits the cost cap, the
     enqueued-token budget (on a Prefect server, the organisation's: room that other runs
     give back is looked for at each poll) and fewer than `max_shards_in_flight` run, and
-    collect (and
-    journal) each as soon as its batch is finished: the collects are tasks on the job's
-    runner, each writing its shard's results. A shard refused for `token_limit_exceeded`
-    is cut into smaller shards under the limit the refusal named (or, refused alone, into
-    halves), or waits for running batches and goes again; a refusal is never one of its
-    rows' attempts. In `suspend` mode the run, rather than waiting, suspends itself until
+    collect (and journal) each as soon as its batch is finished: the collects are tasks
+    on the job's runner, each writing its shard's results. A shard refused for
+    `token_limit_exceeded` is cut into smaller shards under the limit the refusal named
+    (or, refused alone, into halves), or waits for running batches and goes again; a
+    refusal is never one of its rows' attempts. In `suspend` mode the run, rather than waiting, suspends itself until
     the resume-ready deployment finds a batch of it finished. After a cancel, no shard is
     started: their rows have no result, which the output shows as cancelled. When the
     next shard does not fit the cost cap with nothing in flight, none is started. At the
