@@ -194,13 +194,13 @@ def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Tabl
     on the job's runner, each writing its shard's results. A shard refused for
     `token_limit_exceeded` is cut into smaller shards under the limit the refusal named
     (or, refused alone, into halves), or waits for running batches and goes again; a
-    refusal is never one of its rows' attempts. In `suspend` mode the run, rather than waiting, suspends itself until
-    the resume-ready deployment finds a batch of it finished. After a cancel, no shard is
-    started: their rows have no result, which the output shows as cancelled. When the
-    next shard does not fit the cost cap with nothing in flight, none is started. At the
-    deadline's `cutoff` (or a batch's window's), no shard is started and the batches
-    running are cancelled and collected (their answers are kept). Either way, why is
-    returned."""
+    refusal is never one of its rows' attempts. In `suspend` mode the run, rather than
+    waiting, suspends itself until the resume-ready deployment finds a batch of it
+    finished. After a cancel, no shard is started: their rows have no result, which the
+    output shows as cancelled. When the next shard does not fit the cost cap with nothing
+    in flight, none is started. At the deadline's `cutoff` (or a batch's window's), no
+    shard is started and the batches running are cancelled and collected (their answers
+    are kept). Either way, why is returned."""
     log = get_run_logger()
     limits = job.limits
     queue: deque[ShardRun] = deque()

@@ -21,6 +21,7 @@ import math
 import os
 import statistics
 import threading
+import time
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -55,6 +56,7 @@ LOCKED, GONE, TOO_MANY_SLOTS = 423, 410, 422
 PREFIX = "enqueued-tokens "  # of the ledgers' names
 TURNAROUND = "enrichflow_batch_turnaround"  # Prefect variable: ledger -> batches' seconds
 KEPT_TURNAROUNDS = 20
+PUBLISH_SECONDS = 30  # between two versions of the ledgers' artifact by one run
 DEFAULT_HOSTS = {"openai": "api.openai.com", "anthropic": "api.anthropic.com",
                  "gemini": "generativelanguage.googleapis.com"}
 logger = logging.getLogger(__name__)  # the keeper's thread is outside the run's context
@@ -158,6 +160,7 @@ class SharedTokenBudget(TokenBudget):
         self.name, self.state = name, state
         self.keeper = LeaseKeeper()
         self.waiting = False  # the last take was refused: say so once, not at every try
+        self.published = 0.0  # when this run last published the ledgers' artifact
 
     @classmethod
     def open(cls, name: str, default: int, chosen: int | None, state: RunState
@@ -196,7 +199,7 @@ class SharedTokenBudget(TokenBudget):
             self.keeper.hold(lease)
         if record.tokens_lease != lease:
             self.state.update(record, tokens_lease=lease)
-            publish_committed(committed())
+            self._publish()
         self.waiting = False
         return True
 
@@ -206,7 +209,7 @@ class SharedTokenBudget(TokenBudget):
             self.keeper.drop(record.tokens_lease)
             release_leases([record])
             record.tokens_lease = None  # journaled with the shard's next change
-            publish_committed(committed())
+            self._publish()
         if batch.status == "completed" and batch.completed_at:
             record_turnaround(self.name, batch.completed_at - batch.created_at)
 
@@ -222,6 +225,18 @@ class SharedTokenBudget(TokenBudget):
     def close(self) -> None:
         """Stop renewing: the leases stay, held by the journal until their batches end."""
         self.keeper.stop()
+        self._publish(now=True)
+
+    def _publish(self, now: bool = False) -> None:
+        """The ledgers' artifact, after a take or a release: at most every
+        PUBLISH_SECONDS (each version is a write to the Prefect server's database, which
+        every run on it shares), and when the run is done with its batches."""
+        if now or time.monotonic() - self.published >= PUBLISH_SECONDS:
+            self.published = time.monotonic()
+            try:
+                publish_committed(committed())
+            except Exception as exc:  # a view of the ledgers: the run goes on without it
+                logger.warning("the ledgers' artifact was not updated: %s", exc)
 
     def _renewed(self, lease: str | None) -> str | None:
         return lease if lease and renew_lease(lease) else None
