@@ -5,9 +5,10 @@ The estimate is checked against the cap before anything is uploaded. Each batch 
 checked again before it is created, against what the shards collected so far were really
 billed (their usage, journaled) and the most that the batches in flight may cost: an
 estimate that counted too few tokens (a provider's own tokenizer, a schema it injects),
-or rows that go round again, cannot take a run past its cap. What is not sent for the cap
-stays in the output as failed rows that say so, and the run fails once its output is
-written: run it again with a higher cap to send them.
+or rows that go round again, stop the sending as soon as the bill shows it (the batches
+already in flight, estimated alike, may pass the cap by their share). What is not sent
+for the cap stays in the output as failed rows that say so, and the run fails once its
+output is written: run it again with a higher cap to send them.
 """
 
 from __future__ import annotations
