@@ -29,7 +29,7 @@ from enrichflow.tasks.merge import (
 from enrichflow.tasks.prepare import Prepared
 from enrichflow.tasks.render import render_requests
 from enrichflow.tasks.report import TABLE_ROWS
-from enrichflow.tasks.state import ATTEMPT, FLEX_BATCH, NOW_BATCH, RunState
+from enrichflow.tasks.state import ATTEMPT, SENT_NOW, RunState, batch_id_starts
 from enrichflow.tasks.write import PART_ROWS, write_part
 
 
@@ -56,8 +56,7 @@ class Written:
         self.prompt_tokens += pc.sum(part["_prompt_tokens"]).as_py() or 0
         self.completion_tokens += pc.sum(part["_completion_tokens"]).as_py() or 0
         self.cost_usd += pc.sum(part["_cost_usd"]).as_py() or 0.0
-        now = pc.fill_null(pc.or_(*(pc.starts_with(part["_batch_id"], f"{prefix}-")
-                                    for prefix in (NOW_BATCH, FLEX_BATCH))), False)
+        now = batch_id_starts(part["_batch_id"], SENT_NOW)
         self.sent_now += pc.sum(now).as_py() or 0
         self.cost_now_usd += pc.sum(part["_cost_usd"].filter(now)).as_py() or 0.0
         if self.first_error is None:

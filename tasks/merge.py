@@ -18,7 +18,7 @@ from enrichflow.tasks.collect import VALUE, results_schema
 from enrichflow.tasks.estimate import Price
 from enrichflow.tasks.load import KEY, ROW
 from enrichflow.tasks.render import custom_ids
-from enrichflow.tasks.state import ATTEMPT, SYNC_PRICED
+from enrichflow.tasks.state import ATTEMPT, SYNC_PRICED, batch_id_starts
 
 NOT_SENT = "cancelled before it was sent"
 # The results' columns a merge reads (not the answers' text, the largest)
@@ -77,8 +77,7 @@ def merge_part(table: pa.Table, job_tag: str, results: pa.Table, unsent: pa.Tabl
     if price is None:
         cost = pa.nulls(count, pa.float64())
     else:  # a synchronous canary's (and a deadline's) answers were paid at synchronous prices
-        sync = pc.fill_null(pc.or_(*(pc.starts_with(final["_batch_id"], prefix)
-                                     for prefix in SYNC_PRICED)), False)
+        sync = batch_id_starts(final["_batch_id"], SYNC_PRICED)
         cost = pc.divide(pc.add(
             pc.multiply(pc.cast(prompt, pa.float64()),
                         pc.if_else(sync, price.input, price.batch_input)),

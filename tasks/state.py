@@ -45,6 +45,16 @@ CANARY_BATCH = "canary"  # a synchronous canary's answers carry `canary-<run id>
 # `flex-...` when OpenAI's flex tier answered them (at batch prices)
 NOW_BATCH, FLEX_BATCH = "now", "flex"
 SYNC_PRICED = (f"{CANARY_BATCH}-", f"{NOW_BATCH}-")  # batch ids of synchronous prices
+SENT_NOW = (f"{NOW_BATCH}-", f"{FLEX_BATCH}-")  # batch ids of rows a deadline answered
+
+
+def batch_id_starts(batch_ids: pa.Array | pa.ChunkedArray,
+                    prefixes: tuple[str, ...]) -> pa.Array | pa.ChunkedArray:
+    """Whether each `_batch_id` starts with one of `prefixes` (False where null)."""
+    found = pc.starts_with(batch_ids, prefixes[0])
+    for prefix in prefixes[1:]:
+        found = pc.or_(found, pc.starts_with(batch_ids, prefix))
+    return pc.fill_null(found, False)
 
 
 @dataclass
