@@ -420,7 +420,9 @@ def _fill(node: dict[str, Any], root: dict[str, Any], text: str, words: list[str
         digest = int(hashlib.sha256(text.encode()).hexdigest(), 16)
         return node["enum"][(digest + index) % len(node["enum"])]
     for key in ("anyOf", "oneOf", "allOf"):
-        options = [o for o in node.get(key, []) if _resolve(o, root).get("type") != "null"]
+        if key not in node:
+            continue
+        options = [o for o in node[key] if _resolve(o, root).get("type") != "null"]
         if options and depth >= MAX_FILL_DEPTH and len(options) < len(node[key]):
             return None
         if options:

@@ -3,6 +3,7 @@
 It knows nothing of HTTP (the routes call it) and keeps every step durable in the
 `Store`, so a restarted server resumes each batch where its last saved step ended.
 A worker thread calls `tick()` repeatedly; each call moves every unfinished batch on.
+The requests themselves are answered by a `ChunkRunner` (`localbatch.chunks`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 import orjson
 
-from localbatch.engines import BATCH_ENDPOINTS, Engine, error_body
+from localbatch.chunks import ChunkRunner, jsonl
+from localbatch.engines import BATCH_ENDPOINTS, Engine
 from localbatch.errors import APIError, not_found
 from localbatch.simulation import Dice, Simulation
 from localbatch.store import BATCH_FILE_TTL, TERMINAL_STATUSES, Store, new_id, now
@@ -41,6 +43,7 @@ class Lifecycle:
         self.engine = engine
         self.sim = simulation
         self.dice = Dice(simulation.seed)
+        self.chunks = ChunkRunner(engine)
         self._lock = threading.RLock()
         self._lines: dict[str, InputLines] = {}  # input of running batches
         self.webhooks = (WebhookSender(simulation.webhook_url, simulation.webhook_secret)
@@ -113,14 +116,26 @@ class Lifecycle:
 
     # the worker ---------------------------------------------------------------------
 
-    def tick(self) -> None:
-        """Move every unfinished batch one step. A step that fails ends its batch as
-        `failed` with an error the client can read (logged once): retrying the same step
-        would fail the same way, for ever, holding the batch's enqueued tokens."""
+    def close(self) -> None:
+        """Stop the chunks' worker process and the webhooks' sender."""
+        self.chunks.close()
+        if self.webhooks is not None:
+            self.webhooks.close()
+
+    def tick(self) -> bool:
+        """Move every unfinished batch one step; True when requests were answered. With
+        no processing rate set, the server answers as fast as it can and its running
+        batches form one queue, oldest first, one chunk a tick: the first batch finishes
+        (and is collected) while the later ones wait, as at a provider, instead of all
+        together at the end. A step that fails ends its batch as `failed` with an error
+        the client can read (logged once): retrying the same step would fail the same
+        way, for ever, holding the batch's enqueued tokens."""
+        one_queue = not (self.sim.requests_per_second or self.sim.tokens_per_second)
+        answered = False
         for batch_id in self.store.active_batch_ids():
             try:
                 with self._lock:
-                    self._step(batch_id)
+                    answered |= self._step(batch_id, may_answer=not (one_queue and answered))
             except Exception as exc:
                 log.exception("batch %s: step failed; the batch fails", batch_id)
                 with self._lock:
@@ -144,7 +159,8 @@ class Lifecycle:
         self.store.save_batch(batch, work)
         self._lines.pop(batch_id, None)
 
-    def _step(self, batch_id: str) -> None:
+    def _step(self, batch_id: str, may_answer: bool) -> bool:
+        """One step of the batch; True when it answered requests (only if `may_answer`)."""
         batch = self.store.get_batch(batch_id)
         work = self.store.get_work(batch_id)
         elapsed = time.time() - work["phase_started"]
@@ -159,14 +175,15 @@ class Lifecycle:
                 work["expire_after"] is not None and work["next_line"] >= work["expire_after"])
             if expired:
                 self._finish(batch, work, "expired", EXPIRED_MESSAGE, "batch_expired")
-            else:
-                self._run_chunk(batch, work)
+            elif may_answer:
+                return self._run_chunk(batch, work)
         elif status == "finalizing":
             if elapsed >= self.sim.finalizing_seconds:
                 self._finish(batch, work, "completed", "", "")
         elif status == "cancelling":
             if elapsed >= self.sim.cancelling_seconds:
                 self._finish(batch, work, "cancelled", CANCELLED_MESSAGE, "batch_cancelled")
+        return False
 
     def _validate(self, batch: dict, work: dict) -> None:
         lines = InputLines(self.store.file_path(batch["input_file_id"]))
@@ -289,47 +306,34 @@ class Lifecycle:
                         handle.truncate(work[f"{kind}_bytes"])
         return lines
 
-    def _run_chunk(self, batch: dict, work: dict) -> None:
+    def _run_chunk(self, batch: dict, work: dict) -> bool:
         lines = self._input_lines(batch)
         start = work["next_line"]
         if start >= len(lines):
             work["phase_started"] = time.time()
             batch.update(status="finalizing", finalizing_at=now())
             self.store.save_batch(batch, work)
-            return
+            return False
         count = self._allowance(work, lines)
         if work["expire_after"] is not None:
             count = min(count, work["expire_after"] - start)
         if count <= 0:
             self.store.save_batch(batch, work)
-            return
-        requests = [orjson.loads(line) for line in lines[start:start + count]]
-        failing = [self.dice.roll(self.sim.request_failure_rate) for _ in requests]
-        to_run = [(r["url"], r["body"]) for r, fail in zip(requests, failing, strict=True)
-                  if not fail]
-        answers = iter(self.engine.run(to_run))
-        out, err = [], []
-        counts, usage = batch["request_counts"], batch["usage"]
-        for request, fail in zip(requests, failing, strict=True):
-            if fail:
-                status, body = self.sim.request_failure_status, error_body(
-                    "The server had an error while processing your request.",
-                    type_="server_error")
-            else:
-                status, body = next(answers)
-            line = {"id": new_id("batch_req_", 16), "custom_id": request["custom_id"],
-                    "response": {"status_code": status, "request_id": new_id("req_", 16),
-                                 "body": body}, "error": None}
-            (out if status == 200 else err).append(line)
-            if status == 200:
-                counts["completed"] += 1
-                _add_usage(usage, body.get("usage") or {})
-            else:
-                counts["failed"] += 1
-        work["out_bytes"] += self._append(batch["id"], "out", out)
-        work["err_bytes"] += self._append(batch["id"], "err", err)
+            return False
+        answered = self.chunks.answer(
+            lines[start:start + count],
+            [self.dice.roll(self.sim.request_failure_rate) for _ in range(count)],
+            self.sim.request_failure_status)
+        counts = batch["request_counts"]
+        counts["completed"] += answered.completed
+        counts["failed"] += answered.failed
+        for usage in answered.usages:
+            _add_usage(batch["usage"], usage)
+        work["out_bytes"] += self._append(batch["id"], "out", answered.out)
+        work["err_bytes"] += self._append(batch["id"], "err", answered.err)
         work["next_line"] = start + count
         self.store.save_batch(batch, work)
+        return True
 
     def _allowance(self, work: dict, lines: InputLines) -> int:
         """How many requests this tick may run under the configured processing rate."""
@@ -359,9 +363,9 @@ class Lifecycle:
         lines = self._input_lines(batch) if batch["in_progress_at"] else []
         unrun = [orjson.loads(line) for line in lines[work["next_line"]:]] if code else []
         if unrun:
-            work["err_bytes"] += self._append(batch["id"], "err", [
+            work["err_bytes"] += self._append(batch["id"], "err", jsonl([
                 {"id": new_id("batch_req_", 16), "custom_id": r["custom_id"], "response": None,
-                 "error": {"code": code, "message": message}} for r in unrun])
+                 "error": {"code": code, "message": message}} for r in unrun]))
             batch["request_counts"]["failed"] += len(unrun)
             work["next_line"] = len(lines)
         ttl = work.get("output_ttl") or BATCH_FILE_TTL
@@ -381,10 +385,9 @@ class Lifecycle:
     def _work_file(self, batch_id: str, kind: str) -> Path:
         return self.store.work_dir / f"{batch_id}.{kind}.jsonl"
 
-    def _append(self, batch_id: str, kind: str, records: list[dict]) -> int:
-        if not records:
+    def _append(self, batch_id: str, kind: str, data: bytes) -> int:
+        if not data:
             return 0
-        data = b"".join(orjson.dumps(r, option=orjson.OPT_APPEND_NEWLINE) for r in records)
         with self._work_file(batch_id, kind).open("ab") as handle:
             handle.write(data)
         return len(data)

@@ -113,8 +113,7 @@ class LocalBatchServer:
             self._worker.join(timeout=10)
         if isinstance(self.engine, ForwardEngine):
             self.engine.close()
-        if self.lifecycle.webhooks is not None:
-            self.lifecycle.webhooks.close()
+        self.lifecycle.close()
         self._socket.close()
         self.store.close()
 
@@ -126,8 +125,8 @@ class LocalBatchServer:
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            self.lifecycle.tick()
-            self._stop.wait(0.05)
+            if not self.lifecycle.tick():  # idle: a batch may come
+                self._stop.wait(0.05)
 
 
 def _make_engine(name: str, upstream_url: str | None, upstream_api_key: str | None,

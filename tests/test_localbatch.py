@@ -15,11 +15,14 @@ import time
 
 import jsonschema
 import openai
+import psutil
 import pytest
 from conftest import chat_line, free_port, read_jsonl, sdk_client, wait_until
 
-from localbatch import HttpFault, Simulation
+from localbatch import HttpFault, LocalBatchServer, Simulation
 from localbatch import store as store_module
+from localbatch.chunks import WORKER_MIN_LINES, answer_lines
+from localbatch.engines import MockEngine
 
 SCHEMA = {
     "type": "object",
@@ -184,6 +187,54 @@ def test_failed_requests_go_to_the_error_file(start_localbatch):
     errors = read_jsonl(client, batch.error_file_id)
     assert {e["response"]["status_code"] for e in errors} == {500}
     assert errors[0]["response"]["body"]["error"]["type"] == "server_error"
+
+
+def test_without_a_rate_the_oldest_running_batch_is_answered_first(start_localbatch):
+    """One queue: a later batch gets no answer before the earlier one has all of its, so
+    that a run collects its first batch while the others run, as at a provider."""
+    client = sdk_client(start_localbatch(Simulation(chunk_size=100)).base_url)
+    first, second = (submit(client, [chat_line(f"{name}{i}", f"text {i}") for i in range(3000)])
+                     for name in "ab")
+    first_partly_done = False
+    while (later := client.batches.retrieve(second.id)).status != "completed":
+        earlier = client.batches.retrieve(first.id).request_counts.completed
+        if later.request_counts.completed:
+            assert earlier == 3000, "the later batch was answered before the earlier one"
+        first_partly_done |= 0 < earlier < 3000
+        time.sleep(0.01)
+    assert first_partly_done
+
+
+def _chunk_worker(server: psutil.Process) -> psutil.Process:
+    (worker,) = [p for p in server.children() if "spawn_main" in " ".join(p.cmdline())]
+    return worker
+
+
+def test_a_large_chunk_is_answered_in_a_worker_process_as_it_is_in_place(tmp_path):
+    """The mock engine's long chunks take a core of their own, off the GIL of the run that
+    embeds the server; their answers are those given in place; a Ctrl-C meant for the
+    run (the terminal signals its whole process group) does not end the worker, and the
+    server's stop does."""
+    lines = [chat_line(f"r{i}", f"A lonely robot {i} learns to paint sunsets",
+                       response_format=JSON_SCHEMA_FORMAT) for i in range(WORKER_MIN_LINES)]
+    with LocalBatchServer(tmp_path) as server:
+        client = sdk_client(server.base_url)
+        batch = wait_until(client, submit(client, lines).id)
+        worker = _chunk_worker(psutil.Process())
+        os.kill(worker.pid, signal.SIGINT)
+        again = wait_until(client, submit(client, lines).id)
+        assert _chunk_worker(psutil.Process()).pid == worker.pid
+        results = read_jsonl(client, batch.output_file_id)
+    assert not worker.is_running()
+    assert batch.status == again.status == "completed"
+    in_place = [json.loads(line) for line in answer_lines(
+        MockEngine(), [line.encode() for line in lines], [False] * len(lines), 500
+    ).out.splitlines()]
+    body = {r["custom_id"]: r["response"]["body"] for r in results}
+    assert [body[r["custom_id"]]["choices"] for r in in_place] == [
+        r["response"]["body"]["choices"] for r in in_place]
+    assert batch.usage.input_tokens == sum(
+        r["response"]["body"]["usage"]["prompt_tokens"] for r in in_place)
 
 
 @pytest.mark.parametrize(("lines", "code", "line"), [
@@ -498,6 +549,23 @@ def test_killed_server_resumes_its_batches(tmp_path):
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=15)
+
+
+def test_a_killed_server_s_chunk_worker_ends_with_it(tmp_path):
+    config = tmp_path / "sim.yaml"
+    config.write_text("seed: 1\n")
+    port = free_port()
+    server = _serve(tmp_path / "data", port, config)
+    client = sdk_client(f"http://127.0.0.1:{port}/v1", max_retries=0)
+    try:
+        wait_until(client, submit(client, [chat_line(f"r{i}", f"text {i}")
+                                           for i in range(WORKER_MIN_LINES)]).id)
+        worker = _chunk_worker(psutil.Process(server.pid))
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+        worker.wait(timeout=10)  # psutil.TimeoutExpired: it outlived its server
+    finally:
+        server.kill()
 
 
 @pytest.mark.parametrize(("body", "message"), [
