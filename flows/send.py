@@ -176,11 +176,14 @@ class ShardRun:
         """The shard with its journal entry, which its plan must match (a resumed run
         plans the very same shards)."""
         part = pending.slice(shard.start, shard.rows)
-        plan = hashlib.sha256(part[ROW].to_numpy().tobytes() + part[BYTES].to_numpy().tobytes())
+        sizes = part[BYTES].cast(pa.int64())  # as journaled when sizes were held in 64 bits
+        plan = hashlib.sha256(part[ROW].to_numpy().tobytes() + sizes.to_numpy().tobytes())
         record = state.record(attempt, shard.index, shard.rows, shard.bytes, plan.hexdigest(),
                               shard.tokens, start=None if parent is None else shard.start,
                               parent=parent)
-        return cls(shard, record, part[ROW].combine_chunks())
+        rows = part[ROW]  # a view when it can: the queue holds every shard's rows
+        return cls(shard, record, rows.chunk(0) if rows.num_chunks == 1 else
+                   rows.combine_chunks())
 
 
 def run_shards(client: BatchAPI, state: RunState, attempt: int, pending: pa.Table,

@@ -64,7 +64,7 @@ def _span(ends: np.ndarray, start: int, end: int) -> int:
 
 def line_bytes(requests: pa.Table) -> pa.Array:
     """Each rendered line's UTF-8 bytes, its newline included."""
-    return pc.binary_length(requests[LINE]).cast(pa.int64())
+    return pc.binary_length(requests[LINE]).cast(pa.int32())
 
 
 def check_rows_fit(requests: pa.Table, max_bytes: int, max_tokens: int | None) -> None:

@@ -48,7 +48,9 @@ from enrichflow.tasks.state import RunState
 
 UNSENT = pa.schema([(ROW, pa.int64()), (KEY, pa.string()), ("_status", pa.string()),
                     ("_error", pa.string())])
-TO_SEND = pa.schema([(ROW, pa.int64()), (TOKENS, pa.int64()), (BYTES, pa.int64())])
+# what prepare keeps of each request to send for the whole run: 16 bytes a row (a request
+# takes far fewer than 2**31 tokens and bytes)
+TO_SEND = pa.schema([(ROW, pa.int64()), (TOKENS, pa.int32()), (BYTES, pa.int32())])
 PIECE_ROWS = 100_000  # rows a scan task reads, at least (whole files)
 
 
@@ -195,7 +197,7 @@ def scan_rows(job: Job, source: Source, tag: str, cache: AnswerCache | None,
             requests = requests.filter(pc.invert(known))
         requests = requests.append_column(
             TOKENS, pa.array(request_tokens(requests, job.request, job.dataset.path),
-                             pa.int64())
+                             pa.int32())
         ).append_column(BYTES, line_bytes(requests))
         check_rows_fit(requests, job.limits.max_bytes_per_shard, plan_limit)
         to_send.append(requests.select(TO_SEND.names))

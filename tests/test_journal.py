@@ -3,7 +3,12 @@ write as a run goes on, and what a resumed run reads back."""
 
 from __future__ import annotations
 
+import pyarrow as pa
+
+from enrichflow.flows.send import ShardRun
 from enrichflow.storage import Location
+from enrichflow.tasks.load import ROW
+from enrichflow.tasks.plan import BYTES, TOKENS, Shard
 from enrichflow.tasks.state import STATE_FILE, RunState, ShardRecord, WrittenResults
 
 
@@ -45,3 +50,18 @@ def test_a_kill_between_a_final_record_and_the_journal_leaves_the_shard_collecte
     (again,) = RunState.load(location).shards
     assert (again.status, again.first_row, again.last_row) == ("collected", 0, 9)
     assert RunState.load(location).awaited() == [], "not waited for, not collected again"
+
+
+def test_a_shard_planned_with_32_bit_sizes_is_the_one_journaled_with_64_bit_ones(location):
+    """Prepare keeps each request's tokens and bytes in 32 bits (16 bytes a row for the
+    whole run): a run journaled when they were 64 bits resumes its very shards."""
+    state, _ = RunState.open(location, "job", "config", "data", {"kind": "local"}, force=False)
+    rows = pa.array(range(100, 110), pa.int64())
+    sizes = [pa.array([120 + i for i in range(10)], width) for width in (pa.int64(), pa.int32())]
+    before, now = (pa.table({ROW: rows, TOKENS: s, BYTES: s}) for s in sizes)
+    shard = Shard(0, 2, 8, bytes=sum(range(122, 128)), tokens=sum(range(122, 128)))
+    old = ShardRun.of(state, 1, before, shard)
+    assert ShardRun.of(state, 1, now, shard).record is old.record
+    assert old.rows.to_pylist() == list(range(102, 108))
+    assert old.rows.buffers()[1].address == rows.buffers()[1].address, \
+        "the queue holds a view of the rows, not a copy for each shard"
