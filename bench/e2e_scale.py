@@ -61,14 +61,7 @@ def run_job(rows: int, work: Path, provider: list[str],
             env: dict[str, str] | None) -> tuple[float, float, float]:
     """(seconds, peak MiB, peak MiB of the embedded server's files) of one run of the
     movies job over `rows` generated movies."""
-    data = work / f"movies-{rows}.csv"
-    if not data.exists():
-        make_movies([str(rows), str(data)])
-    job = yaml.safe_load((REPO / "configs" / "movies.yaml").read_text())
-    job["dataset"]["path"] = str(data)
-    job["output"] = str(work / f"out-{rows}")
-    path = work / f"movies-{rows}.yaml"
-    path.write_text(yaml.safe_dump(job))
+    path = job_file(rows, work)
     log = work / f"run-{rows}.log"
     files = work / f"out-{rows}" / "_state" / "localbatch" / "files"
     started = time.perf_counter()
@@ -85,6 +78,19 @@ def run_job(rows: int, work: Path, provider: list[str],
         sys.exit(f"the run of {rows:,} rows failed; see {log}")
     check_output(work / f"out-{rows}", rows)
     return seconds, int(run.stdout.read().split()[-1]) / 1024, disk / 2**20
+
+
+def job_file(rows: int, work: Path) -> Path:
+    """The movies job over `rows` generated movies (generated once), its output in `work`."""
+    data = work / f"movies-{rows}.csv"
+    if not data.exists():
+        make_movies([str(rows), str(data)])
+    job = yaml.safe_load((REPO / "configs" / "movies.yaml").read_text())
+    job["dataset"]["path"] = str(data)
+    job["output"] = str(work / f"out-{rows}")
+    path = work / f"movies-{rows}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
 
 
 def check_output(output: Path, rows: int) -> None:
