@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python bench/render_throughput.py
 	$(BIN)/python bench/collect_throughput.py
 	$(BIN)/python bench/e2e_scale.py --rows $(SCALE_ROWS)
+	$(BIN)/python bench/memory_phases.py --rows 100000
 	$(BIN)/python bench/runner_scale.py
 	$(BIN)/python bench/python_api.py
 	$(BIN)/python bench/startup.py

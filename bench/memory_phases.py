@@ -16,6 +16,7 @@ what grows with the table.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import threading
@@ -87,6 +88,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     sampler.done.set()
     sampler.join()
+    kernel_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the check
     if code:
         sys.exit(f"the run failed ({code})")
     check_output(work / f"out-{args.rows}", args.rows)
@@ -103,7 +105,9 @@ def main() -> None:
     idle = [rss for phases, rss, _ in sampler.samples if not phases]
     if idle:
         print(f"{'(between phases)':24} {len(idle) / total:6.0%} {max(idle) / MiB:6,.0f} MiB")
-    print("peak RSS by process:")
+    print(f"peak RSS of the run by the kernel's count (between samples too): "
+          f"{kernel_peak / MiB:,.0f} MiB")
+    print("peak RSS by process (sampled):")
     for name, peak in sorted(sampler.process_peaks.items(), key=lambda item: -item[1]):
         print(f"  {peak / MiB:6,.0f} MiB  {name}")
 

@@ -333,7 +333,10 @@ def check_unique_keys(hashes: pa.ChunkedArray, source: Source) -> None:
     dataset = source.dataset
     if dataset.id_column is None:
         return
-    ordered = np.sort(hashes.to_numpy())
+    ordered = hashes.to_numpy()  # sorted in place: 8 bytes a row, not 16
+    if not ordered.flags.writeable:  # a view of Arrow's memory
+        ordered = ordered.copy()
+    ordered.sort()
     repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
     if not len(repeated):
         return
