@@ -145,7 +145,6 @@ def prepare_job(job: Job, use_cache: bool = True, force: bool = False,
     reused = sum(p.reused for p in pieces)
     to_send = pa.concat_tables([p.to_send for p in pieces]).combine_chunks()
     unsent = pa.concat_tables([p.unsent for p in pieces]).combine_chunks()
-    del pieces  # their ids' hashes and tables (24 bytes a row) before the plan's sums
     shards = plan_shards(to_send, job.limits.max_requests_per_shard,
                          job.limits.max_bytes_per_shard, plan_limit)
     ceiling = job.request.output_ceiling()
