@@ -1,9 +1,9 @@
 """Answering a chunk of a batch's requests: the server's work that takes a core.
 
 `answer_lines` turns request lines into result lines. `ChunkRunner` runs the mock
-engine's larger chunks in a process of its own: answering is pure Python, and in the
+engine's larger chunks in worker processes: answering is pure Python, and in the
 process that embeds the server (a run) it would hold the GIL while the run renders,
-uploads and collects; in a process of its own it takes the other core.
+uploads and collects; in processes of their own the parts of a chunk take the cores.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import orjson
 from localbatch.engines import Engine, MockEngine, error_body
 from localbatch.store import new_id
 
-# A chunk this long goes to the worker process; a shorter one (a canary's batch, a test's)
-# is answered in place, sooner than the worker would start.
+# A chunk this long goes to the worker processes, in parts as long at least; a shorter one
+# (a canary's batch, a test's) is answered in place, sooner than a worker would start.
 WORKER_MIN_LINES = 500
+WORKERS = min(os.cpu_count() or 1, 4)  # a worker takes about 70 MB
 
 
 @dataclass
@@ -37,6 +38,13 @@ class Answered:
     completed: int
     failed: int
     usages: list[dict[str, Any]]  # of the completed requests' responses
+
+    @classmethod
+    def joined(cls, parts: list[Answered]) -> Answered:
+        """The answers of a chunk's consecutive parts, as one."""
+        return cls(b"".join(p.out for p in parts), b"".join(p.err for p in parts),
+                   sum(p.completed for p in parts), sum(p.failed for p in parts),
+                   [usage for p in parts for usage in p.usages])
 
 
 def answer_lines(engine: Engine, lines: list[bytes], failing: list[bool],
@@ -69,32 +77,37 @@ def jsonl(records: list[dict]) -> bytes:
 
 class ChunkRunner:
     """Answers chunks with the server's engine: the mock engine's chunks of at least
-    WORKER_MIN_LINES lines in one worker process (started at the first; the forward
-    engine waits on its upstream, which needs no core), the others in place."""
+    WORKER_MIN_LINES lines in up to WORKERS parts at once, each in a worker process
+    (started as needed; the forward engine waits on its upstream, which needs no core),
+    the others in place."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._worker: ProcessPoolExecutor | None = None
+        self._workers: ProcessPoolExecutor | None = None
 
     def answer(self, lines: list[bytes], failing: list[bool],
                failure_status: int) -> Answered:
-        if not isinstance(self.engine, MockEngine) or len(lines) < WORKER_MIN_LINES:
+        parts = min(len(lines) // WORKER_MIN_LINES, WORKERS)
+        if not isinstance(self.engine, MockEngine) or parts == 0:
             return answer_lines(self.engine, lines, failing, failure_status)
-        if self._worker is None:
-            self._worker = ProcessPoolExecutor(1, mp_context=get_context("spawn"),
-                                               initializer=_start_worker,
-                                               initargs=(self.engine,))
+        if self._workers is None:
+            self._workers = ProcessPoolExecutor(WORKERS, mp_context=get_context("spawn"),
+                                                initializer=_start_worker,
+                                                initargs=(self.engine,))
+        size = -(-len(lines) // parts)
         try:
-            return self._worker.submit(_answer_in_worker, lines, failing,
-                                       failure_status).result()
-        except BrokenProcessPool:  # the worker was killed: a new one takes the next chunk
-            self._worker = None
+            return Answered.joined([future.result() for future in [
+                self._workers.submit(_answer_in_worker, lines[start:start + size],
+                                     failing[start:start + size], failure_status)
+                for start in range(0, len(lines), size)]])
+        except BrokenProcessPool:  # a worker was killed: new ones take the next chunk
+            self.close()
             return answer_lines(self.engine, lines, failing, failure_status)
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown(cancel_futures=True)
-            self._worker = None
+        if self._workers is not None:
+            self._workers.shutdown(cancel_futures=True)
+            self._workers = None
 
 
 _engine: Engine | None = None  # the worker process's

@@ -117,7 +117,7 @@ class Lifecycle:
     # the worker ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the chunks' worker process and the webhooks' sender."""
+        """Stop the chunks' worker processes and the webhooks' sender."""
         self.chunks.close()
         if self.webhooks is not None:
             self.webhooks.close()
@@ -142,6 +142,7 @@ class Lifecycle:
                     self._fail(batch_id, exc)
             if self.webhooks is not None:
                 self._announce_if_ended(batch_id)
+        return answered
 
     def _announce_if_ended(self, batch_id: str) -> None:
         """The webhook of a batch of the OpenAI face that its last step ended (it is

@@ -21,7 +21,7 @@ from conftest import chat_line, free_port, read_jsonl, sdk_client, wait_until
 
 from localbatch import HttpFault, LocalBatchServer, Simulation
 from localbatch import store as store_module
-from localbatch.chunks import WORKER_MIN_LINES, answer_lines
+from localbatch.chunks import WORKER_MIN_LINES, WORKERS, answer_lines
 from localbatch.engines import MockEngine
 
 SCHEMA = {
@@ -192,9 +192,11 @@ def test_failed_requests_go_to_the_error_file(start_localbatch):
 def test_without_a_rate_the_oldest_running_batch_is_answered_first(start_localbatch):
     """One queue: a later batch gets no answer before the earlier one has all of its, so
     that a run collects its first batch while the others run, as at a provider."""
-    client = sdk_client(start_localbatch(Simulation(chunk_size=100)).base_url)
-    first, second = (submit(client, [chat_line(f"{name}{i}", f"text {i}") for i in range(3000)])
-                     for name in "ab")
+    client = sdk_client(start_localbatch(Simulation(chunk_size=20)).base_url)
+    files = [upload(client, [chat_line(f"{name}{i}", f"text {i}") for i in range(3000)])
+             for name in "ab"]
+    first, second = (client.batches.create(input_file_id=file.id, completion_window="24h",
+                                           endpoint="/v1/chat/completions") for file in files)
     first_partly_done = False
     while (later := client.batches.retrieve(second.id)).status != "completed":
         earlier = client.batches.retrieve(first.id).request_counts.completed
@@ -205,27 +207,46 @@ def test_without_a_rate_the_oldest_running_batch_is_answered_first(start_localba
     assert first_partly_done
 
 
-def _chunk_worker(server: psutil.Process) -> psutil.Process:
-    (worker,) = [p for p in server.children() if "spawn_main" in " ".join(p.cmdline())]
-    return worker
+def test_a_tick_that_answered_says_so_and_the_server_ticks_again_at_once(tmp_path):
+    """The server's thread rests between ticks only when one answered nothing: a rest
+    after each chunk held every batch up by a twentieth of a second a chunk."""
+    server = LocalBatchServer(tmp_path / "data", simulation=Simulation(chunk_size=10))
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(chat_line(f"r{i}", f"text {i}") + "\n" for i in range(25)))
+    file = server.store.add_file(source, "in.jsonl", "batch")
+    batch = server.lifecycle.create(file["id"], "/v1/chat/completions", "24h", None, None)
+    try:  # the server is not started: its thread does not tick, the test does
+        ticks = [server.lifecycle.tick() for _ in range(6)]
+        status = server.store.get_batch(batch["id"])["status"]
+    finally:
+        server.stop()
+    # validate, three chunks of at most 10, finalize, complete
+    assert ticks == [False, True, True, True, False, False]
+    assert status == "completed"
 
 
-def test_a_large_chunk_is_answered_in_a_worker_process_as_it_is_in_place(tmp_path):
-    """The mock engine's long chunks take a core of their own, off the GIL of the run that
-    embeds the server; their answers are those given in place; a Ctrl-C meant for the
-    run (the terminal signals its whole process group) does not end the worker, and the
-    server's stop does."""
+def _chunk_workers(server: psutil.Process) -> list[psutil.Process]:
+    return [p for p in server.children() if "spawn_main" in " ".join(p.cmdline())]
+
+
+def test_a_large_chunk_is_answered_in_worker_processes_as_it_is_in_place(tmp_path):
+    """The mock engine's long chunks are answered in parts, each on a core of its own,
+    off the GIL of the run that embeds the server; their answers are those given in
+    place, in order; a Ctrl-C meant for the run (the terminal signals its whole process
+    group) does not end the workers, and the server's stop does."""
     lines = [chat_line(f"r{i}", f"A lonely robot {i} learns to paint sunsets",
-                       response_format=JSON_SCHEMA_FORMAT) for i in range(WORKER_MIN_LINES)]
+                       response_format=JSON_SCHEMA_FORMAT) for i in range(2 * WORKER_MIN_LINES)]
     with LocalBatchServer(tmp_path) as server:
         client = sdk_client(server.base_url)
         batch = wait_until(client, submit(client, lines).id)
-        worker = _chunk_worker(psutil.Process())
-        os.kill(worker.pid, signal.SIGINT)
+        workers = _chunk_workers(psutil.Process())
+        assert len(workers) == min(2, WORKERS)
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGINT)
         again = wait_until(client, submit(client, lines).id)
-        assert _chunk_worker(psutil.Process()).pid == worker.pid
+        assert [w.pid for w in _chunk_workers(psutil.Process())] == [w.pid for w in workers]
         results = read_jsonl(client, batch.output_file_id)
-    assert not worker.is_running()
+    assert not any(worker.is_running() for worker in workers)
     assert batch.status == again.status == "completed"
     in_place = [json.loads(line) for line in answer_lines(
         MockEngine(), [line.encode() for line in lines], [False] * len(lines), 500
@@ -560,7 +581,7 @@ def test_a_killed_server_s_chunk_worker_ends_with_it(tmp_path):
     try:
         wait_until(client, submit(client, [chat_line(f"r{i}", f"text {i}")
                                            for i in range(WORKER_MIN_LINES)]).id)
-        worker = _chunk_worker(psutil.Process(server.pid))
+        (worker,) = _chunk_workers(psutil.Process(server.pid))
         os.kill(server.pid, signal.SIGKILL)
         server.wait()
         worker.wait(timeout=10)  # psutil.TimeoutExpired: it outlived its server
