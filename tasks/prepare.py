@@ -143,7 +143,10 @@ def prepare_job(job: Job, use_cache: bool = True, force: bool = False,
     check_unique_keys(pa.chunked_array([p.key_hashes for p in pieces], pa.uint64()), source)
     rows = sum(p.rows for p in pieces)
     reused = sum(p.reused for p in pieces)
-    to_send = pa.concat_tables([p.to_send for p in pieces]).combine_chunks()
+    # the pieces' own chunks, not a copy: the requests to send are the largest thing held
+    # for the whole run (16 bytes a request), and a copy of them would be held beside
+    # the pieces until prepare returns
+    to_send = pa.concat_tables([p.to_send for p in pieces])
     unsent = pa.concat_tables([p.unsent for p in pieces]).combine_chunks()
     shards = plan_shards(to_send, job.limits.max_requests_per_shard,
                          job.limits.max_bytes_per_shard, plan_limit)
@@ -203,7 +206,8 @@ def scan_rows(job: Job, source: Source, tag: str, cache: AnswerCache | None,
         to_send.append(requests.select(TO_SEND.names))
         unsent.append(rendered.unsent.cast(UNSENT))
     return Scanned(rows, pa.chunked_array(hashes, pa.uint64()).combine_chunks(),
-                   pa.concat_tables(to_send) if to_send else TO_SEND.empty_table(),
+                   pa.concat_tables(to_send).combine_chunks() if to_send
+                   else TO_SEND.empty_table(),
                    pa.concat_tables(unsent) if unsent else UNSENT.empty_table(), reused)
 
 

@@ -314,6 +314,22 @@ def test_shards_respect_request_and_byte_limits():
     assert [s.tokens for s in by_tokens] == [250] * 4
 
 
+
+def test_shards_planned_over_the_scan_pieces_are_those_of_one_table():
+    """prepare keeps the requests to send in the scan's pieces, one chunk each; the plan
+    sums sizes a shard at a time, across the pieces' seams."""
+    sizes = pa.table({BYTES: pa.array([(i * 37) % 500 + 1 for i in range(1000)], pa.int32()),
+                      TOKENS: pa.array([(i * 53) % 300 + 1 for i in range(1000)], pa.int32())})
+    pieces = pa.concat_tables([sizes.slice(0, 333), sizes.slice(333, 1), sizes.slice(334)])
+    assert pieces[BYTES].num_chunks == 3
+    for limits in [(30, 10**6, None), (500, 6000, None), (500, 10**6, 4000), (3, 10, 10)]:
+        shards = plan_shards(pieces, *limits)
+        assert shards == plan_shards(sizes, *limits)
+        assert [(s.bytes, s.tokens) for s in shards] == [
+            (sum(sizes[BYTES].to_pylist()[s.start:s.end]),
+             sum(sizes[TOKENS].to_pylist()[s.start:s.end])) for s in shards]
+        assert shards[-1].end == 1000 and all(s.rows <= limits[0] for s in shards)
+
 def test_a_row_larger_than_the_byte_limit_is_named():
     rendered = render_requests(table(text=["short", "x" * 500]),
                                RequestConfig(model="m", user="{text}"), "t").requests
