@@ -10,13 +10,15 @@ size and the ratios of the largest to the smallest (goals at 10,000,000 rows: at
 20 minutes, 1.5 GB in every process, 1.2x the memory of 1,000,000 rows, 3 GB of files).
 
     .venv/bin/python bench/e2e_scale.py [--rows 100000,1000000] [--work DIR] \
-        [--provider local|azure|anthropic|gemini]
+        [--provider local|azure|anthropic|gemini] [--runner threads|dask]
 
 `make bench` runs the default sizes; `make bench SCALE_ROWS=1000000,10000000` the ten
 million rows (half an hour or more, 3 GB of CSV in the work folder).
 
 With `--provider azure`, `anthropic` or `gemini` the job talks to that dialect of a localbatch
 server of its own (`enrichflow serve`, started here; its memory is not the run's).
+With `--runner dask` the per-shard work runs on a Dask LocalCluster of one worker process
+a core; the peak RSS is then that of the largest of the run's processes and its workers.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ DIALECTS = {"azure": (["--provider", "azure"], "AZURE_OPENAI_API_KEY", "/openai/
                        "GEMINI_API_KEY", "/gemini")}
 
 
-def run_job(rows: int, work: Path, provider: list[str],
+def run_job(rows: int, work: Path, flags: list[str],
             env: dict[str, str] | None) -> tuple[float, float, float]:
     """(seconds, peak MiB, peak MiB of the embedded server's files) of one run of the
     movies job over `rows` generated movies."""
@@ -67,7 +69,7 @@ def run_job(rows: int, work: Path, provider: list[str],
     started = time.perf_counter()
     run = subprocess.Popen([sys.executable, "-c", MEASURED, str(log),
                             str(Path(sys.executable).with_name("enrichflow")), "run",
-                            str(path), "--force", "--no-cache", *provider],
+                            str(path), "--force", "--no-cache", *flags],
                            stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
     disk = 0
     while run.poll() is None:
@@ -109,12 +111,14 @@ def main() -> None:
     parser.add_argument("--provider", choices=["local", *DIALECTS], default="local",
                         help="local: the run's embedded server; else that dialect of a "
                              "localbatch server started here")
+    parser.add_argument("--runner", choices=["threads", "dask"], default="threads",
+                        help="where the run's per-shard work runs")
     args = parser.parse_args()
     sizes = [int(size) for size in args.rows.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="enrichflow-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     with served(args.provider, work) as (provider, env):
-        measure(sizes, work, provider, env)
+        measure(sizes, work, [*provider, "--runner", args.runner], env)
     print(f"tables, outputs and logs are in {work}")
 
 
@@ -145,11 +149,11 @@ def served(dialect: str, work: Path) -> Iterator[tuple[list[str], dict[str, str]
         server.wait()
 
 
-def measure(sizes: list[int], work: Path, provider: list[str],
+def measure(sizes: list[int], work: Path, flags: list[str],
             env: dict[str, str] | None) -> None:
     figures = {}
     for rows in sizes:
-        seconds, peak, disk = run_job(rows, work, provider, env)
+        seconds, peak, disk = run_job(rows, work, flags, env)
         figures[rows] = seconds, peak
         print(f"{rows:>10,} rows: {seconds:7.1f} s wall, {rows / seconds:9,.0f} rows/s, "
               f"peak RSS {peak:7,.0f} MiB, peak files {disk:7,.0f} MiB", flush=True)

@@ -5,7 +5,7 @@ this process while a thread samples, every 0.2 s, the run's RSS, the bytes Arrow
 pool holds (tables and arrays; the rest of the RSS is Python objects, libraries and
 freed memory not given back), which of the run's phases are on the stacks of its threads,
 and the RSS of each child process (Prefect's temporary server, the embedded server's
-answering worker). Prints, for each phase, its share of the samples and the most RSS and
+answering workers). Prints, for each phase, its share of the samples and the most RSS and
 Arrow bytes seen while it ran (phases overlap: collecting runs while later shards render),
 then each process's peak. tracemalloc would not see Arrow's buffers, which are most of
 what grows with the table.
