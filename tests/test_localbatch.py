@@ -232,7 +232,7 @@ def _chunk_workers(server: psutil.Process) -> list[psutil.Process]:
 def test_a_large_chunk_is_answered_in_worker_processes_as_it_is_in_place(tmp_path):
     """The mock engine's long chunks are answered in parts, each on a core of its own,
     off the GIL of the run that embeds the server; their answers are those given in
-    place, in order; a Ctrl-C meant for the run (the terminal signals its whole process
+    place; a Ctrl-C meant for the run (the terminal signals its whole process
     group) does not end the workers, and the server's stop does."""
     lines = [chat_line(f"r{i}", f"A lonely robot {i} learns to paint sunsets",
                        response_format=JSON_SCHEMA_FORMAT) for i in range(2 * WORKER_MIN_LINES)]
