@@ -9,13 +9,13 @@ uploads and collects; in processes of their own the parts of a chunk take the co
 from __future__ import annotations
 
 import os
+import pickle
 import signal
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import subprocess
+import sys
+from contextlib import suppress
 from dataclasses import dataclass
-from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -83,53 +83,86 @@ class ChunkRunner:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._workers: ProcessPoolExecutor | None = None
+        self._workers: list[_Worker] = []
 
     def answer(self, lines: list[bytes], failing: list[bool],
                failure_status: int) -> Answered:
         parts = min(len(lines) // WORKER_MIN_LINES, WORKERS)
         if not isinstance(self.engine, MockEngine) or parts == 0:
             return answer_lines(self.engine, lines, failing, failure_status)
-        if self._workers is None:
-            self._workers = ProcessPoolExecutor(WORKERS, mp_context=get_context("spawn"),
-                                                initializer=_start_worker,
-                                                initargs=(self.engine,))
         size = -(-len(lines) // parts)
+        starts = range(0, len(lines), size)
         try:
-            return Answered.joined([future.result() for future in [
-                self._workers.submit(_answer_in_worker, lines[start:start + size],
-                                     failing[start:start + size], failure_status)
-                for start in range(0, len(lines), size)]])
-        except BrokenProcessPool:  # a worker was killed: new ones take the next chunk
-            self.close()
+            while len(self._workers) < len(starts):
+                self._workers.append(_Worker(self.engine))
+            busy = self._workers[:len(starts)]
+            for worker, start in zip(busy, starts, strict=True):
+                worker.send((lines[start:start + size], failing[start:start + size],
+                             failure_status))
+            return Answered.joined([worker.receive() for worker in busy])
+        except (OSError, EOFError, pickle.UnpicklingError):  # a worker was killed:
+            self.close()  # new ones take the next chunk
             return answer_lines(self.engine, lines, failing, failure_status)
 
     def close(self) -> None:
-        if self._workers is not None:
-            self._workers.shutdown(cancel_futures=True)
-            self._workers = None
+        for worker in self._workers:
+            worker.close()
+        self._workers = []
 
 
-_engine: Engine | None = None  # the worker process's
+class _Worker:
+    """A process of its own answering the parts of chunks that come down its stdin, one
+    at a time. Not one of multiprocessing's: those import the script that started them
+    again, and a user's script without an `if __name__ == "__main__":` guard would run
+    its whole job again in each worker."""
+
+    def __init__(self, engine: Engine):
+        package_root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from localbatch.chunks import work; work()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": path})
+        self.send(engine)
+
+    def send(self, message: Any) -> None:
+        assert self.process.stdin is not None
+        pickle.dump(message, self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        self.process.stdin.flush()
+
+    def receive(self) -> Answered:
+        assert self.process.stdout is not None
+        return pickle.load(self.process.stdout)
+
+    def close(self) -> None:
+        """The end of its input ends it; one that does not end soon is killed."""
+        with suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
 
 
-def _start_worker(engine: Engine) -> None:
-    """Ctrl-C reaches the terminal's whole process group: the server stops the worker,
-    which must not die half-way through a chunk on its own (its batch would fail). A
-    server that is killed cannot stop it: it ends itself once its parent is gone."""
-    global _engine
+def work() -> None:
+    """A worker's life: its engine, then parts to answer, until its server closes the
+    pipe or is gone. Ctrl-C reaches the terminal's whole process group: the server stops
+    the worker, which must not die half-way through a part on its own (its batch would
+    fail)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _engine = engine
-    threading.Thread(target=_end_with, args=(os.getppid(),), daemon=True).start()
-
-
-def _end_with(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1)
-    os._exit(0)
-
-
-def _answer_in_worker(lines: list[bytes], failing: list[bool],
-                      failure_status: int) -> Answered:
-    assert _engine is not None
-    return answer_lines(_engine, lines, failing, failure_status)
+    source = sys.stdin.buffer
+    sink = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print must not mix in
+    engine = pickle.load(source)
+    while True:
+        try:
+            lines, failing, failure_status = pickle.load(source)
+        except EOFError:
+            return
+        try:
+            pickle.dump(answer_lines(engine, lines, failing, failure_status), sink,
+                        protocol=pickle.HIGHEST_PROTOCOL)
+            sink.flush()
+        except BrokenPipeError:  # the server is gone
+            return

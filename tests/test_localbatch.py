@@ -226,7 +226,7 @@ def test_a_tick_that_answered_says_so_and_the_server_ticks_again_at_once(tmp_pat
 
 
 def _chunk_workers(server: psutil.Process) -> list[psutil.Process]:
-    return [p for p in server.children() if "spawn_main" in " ".join(p.cmdline())]
+    return [p for p in server.children() if "localbatch.chunks" in " ".join(p.cmdline())]
 
 
 def test_a_large_chunk_is_answered_in_worker_processes_as_it_is_in_place(tmp_path):

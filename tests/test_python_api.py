@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import queue
 import subprocess
+import sys
 import time
 import venv
 from enum import StrEnum
@@ -15,13 +16,14 @@ import nbformat
 import pandas as pd
 import pyarrow as pa
 import pytest
-from conftest import REPO, generated_movies, sdk_client
+from conftest import REPO, generated_movies, sdk_client, start_job
 from jupyter_client.manager import start_new_kernel
 from nbclient import NotebookClient
 from pydantic import BaseModel
 
 import enrichflow
 from localbatch import LocalBatchServer, Simulation
+from localbatch.chunks import WORKER_MIN_LINES
 
 PROMPT = "Title: {Series_Title}\nOverview: {Overview}"
 
@@ -151,6 +153,34 @@ def test_a_mistyped_setting_is_named_before_anything_runs(tmp_path):
         enrichflow.make_job(generated_movies(2), user=PROMPT, model="gpt-4o-mini",
                             temperature=9, workdir=str(tmp_path))
     assert not list(tmp_path.iterdir())
+
+
+SCRIPT = """
+print("the script's top level runs")
+import enrichflow
+from conftest import generated_movies
+
+enriched = enrichflow.enrich(generated_movies({rows}), user="{{Overview}}", model="gpt-4o-mini",
+                             workdir="{workdir}")
+print("rows:", len(enriched))
+"""
+
+
+def test_a_script_without_a_main_guard_runs_its_job_once(prefect_api, tmp_path):
+    """A plain `python job.py`, enough rows for the embedded server to answer them on
+    worker processes: multiprocessing's would run the script again in each of them."""
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT.format(rows=2 * WORKER_MIN_LINES, workdir=tmp_path / "work"))
+    run = start_job([sys.executable, str(script)], prefect_api,
+                    env_extra={"PYTHONPATH": str(REPO / "tests")}, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 0, output
+    assert output.count("the script's top level runs") == 1, output
+    assert f"rows: {2 * WORKER_MIN_LINES}" in output
 
 
 CELL = """
