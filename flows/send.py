@@ -112,11 +112,10 @@ def run_attempts(client: BatchAPI, state: RunState, prepared: Prepared, job: Job
                 return answer_rows_now(client, state, attempt + 1,
                                        unanswered(state, attempt, sending), job, lines, cap)
             outcome = state.attempt_outcome(attempt)
-            retry = outcome.filter(pc.and_(pc.invert(outcome["_ok"]), outcome["_retryable"]))
-            ok = pc.sum(outcome["_ok"]).as_py() or 0
-            log.info("attempt %d: %s ok, %s failed, %s worth another attempt", attempt, f"{ok:,}",
-                     f"{outcome.num_rows - ok:,}", f"{retry.num_rows:,}")
-            pending = pending.filter(pc.is_in(pending[ROW], value_set=retry[ROW]))
+            log.info("attempt %d: %s ok, %s failed, %s worth another attempt", attempt,
+                     f"{outcome.ok:,}", f"{outcome.rows - outcome.ok:,}",
+                     f"{len(outcome.retry):,}")
+            pending = pending.filter(pc.is_in(pending[ROW], value_set=outcome.retry))
     return None
 
 
@@ -314,10 +313,9 @@ def take_out_of_batches(client: BatchAPI, job: Job, queue: deque[ShardRun],
 def unanswered(state: RunState, attempt: int, sending: pa.Table) -> pa.Table:
     """The requests of `sending` without an answer or a final failure in the attempt or
     in the answers the deadline got (the next attempt, by a run resumed after it)."""
-    outcome = pa.concat_tables([state.attempt_outcome(attempt),
-                                state.attempt_outcome(attempt + 1)])
-    settled = outcome.filter(pc.or_(outcome["_ok"], pc.invert(outcome["_retryable"])))
-    return sending.filter(pc.invert(pc.is_in(sending[ROW], value_set=settled[ROW])))
+    settled = pa.chunked_array([*state.settled_rows(attempt).chunks,
+                                *state.settled_rows(attempt + 1).chunks], pa.int64())
+    return sending.filter(pc.invert(pc.is_in(sending[ROW], value_set=settled)))
 
 
 def answer_rows_now(client: BatchAPI, state: RunState, attempt: int, requests: pa.Table,
